@@ -1,0 +1,393 @@
+"""Turn a raw ImageNet folder into verified, class-mixed, DALI-ready TFRecord shards.
+
+    python -m data_prep.imagenet --src SRC --out OUT [--train-shards 1024] [--val-shards 128]
+        [--workers N] [--resize-shorter PX] [--seed S] [--val-labels FILE]
+
+Two passes, both parallel and both journaled under OUT/.prep so that a killed run resumes:
+  1. check: every image is decoded in full; bad files are skipped (and listed), CMYK/YCCK JPEGs,
+     PNGs and images with alpha are marked for re-encoding as RGB JPEG;
+  2. write: the usable images, in a seeded shuffle, are cut into shards whose sizes differ by at
+     most one record; each shard and its DALI index are published atomically.
+OUT then holds `train-00000-of-01024`..., `validation-00000-of-00128`..., a `.idx` beside each,
+`labels.txt` (wnid per line, line n = label n, 1-based) and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+from tqdm import tqdm
+
+from data_prep import example, images, tfrecord
+from data_prep.journal import Journal, fsync_dir, partial_name, remove_partials, write_atomic
+from data_prep.source import Source, SourceError, SourceFile, scan
+
+SPLITS = ("train", "validation")
+# Files per unit of work in the check pass; fixed so that a resumed run can reuse finished chunks.
+CHECK_CHUNK = 256
+STATE_DIR = ".prep"
+MANIFEST, LABELS = "manifest.json", "labels.txt"
+
+
+class PrepError(ValueError):
+    """Preparation cannot go on; the message names the file or value and the fix."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the output bytes; a resumed run must match it exactly."""
+
+    source: str
+    val_labels: str
+    train_shards: int
+    val_shards: int
+    resize_shorter: int | None
+    seed: int
+    # sha256 of the sorted (path, wnid) list of every split: a changed source cannot resume.
+    files_sha256: str
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image as it goes into a shard: where it comes from and what the check pass found."""
+
+    path: str
+    label: int
+    wnid: str
+    action: str
+    height: int
+    width: int
+    channels: int
+    size: int
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """Public TF ImageNet shard naming: train-00000-of-01024."""
+    return f"{split}-{index:05d}-of-{count:05d}"
+
+
+def shuffled(files: list[SourceFile], seed: int, split: str) -> list[SourceFile]:
+    """The split in a seeded random order (string seeds hash the same on every Python 3)."""
+    order = list(files)
+    random.Random(f"{seed}:{split}").shuffle(order)
+    return order
+
+
+def balanced_slices(count: int, parts: int) -> list[slice]:
+    """`parts` contiguous slices of range(count) whose lengths differ by at most one."""
+    return [slice(i * count // parts, (i + 1) * count // parts) for i in range(parts)]
+
+
+def _files_digest(source: Source) -> str:
+    """A fingerprint of the source file list and its labels."""
+    h = hashlib.sha256()
+    for split in SPLITS:
+        for f in source.files[split]:
+            h.update(f"{split}\t{f.path}\t{f.wnid}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- pass 1: check
+
+
+def check_chunk(task: tuple[str, list[str], int | None]) -> list[list]:
+    """Decode every file of a chunk; one [action, reason, height, width, channels, bytes] per file."""
+    root, paths, resize_shorter = task
+    results = []
+    for path in paths:
+        try:
+            data = Path(root, path).read_bytes()
+        except OSError as e:
+            results.append([images.SKIP, f"unreadable: {e.strerror}", 0, 0, 0, 0])
+            continue
+        c = images.check(data, resize_shorter)
+        results.append([c.action, c.reason, c.height, c.width, c.channels, len(data)])
+    return results
+
+
+def _check_split(split, order, settings, journal, run_map) -> list[list]:
+    """Check results for every file of `order`, reusing chunks an earlier run journaled."""
+    chunks = [order[i : i + CHECK_CHUNK] for i in range(0, len(order), CHECK_CHUNK)]
+    done = {e["chunk"]: e["results"] for e in journal.entries if e["split"] == split}
+    todo = [i for i in range(len(chunks)) if i not in done]
+    tasks = [(settings.source, [f.path for f in chunks[i]], settings.resize_shorter) for i in todo]
+    with _progress(len(order), f"check {split}", sum(len(r) for r in done.values())) as bar:
+        for i, results in zip(todo, run_map(check_chunk, tasks), strict=True):
+            journal.append({"split": split, "chunk": i, "results": results})
+            done[i] = results
+            bar.update(len(results))
+    return [r for i in range(len(chunks)) for r in done[i]]
+
+
+# ---------------------------------------------------------------- pass 2: write
+
+
+def write_shard(task: tuple[str, str, str, list[Item], int | None]) -> dict:
+    """Write one shard and its DALI index under temporary names, then publish both atomically."""
+    root, out, name, items, resize_shorter = task
+    shard, index = Path(out, name), Path(out, name + ".idx")
+    digest, offset, lines = hashlib.sha256(), 0, []
+    with open(partial_name(shard), "wb") as f:
+        for item in items:
+            record = tfrecord.frame(_item_example(root, item, resize_shorter))
+            f.write(record)
+            digest.update(record)
+            lines.append(tfrecord.index_line(offset, len(record)))
+            offset += len(record)
+        f.flush()
+        os.fsync(f.fileno())
+    write_atomic(index, "".join(lines))
+    os.replace(partial_name(shard), shard)
+    fsync_dir(shard.parent)
+    return {"file": name, "index": index.name, "records": len(items), "bytes": offset, "sha256": digest.hexdigest()}
+
+
+def _item_example(root: str, item: Item, resize_shorter: int | None) -> bytes:
+    """The serialised Example for one image: its original bytes, or its RGB re-encoding."""
+    path = Path(root, item.path)
+    data = path.read_bytes()
+    if len(data) != item.size:
+        raise PrepError(f"{path}: changed during preparation ({item.size} -> {len(data)} bytes); run again")
+    if item.action == images.REENCODE:
+        data = images.reencode(data, resize_shorter)
+    colorspace = "RGB" if item.channels == 3 else "Grayscale"
+    return example.image_example(
+        data, item.label, item.wnid, path.name, item.height, item.width, item.channels, colorspace
+    )
+
+
+def _plan_shards(split: str, order, results, source: Source, count: int) -> list[tuple[str, list[Item]]]:
+    """Cut the usable images of a split, in shuffled order, into `count` balanced shards."""
+    label = {w: i + 1 for i, w in enumerate(source.wnids)}
+    items = [
+        Item(f.path, label[f.wnid], f.wnid, r[0], r[2], r[3], r[4], r[5])
+        for f, r in zip(order, results, strict=True)
+        if r[0] != images.SKIP
+    ]
+    if len(items) < count:
+        flag = "--train-shards" if split == "train" else "--val-shards"
+        raise PrepError(f"{split}: {len(items)} usable images cannot fill {flag} {count}; lower {flag}")
+    return [(shard_name(split, i, count), items[s]) for i, s in enumerate(balanced_slices(len(items), count))]
+
+
+def _intact(out: Path, record: dict) -> bool:
+    """True when a journaled shard and its index are still in place with the recorded size."""
+    shard = out / record["file"]
+    return shard.is_file() and shard.stat().st_size == record["bytes"] and (out / record["index"]).is_file()
+
+
+def _write_split(split, plan, out: Path, settings: Settings, journal: Journal, run_map) -> list[dict]:
+    """Write every shard of a plan that is not already published, returning all shard records."""
+    done = {e["file"]: e for e in journal.entries if _intact(out, e)}
+    todo = [(name, items) for name, items in plan if name not in done]
+    tasks = [(settings.source, str(out), name, items, settings.resize_shorter) for name, items in todo]
+    total = sum(len(items) for _, items in plan)
+    with _progress(total, f"write {split}", total - sum(len(items) for _, items in todo)) as bar:
+        for record in run_map(write_shard, tasks):
+            journal.append(record)
+            done[record["file"]] = record
+            bar.update(record["records"])
+    return [done[name] for name, _ in plan]
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+@contextmanager
+def _progress(total: int, desc: str, initial: int = 0) -> Iterator[tqdm]:
+    """A progress bar in images with images/s, on stderr."""
+    with tqdm(total=total, initial=initial, desc=desc, unit="img", mininterval=1.0, file=sys.stderr) as bar:
+        yield bar
+
+
+@contextmanager
+def _mapper(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
+    """An ordered map over tasks: in this process for one worker, else over a process pool."""
+    if workers == 1:
+        yield map
+        return
+    with get_context("spawn").Pool(workers) as pool:
+        yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=1)
+
+
+def _complete(out: Path, settings: Settings) -> bool:
+    """True when OUT already holds the finished output of these settings, intact."""
+    path = out / MANIFEST
+    if not path.is_file():
+        return False
+    manifest = json.loads(path.read_text())
+    if manifest.get("settings") != asdict(settings):
+        changed = sorted(k for k, v in asdict(settings).items() if manifest.get("settings", {}).get(k) != v)
+        raise PrepError(f"{path}: OUT was prepared with other settings ({', '.join(changed)}); use a new --out")
+    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
+    return all(_intact(out, s) for s in shards) and (out / LABELS).is_file()
+
+
+def _claim_output(out: Path, settings: Settings) -> Path:
+    """Create OUT/.prep for these settings, refusing a folder that holds someone else's shards."""
+    state = out / STATE_DIR
+    settings_file = state / "settings.json"
+    if settings_file.is_file():
+        if json.loads(settings_file.read_text()) != asdict(settings):
+            raise PrepError(f"{settings_file}: an interrupted run used other settings; use a new --out or delete it")
+    elif any(out.glob("train-*")) or any(out.glob("validation-*")):
+        if not (out / MANIFEST).is_file():
+            raise PrepError(f"{out}: already holds shards this tool did not start; use an empty --out")
+    state.mkdir(parents=True, exist_ok=True)
+    write_atomic(settings_file, json.dumps(asdict(settings), indent=1, sort_keys=True))
+    remove_partials(out)
+    remove_partials(state)
+    shards_journal = state / "shards.jsonl"
+    if (out / MANIFEST).is_file() and not shards_journal.exists():
+        # A finished run whose output was damaged since: its intact shards need not be written again.
+        manifest = json.loads((out / MANIFEST).read_text())
+        records = [s for split in manifest["splits"].values() for s in split["shards"]]
+        write_atomic(shards_journal, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+    return state
+
+
+def _manifest(source: Source, settings: Settings, orders: dict, results: dict, plans: dict, shards: dict) -> dict:
+    """The record of what was done: counts, checksums, and every skipped or re-encoded file."""
+    skipped = [{"split": s, "file": p, "reason": r} for s, p, r in source.ignored]
+    reencoded = []
+    splits = {}
+    for split in SPLITS:
+        for f, r in zip(orders[split], results[split], strict=True):
+            if r[0] == images.SKIP:
+                skipped.append({"split": split, "file": f.path, "reason": r[1]})
+            elif r[0] == images.REENCODE:
+                reencoded.append({"split": split, "file": f.path, "reason": r[1]})
+        per_class = [0] * len(source.wnids)
+        for _, items in plans[split]:
+            for item in items:
+                per_class[item.label - 1] += 1
+        splits[split] = {
+            "files_found": len(source.files[split]),
+            "images": sum(s["records"] for s in shards[split]),
+            "skipped": sum(1 for r in results[split] if r[0] == images.SKIP),
+            "reencoded": sum(1 for r in results[split] if r[0] == images.REENCODE),
+            "bytes": sum(s["bytes"] for s in shards[split]),
+            "images_per_class": per_class,
+            "shards": shards[split],
+        }
+    return {
+        "format": "TFRecord of tf.train.Example, TensorFlow ImageNet schema; DALI index beside each shard",
+        "source": settings.source,
+        "settings": asdict(settings),
+        "label_base": 1,
+        "num_classes": len(source.wnids),
+        "labels_file": LABELS,
+        "labels_without_image": source.labels_without_image,
+        "splits": splits,
+        "skipped": sorted(skipped, key=lambda e: (e["split"], e["file"])),
+        "reencoded": sorted(reencoded, key=lambda e: (e["split"], e["file"])),
+    }
+
+
+def prepare(
+    src: str,
+    out: str,
+    train_shards: int = 1024,
+    val_shards: int = 128,
+    workers: int = 1,
+    resize_shorter: int | None = None,
+    seed: int = 0,
+    val_labels: str | None = None,
+) -> dict:
+    """Prepare SRC into OUT (resuming an interrupted run) and return the manifest."""
+    for flag, value in (("--train-shards", train_shards), ("--val-shards", val_shards), ("--workers", workers)):
+        if value < 1:
+            raise PrepError(f"{flag} {value}: must be at least 1")
+    if resize_shorter is not None and resize_shorter < 1:
+        raise PrepError(f"--resize-shorter {resize_shorter}: must be a positive number of pixels")
+    source = scan(src, val_labels)
+    counts = {"train": train_shards, "validation": val_shards}
+    for split in SPLITS:
+        if len(source.files[split]) < counts[split]:
+            flag = "--train-shards" if split == "train" else "--val-shards"
+            raise PrepError(f"{split}: {len(source.files[split])} images cannot fill {flag} {counts[split]}; lower it")
+    settings = Settings(
+        str(source.root), source.val_labels, train_shards, val_shards, resize_shorter, seed, _files_digest(source)
+    )
+    out_dir = Path(out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if _complete(out_dir, settings):
+        print(f"{out_dir}: complete and matching {MANIFEST}; nothing to do")
+        return json.loads((out_dir / MANIFEST).read_text())
+    state = _claim_output(out_dir, settings)
+    orders = {split: shuffled(source.files[split], seed, split) for split in SPLITS}
+    results, plans, shards = {}, {}, {}
+    with _mapper(workers) as run_map:
+        checks, writes = Journal(state / "checked.jsonl"), Journal(state / "shards.jsonl")
+        for split in SPLITS:
+            results[split] = _check_split(split, orders[split], settings, checks, run_map)
+            plans[split] = _plan_shards(split, orders[split], results[split], source, counts[split])
+            shards[split] = _write_split(split, plans[split], out_dir, settings, writes, run_map)
+    write_atomic(out_dir / LABELS, "".join(w + "\n" for w in source.wnids))
+    manifest = _manifest(source, settings, orders, results, plans, shards)
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    shutil.rmtree(state)
+    _print_summary(out_dir, manifest)
+    return manifest
+
+
+def _print_summary(out: Path, manifest: dict) -> None:
+    """Say how big the output is, what was dropped or changed, and how to read it back."""
+    for split, s in manifest["splits"].items():
+        print(f"{split}: {s['images']:,} images in {len(s['shards'])} shards, {s['bytes'] / 1e9:.2f} GB")
+    print(
+        f"skipped {len(manifest['skipped'])} files, re-encoded {len(manifest['reencoded'])} "
+        f"(each listed with its reason in {out / MANIFEST})"
+    )
+    print(f"labels 1..{manifest['num_classes']} follow {out / LABELS}; check with: python -m data_prep.verify {out}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(prog="python -m data_prep.imagenet", description=__doc__.split("\n")[0])
+    p.add_argument("--src", required=True, help="raw ImageNet folder holding train/ and val/")
+    p.add_argument("--out", required=True, help="output folder for shards, indexes, labels.txt, manifest.json")
+    p.add_argument("--train-shards", type=int, default=1024)
+    p.add_argument("--val-shards", type=int, default=128)
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    p.add_argument(
+        "--resize-shorter",
+        type=int,
+        default=None,
+        metavar="PX",
+        help="re-encode images whose shorter side exceeds PX down to PX (default: keep originals)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-split shuffle before sharding")
+    p.add_argument(
+        "--val-labels",
+        default=None,
+        metavar="FILE",
+        help="labels of a flat val/: 'filename wnid' lines or Kaggle's LOC_val_solution.csv",
+    )
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: prepare, or print a one-line error and exit 2."""
+    args = parse_args(argv)
+    try:
+        prepare(**vars(args))
+    except (SourceError, PrepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

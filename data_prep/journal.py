@@ -1,0 +1,74 @@
+"""Crash-safe files: atomic publish (write, flush, fsync, rename) and an append-only JSON-lines journal.
+
+A journal line is appended and fsynced only after the work it records is published, so after a
+kill -9 the journal never claims unfinished work; a torn last line is dropped on reopen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def partial_name(path: Path) -> Path:
+    """The temporary name a file is written under before it is published (unique per process)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Publish `data` at `path` all at once: readers see the old file or the whole new one."""
+    tmp = partial_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def remove_partials(folder: Path) -> None:
+    """Delete temporary files an interrupted run left behind."""
+    for tmp in folder.glob(".*.partial"):
+        tmp.unlink(missing_ok=True)
+
+
+class Journal:
+    """Append-only JSON-lines log of finished work, safe against a crash mid-append."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.entries = self._read_complete_lines()
+        # Rewrite without a torn tail, so appends never glue onto half a line.
+        write_atomic(path, "".join(json.dumps(e, sort_keys=True) + "\n" for e in self.entries))
+
+    def _read_complete_lines(self) -> list[dict]:
+        """Entries of every complete, parseable line (a torn last line is dropped)."""
+        if not self.path.exists():
+            return []
+        entries = []
+        for line in self.path.read_text().splitlines(keepends=True):
+            if not line.endswith("\n"):
+                break
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return entries
+
+    def append(self, entry: dict) -> None:
+        """Record one finished piece of work durably."""
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.entries.append(entry)

@@ -1,0 +1,76 @@
+"""TFRecord framing: write records, read them back with every checksum verified, and DALI index lines.
+
+A record on disk is: uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data),
+little-endian, as TensorFlow writes it. DALI's reader needs an index of (offset, size) per record.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import crc32c
+
+_LENGTH = struct.Struct("<Q")
+_CRC = struct.Struct("<I")
+# Bytes a record adds around its payload: length, length CRC, data CRC.
+FRAMING_BYTES = _LENGTH.size + 2 * _CRC.size
+_MASK_DELTA = 0xA282EAD8
+
+
+class RecordError(ValueError):
+    """A TFRecord file is damaged; the message names the file and byte offset."""
+
+
+def masked_crc(data: bytes) -> int:
+    """TensorFlow's masked CRC-32C: rotate right by 15 bits and add a constant."""
+    crc = crc32c.crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def frame(data: bytes) -> bytes:
+    """One record's bytes on disk: the payload with its length and both checksums."""
+    length = _LENGTH.pack(len(data))
+    return length + _CRC.pack(masked_crc(length)) + data + _CRC.pack(masked_crc(data))
+
+
+def index_line(offset: int, size: int) -> str:
+    """One line of a DALI index file, exactly as DALI's tfrecord2idx writes it."""
+    return f"{offset} {size}\n"
+
+
+@dataclass(frozen=True)
+class Record:
+    """A record read back from a file: where it starts, its framed size, and its payload."""
+
+    offset: int
+    size: int
+    data: bytes
+
+
+def read_records(f: BinaryIO, name: str, check_crc: bool = True) -> Iterator[Record]:
+    """Yield every record of an open TFRecord file, raising RecordError at the first damage."""
+    offset = 0
+    while True:
+        header = f.read(_LENGTH.size + _CRC.size)
+        if not header:
+            return
+        if len(header) < _LENGTH.size + _CRC.size:
+            raise RecordError(f"{name}: record at offset {offset}: truncated record header ({len(header)} of 12 bytes)")
+        length_bytes, (length_crc,) = header[: _LENGTH.size], _CRC.unpack(header[_LENGTH.size :])
+        if check_crc and masked_crc(length_bytes) != length_crc:
+            raise RecordError(f"{name}: record at offset {offset}: length CRC mismatch (record header is corrupt)")
+        (length,) = _LENGTH.unpack(length_bytes)
+        data = f.read(length)
+        footer = f.read(_CRC.size)
+        if len(data) < length or len(footer) < _CRC.size:
+            raise RecordError(
+                f"{name}: record at offset {offset}: truncated (needs {length + FRAMING_BYTES} bytes, file ends)"
+            )
+        if check_crc and masked_crc(data) != _CRC.unpack(footer)[0]:
+            raise RecordError(f"{name}: record at offset {offset}: data CRC mismatch (record payload is corrupt)")
+        size = length + FRAMING_BYTES
+        yield Record(offset, size, data)
+        offset += size
