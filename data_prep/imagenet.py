@@ -336,7 +336,7 @@ def prepare(
             shards[split] = _write_split(split, plans[split], out_dir, settings, writes, run_map)
     write_atomic(out_dir / LABELS, "".join(w + "\n" for w in source.wnids))
     manifest = _manifest(source, settings, orders, results, plans, shards)
-    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     shutil.rmtree(state)
     _print_summary(out_dir, manifest)
     return manifest

@@ -41,7 +41,8 @@ def render(k: int, classes: int, rng: np.random.Generator, min_side: int, max_si
     shade = np.linspace(rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0), h)[:, None, None]
     pixels = base[None, None, :] * shade + rng.normal(0, noise, (h, w, 3))
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
-    fg = tuple(int(c * 255) for c in colorsys.hsv_to_rgb((hue + 0.5) % 1.0, 0.8, rng.uniform(0.3, 1.0)))
+    # The shape is a dark shade of the class hue: a complementary hue would be another class's background.
+    fg = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.9, rng.uniform(0.15, 0.4)))
     _draw_shape(ImageDraw.Draw(image), SHAPES[k % len(SHAPES)], w, h, fg, rng)
     return image
 
