@@ -360,7 +360,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder for shards, indexes, labels.txt, manifest.json")
     p.add_argument("--train-shards", type=int, default=1024)
     p.add_argument("--val-shards", type=int, default=128)
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: all cores)")
     p.add_argument(
         "--resize-shorter",
         type=int,

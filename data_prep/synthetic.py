@@ -31,9 +31,17 @@ def wnid(k: int) -> str:
     return f"n{10000000 + k:08d}"
 
 
-def render(k: int, classes: int, rng: np.random.Generator, min_side: int, max_side: int, noise: float) -> Image.Image:
+def render(
+    k: int,
+    classes: int,
+    rng: np.random.Generator,
+    min_side: int,
+    max_side: int,
+    noise: float,
+    aspects: tuple[float, ...] = ASPECTS,
+) -> Image.Image:
     """One RGB picture of class k: class hue and shape, random size, placement, shading and noise."""
-    aspect = ASPECTS[rng.integers(len(ASPECTS))]
+    aspect = aspects[rng.integers(len(aspects))]
     short = int(rng.integers(min_side, max_side + 1))
     w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
     hue = (k / classes + rng.normal(0, 0.01)) % 1.0
@@ -111,18 +119,21 @@ def generate(
     quirks: bool = False,
     seed: int = 0,
     noise: float = 12.0,
+    aspects: tuple[float, ...] = ASPECTS,
+    quality: tuple[int, int] = (80, 95),
 ) -> Path:
-    """Write the folder and return its path."""
+    """Write the folder and return its path (JPEG quality drawn per image from the inclusive range)."""
     root = Path(out)
+    lo, hi = quality
     val_files: list[tuple[str, bytes]] = []  # (wnid, JPEG bytes) in validation order
     for k in range(classes):
         rng = np.random.default_rng([seed, k])
-        picture = partial(render, k, classes, rng, min_side, max_side, noise)
+        picture = partial(render, k, classes, rng, min_side, max_side, noise, aspects)
         train_dir = root / "train" / wnid(k)
         train_dir.mkdir(parents=True, exist_ok=True)
         for i in range(train_per_class):
-            (train_dir / f"{wnid(k)}_{i}.JPEG").write_bytes(jpeg_bytes(picture(), int(rng.integers(80, 96))))
-        val_files += [(wnid(k), jpeg_bytes(picture(), int(rng.integers(80, 96)))) for _ in range(val_per_class)]
+            (train_dir / f"{wnid(k)}_{i}.JPEG").write_bytes(jpeg_bytes(picture(), int(rng.integers(lo, hi + 1))))
+        val_files += [(wnid(k), jpeg_bytes(picture(), int(rng.integers(lo, hi + 1)))) for _ in range(val_per_class)]
         if quirks:
             for name, data in quirk_files(picture(), wnid(k)).items():
                 (train_dir / name).write_bytes(data)

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_prep.verify", description=__doc__.split("\n")[0])
     p.add_argument("dir", help="folder of TFRecord shards")
     p.add_argument("--full", action="store_true", help="also decode every image in full")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes (default: all cores)")
     args = p.parse_args(argv)
     problems, reports = verify(args.dir, args.full, max(1, args.workers))
     for line in problems:

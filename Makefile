@@ -1,0 +1,50 @@
+# Every target installs what it needs first: on a fresh machine `make demo` or `make test` is enough.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# make prep-imagenet IMAGENET_DIR=/data/imagenet DATA_DIR=/data/imagenet-tfrecord [TRAIN_SHARDS=.. VAL_SHARDS=.. WORKERS=..]
+IMAGENET_DIR ?=
+DATA_DIR ?= data/imagenet-tfrecord
+TRAIN_SHARDS ?= 1024
+VAL_SHARDS ?= 128
+WORKERS ?= $(shell nproc)
+DEMO_DIR ?= data/demo
+
+.PHONY: install test lint demo bench bench-prep prep-imagenet clean
+
+install: $(STAMP)
+
+# The stamp makes a second `make install` free; editing pyproject.toml reinstalls.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+demo: install
+	@test -d $(DEMO_DIR)/raw/train || $(PY) -m data_prep.synthetic --out $(DEMO_DIR)/raw --quirks
+	$(PY) -m data_prep.imagenet --src $(DEMO_DIR)/raw --out $(DEMO_DIR)/shards --train-shards 8 --val-shards 4 \
+		--workers $(WORKERS)
+	$(PY) -m data_prep.verify $(DEMO_DIR)/shards --full
+
+bench: bench-prep
+
+bench-prep: install
+	$(PY) bench/prep_bench.py
+
+prep-imagenet: install
+	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/)"; exit 2; }
+	$(PY) -m data_prep.imagenet --src $(IMAGENET_DIR) --out $(DATA_DIR) --train-shards $(TRAIN_SHARDS) \
+		--val-shards $(VAL_SHARDS) --workers $(WORKERS)
+	$(PY) -m data_prep.verify $(DATA_DIR) --workers $(WORKERS)
+
+clean:
+	rm -rf $(VENV) data/demo bench/work .pytest_cache .ruff_cache

@@ -1,0 +1,162 @@
+"""Benchmark data prep on ImageNet-sized JPEGs, next to the I/O floor, in one run.
+
+    python bench/prep_bench.py [--images 2100] [--repeats 3] [--workers 1,2]
+
+Generates (once, cached under bench/work/) a tree of 500x375 JPEGs of ~110 KB, like ImageNet
+photos, then measures in images/s, median over repeats:
+  - io_floor: the same bytes read and appended to one file (what any prep must at least do);
+  - decode_only: a full Pillow decode of every image (the cost of validation alone);
+  - prep: `data_prep.imagenet` end to end (check pass with full decode + shard writes), per
+    worker count; `per_worker` divides by the workers.
+Writes bench/results/<date>-prep-<host>.json and .md with the command, machine and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import PIL
+from PIL import Image, features
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data_prep.imagenet import prepare  # noqa: E402
+from data_prep.synthetic import generate  # noqa: E402
+
+BENCH = Path(__file__).resolve().parent
+# ImageNet-like photos: 500x375 landscape at quality 95 with enough detail for ~110 KB files.
+TREE = dict(min_side=375, max_side=375, noise=32.0, aspects=(4 / 3,), quality=(95, 95))
+TARGET_PER_WORKER = 250
+
+
+def bench_tree(images: int) -> Path:
+    """The generated source tree, cached between runs."""
+    classes, val_per_class = 20, 5
+    train_per_class = max(1, images // classes - val_per_class)
+    root = BENCH / "work" / f"tree-{images}"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        generate(str(root), classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, **TREE)
+        (root / ".complete").touch()
+    return root
+
+
+def source_files(root: Path) -> list[Path]:
+    """Every image file of the tree."""
+    return sorted(p for p in root.rglob("*.JPEG"))
+
+
+def timed(fn) -> float:
+    """Wall-clock seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def io_floor(files: list[Path], out: Path) -> None:
+    """Read every file and append its bytes to one file, fsynced: the least any prep must do."""
+    with open(out, "wb") as f:
+        for path in files:
+            f.write(path.read_bytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def decode_only(files: list[Path]) -> None:
+    """Fully decode every image with Pillow, as the check pass does."""
+    for path in files:
+        with Image.open(io.BytesIO(path.read_bytes())) as image:
+            image.load()
+
+
+def machine() -> dict:
+    """What ran the benchmark."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    return {
+        "host": socket.gethostname(),
+        "cpu": cpu or platform.processor(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "pillow": PIL.__version__,
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+    }
+
+
+def markdown(result: dict) -> str:
+    """The results as a README-ready table."""
+    m = result["machine"]
+    measured = [
+        ("I/O floor (read + append to one file)", 1, result["io_floor_img_s"]),
+        ("full decode only (Pillow)", 1, result["decode_only_img_s"]),
+        *(("data_prep.imagenet end to end", r["workers"], r["img_s"]) for r in result["prep"]),
+    ]
+    rows = ["| measurement | workers | images/s | images/s per worker |", "|---|---|---|---|"]
+    rows += [f"| {name} | {workers} | {img_s:.0f} | {img_s / workers:.0f} |" for name, workers, img_s in measured]
+    return (
+        f"Data prep benchmark, {result['date']}, {m['cpu']} ({m['cores']} cores), Pillow {m['pillow']} "
+        f"(libjpeg-turbo {m['libjpeg_turbo']}).\n"
+        f"{result['images']} JPEGs of {result['mean_size']} px, mean {result['mean_kb']:.0f} KB; "
+        f"median of {result['repeats']} runs; command: `{result['command']}`.\n\n" + "\n".join(rows) + "\n"
+    )
+
+
+def main() -> int:
+    """Run every measurement and write the results."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=2100, help="images in the generated tree (>= 2000)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workers", default=f"1,{os.cpu_count()}", help="comma-separated worker counts")
+    args = p.parse_args()
+    root = bench_tree(args.images)
+    files = source_files(root)
+    work = BENCH / "work" / "out"
+    sizes = [Image.open(f).size for f in files[:200]]
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "images": len(files),
+        "mean_size": "x".join(str(round(statistics.mean(s[i] for s in sizes))) for i in (0, 1)),
+        "mean_kb": statistics.mean(f.stat().st_size for f in files) / 1e3,
+        "repeats": args.repeats,
+    }
+    work.mkdir(parents=True, exist_ok=True)
+    result["io_floor_img_s"] = len(files) / statistics.median(
+        timed(lambda: io_floor(files, work / "floor.bin")) for _ in range(args.repeats)
+    )
+    result["decode_only_img_s"] = len(files) / statistics.median(
+        timed(lambda: decode_only(files)) for _ in range(args.repeats)
+    )
+    result["prep"] = []
+    for workers in [int(w) for w in args.workers.split(",")]:
+
+        def run(workers=workers):
+            shutil.rmtree(work / "shards", ignore_errors=True)
+            prepare(str(root), str(work / "shards"), train_shards=16, val_shards=4, workers=workers)
+
+        img_s = len(files) / statistics.median(timed(run) for _ in range(args.repeats))
+        result["prep"].append({"workers": workers, "img_s": img_s, "per_worker": img_s / workers})
+    result["target_per_worker_img_s"] = TARGET_PER_WORKER
+    one = next((r for r in result["prep"] if r["workers"] == 1), result["prep"][0])
+    result["meets_target"] = one["per_worker"] >= TARGET_PER_WORKER
+    stem = BENCH / "results" / f"{result['date']}-prep-{result['machine']['host']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+    print(f"written: {stem}.json, {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
