@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
@@ -58,18 +59,26 @@ class Settings:
     files_sha256: str
 
 
+class FileCheck(NamedTuple):
+    """What the check pass found for one source file (journaled as a JSON list)."""
+
+    action: str
+    reason: str
+    height: int
+    width: int
+    channels: int
+    # Source file size, to notice a file that changes between the two passes.
+    size: int
+
+
 @dataclass(frozen=True)
 class Item:
-    """One image as it goes into a shard: where it comes from and what the check pass found."""
+    """One image as it goes into a shard: where it comes from, its label, and what the check found."""
 
     path: str
     label: int
     wnid: str
-    action: str
-    height: int
-    width: int
-    channels: int
-    size: int
+    check: FileCheck
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -101,25 +110,25 @@ def _files_digest(source: Source) -> str:
 # ---------------------------------------------------------------- pass 1: check
 
 
-def check_chunk(task: tuple[str, list[str], int | None]) -> list[list]:
-    """Decode every file of a chunk; one [action, reason, height, width, channels, bytes] per file."""
+def check_chunk(task: tuple[str, list[str], int | None]) -> list[FileCheck]:
+    """Decode every file of a chunk in full and say what to do with each."""
     root, paths, resize_shorter = task
     results = []
     for path in paths:
         try:
             data = Path(root, path).read_bytes()
         except OSError as e:
-            results.append([images.SKIP, f"unreadable: {e.strerror}", 0, 0, 0, 0])
+            results.append(FileCheck(images.SKIP, f"unreadable: {e.strerror}", 0, 0, 0, 0))
             continue
         c = images.check(data, resize_shorter)
-        results.append([c.action, c.reason, c.height, c.width, c.channels, len(data)])
+        results.append(FileCheck(c.action, c.reason, c.height, c.width, c.channels, len(data)))
     return results
 
 
-def _check_split(split, order, settings, journal, run_map) -> list[list]:
+def _check_split(split, order, settings, journal, run_map) -> list[FileCheck]:
     """Check results for every file of `order`, reusing chunks an earlier run journaled."""
     chunks = [order[i : i + CHECK_CHUNK] for i in range(0, len(order), CHECK_CHUNK)]
-    done = {e["chunk"]: e["results"] for e in journal.entries if e["split"] == split}
+    done = {e["chunk"]: [FileCheck(*r) for r in e["results"]] for e in journal.entries if e["split"] == split}
     todo = [i for i in range(len(chunks)) if i not in done]
     tasks = [(settings.source, [f.path for f in chunks[i]], settings.resize_shorter) for i in todo]
     with _progress(len(order), f"check {split}", sum(len(r) for r in done.values())) as bar:
@@ -155,15 +164,15 @@ def write_shard(task: tuple[str, str, str, list[Item], int | None]) -> dict:
 
 def _item_example(root: str, item: Item, resize_shorter: int | None) -> bytes:
     """The serialised Example for one image: its original bytes, or its RGB re-encoding."""
-    path = Path(root, item.path)
+    path, check = Path(root, item.path), item.check
     data = path.read_bytes()
-    if len(data) != item.size:
-        raise PrepError(f"{path}: changed during preparation ({item.size} -> {len(data)} bytes); run again")
-    if item.action == images.REENCODE:
+    if len(data) != check.size:
+        raise PrepError(f"{path}: changed during preparation ({check.size} -> {len(data)} bytes); run again")
+    if check.action == images.REENCODE:
         data = images.reencode(data, resize_shorter)
-    colorspace = "RGB" if item.channels == 3 else "Grayscale"
+    colorspace = "RGB" if check.channels == 3 else "Grayscale"
     return example.image_example(
-        data, item.label, item.wnid, path.name, item.height, item.width, item.channels, colorspace
+        data, item.label, item.wnid, path.name, check.height, check.width, check.channels, colorspace
     )
 
 
@@ -171,9 +180,7 @@ def _plan_shards(split: str, order, results, source: Source, count: int) -> list
     """Cut the usable images of a split, in shuffled order, into `count` balanced shards."""
     label = {w: i + 1 for i, w in enumerate(source.wnids)}
     items = [
-        Item(f.path, label[f.wnid], f.wnid, r[0], r[2], r[3], r[4], r[5])
-        for f, r in zip(order, results, strict=True)
-        if r[0] != images.SKIP
+        Item(f.path, label[f.wnid], f.wnid, r) for f, r in zip(order, results, strict=True) if r.action != images.SKIP
     ]
     if len(items) < count:
         flag = "--train-shards" if split == "train" else "--val-shards"
@@ -261,22 +268,25 @@ def _manifest(source: Source, settings: Settings, orders: dict, results: dict, p
     """The record of what was done: counts, checksums, and every skipped or re-encoded file."""
     skipped = [{"split": s, "file": p, "reason": r} for s, p, r in source.ignored]
     reencoded = []
-    splits = {}
     for split in SPLITS:
         for f, r in zip(orders[split], results[split], strict=True):
-            if r[0] == images.SKIP:
-                skipped.append({"split": split, "file": f.path, "reason": r[1]})
-            elif r[0] == images.REENCODE:
-                reencoded.append({"split": split, "file": f.path, "reason": r[1]})
+            if r.action != images.STORE:
+                (skipped if r.action == images.SKIP else reencoded).append(
+                    {"split": split, "file": f.path, "reason": r.reason}
+                )
+    splits = {}
+    for split in SPLITS:
         per_class = [0] * len(source.wnids)
         for _, items in plans[split]:
             for item in items:
                 per_class[item.label - 1] += 1
+        n_skipped = sum(1 for e in skipped if e["split"] == split)
         splits[split] = {
-            "files_found": len(source.files[split]),
+            # Every file seen under the split's folder: images = files_found - skipped.
+            "files_found": len(source.files[split]) + sum(1 for s, _, _ in source.ignored if s == split),
             "images": sum(s["records"] for s in shards[split]),
-            "skipped": sum(1 for r in results[split] if r[0] == images.SKIP),
-            "reencoded": sum(1 for r in results[split] if r[0] == images.REENCODE),
+            "skipped": n_skipped,
+            "reencoded": sum(1 for e in reencoded if e["split"] == split),
             "bytes": sum(s["bytes"] for s in shards[split]),
             "images_per_class": per_class,
             "shards": shards[split],

@@ -88,11 +88,15 @@ def test_manifest_lists_every_skipped_and_reencoded_file_with_counts_and_checksu
     }
     assert (manifest["label_base"], manifest["num_classes"]) == (1, CLASSES)
     train = manifest["splits"]["train"]
-    assert (train["files_found"], train["images"], train["skipped"]) == (
-        CLASSES * (TREE["train_per_class"] + 10),
+    # 10 quirk files per class plus README.txt; skipped: 3 per class plus README.txt
+    assert (train["files_found"], train["images"], train["skipped"], train["reencoded"]) == (
+        CLASSES * (TREE["train_per_class"] + 10) + 1,
         TRAIN_IMAGES,
-        3 * CLASSES,
+        3 * CLASSES + 1,
+        4 * CLASSES,
     )
+    for split in manifest["splits"].values():
+        assert split["images"] == split["files_found"] - split["skipped"]
     assert train["images_per_class"] == [TREE["train_per_class"] + 7] * CLASSES
     for split in manifest["splits"].values():
         for shard in split["shards"]:
