@@ -6,7 +6,7 @@
 Each class has its own hue and shape (disc, square, triangle, stripes), drawn at a random place and
 scale over a noisy, shaded background, so classes differ visibly and survive random-resized crops.
 Sizes and aspect ratios vary like photos. `--quirks` adds ImageNet's known oddities and broken
-files (CMYK JPEG, PNG named .JPEG, alpha PNG, grayscale, progressive, empty, truncated, non-image).
+files (CMYK and YCCK JPEGs, PNG named .JPEG, alpha PNG, grayscale, progressive, empty, truncated, non-image).
 """
 
 from __future__ import annotations
@@ -85,6 +85,13 @@ def png_bytes(image: Image.Image) -> bytes:
     return out.getvalue()
 
 
+def ycck_bytes(image: Image.Image) -> bytes:
+    """A YCCK JPEG: a CMYK JPEG whose Adobe APP14 transform flag says YCCK (2); colours shift, structure is real."""
+    cmyk = jpeg_bytes(image.convert("CMYK"), 90)
+    transform = cmyk.index(b"Adobe") + 11  # "Adobe", version (2 bytes), flags0 (2), flags1 (2), transform (1)
+    return cmyk[:transform] + b"\x02" + cmyk[transform + 1 :]
+
+
 def quirk_files(image: Image.Image, stem: str) -> dict[str, bytes]:
     """ImageNet's oddities and broken files, made from one picture: {file name: bytes}."""
     good = jpeg_bytes(image, 90)
@@ -92,6 +99,7 @@ def quirk_files(image: Image.Image, stem: str) -> dict[str, bytes]:
     rgba.putalpha(Image.linear_gradient("L").resize(image.size))
     return {
         f"{stem}_cmyk.JPEG": jpeg_bytes(image.convert("CMYK"), 90),
+        f"{stem}_ycck.JPEG": ycck_bytes(image),
         f"{stem}_png.JPEG": png_bytes(image),
         f"{stem}_alpha.png": png_bytes(rgba),
         f"{stem}_gray.JPEG": jpeg_bytes(image.convert("L"), 90),
@@ -176,7 +184,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quirks",
         action="store_true",
-        help="add CMYK, PNG-as-JPEG, alpha, grayscale, progressive, empty, truncated and non-image files to train/",
+        help="add CMYK, YCCK, PNG-as-JPEG, alpha, grayscale, progressive, empty, truncated, non-image files",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=12.0, help="pixel noise std, which sets JPEG size (detail)")

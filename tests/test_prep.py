@@ -17,11 +17,11 @@ from data_prep.imagenet import PrepError, balanced_slices, prepare
 from data_prep.synthetic import generate
 from tests.conftest import TREE, read_shard, run_module, shards_of, tree_bytes
 
-# Per class, synthetic --quirks adds to train/: 4 files to re-encode (CMYK, PNG named .JPEG, alpha
-# PNG, .PNG), 3 to skip (empty, truncated, not an image), 3 clean oddities (gray, progressive, .jpg);
+# Per class, synthetic --quirks adds to train/: 5 files to re-encode (CMYK, YCCK, PNG named .JPEG,
+# alpha PNG, .PNG), 3 to skip (empty, truncated, not an image), 3 clean oddities (gray, progressive, .jpg);
 # to val/: CMYK, PNG named .JPEG (re-encode), grayscale (store), truncated (skip). Plus one README.txt.
 CLASSES = TREE["classes"]
-TRAIN_IMAGES = CLASSES * (TREE["train_per_class"] + 7)
+TRAIN_IMAGES = CLASSES * (TREE["train_per_class"] + 8)
 VAL_IMAGES = CLASSES * (TREE["val_per_class"] + 3)
 
 
@@ -83,21 +83,22 @@ def test_manifest_lists_every_skipped_and_reencoded_file_with_counts_and_checksu
     reasons = Counter(e["reason"] for e in manifest["reencoded"])
     assert reasons == {
         "CMYK JPEG": 2 * CLASSES,
+        "YCCK JPEG": CLASSES,
         "PNG image, not JPEG": 3 * CLASSES,
         "PNG image with alpha, not JPEG": CLASSES,
     }
     assert (manifest["label_base"], manifest["num_classes"]) == (1, CLASSES)
     train = manifest["splits"]["train"]
-    # 10 quirk files per class plus README.txt; skipped: 3 per class plus README.txt
+    # 11 quirk files per class plus README.txt; skipped: 3 per class plus README.txt
     assert (train["files_found"], train["images"], train["skipped"], train["reencoded"]) == (
-        CLASSES * (TREE["train_per_class"] + 10) + 1,
+        CLASSES * (TREE["train_per_class"] + 11) + 1,
         TRAIN_IMAGES,
         3 * CLASSES + 1,
-        4 * CLASSES,
+        5 * CLASSES,
     )
     for split in manifest["splits"].values():
         assert split["images"] == split["files_found"] - split["skipped"]
-    assert train["images_per_class"] == [TREE["train_per_class"] + 7] * CLASSES
+    assert train["images_per_class"] == [TREE["train_per_class"] + 8] * CLASSES
     for split in manifest["splits"].values():
         for shard in split["shards"]:
             data = (prepared / shard["file"]).read_bytes()
@@ -183,7 +184,7 @@ def test_flat_val_with_kaggle_csv_and_resize(tmp_path):
     for r in records + all_records(out, "train"):
         assert min(r["image/width"], r["image/height"]) <= 48
     resized = [e for e in manifest["reencoded"] if "to shorter side 48" in e["reason"]]
-    assert resized and all(e["reason"].startswith(("resized", "CMYK", "PNG")) for e in manifest["reencoded"])
+    assert resized and all(e["reason"].startswith(("resized", "CMYK", "YCCK", "PNG")) for e in manifest["reencoded"])
 
 
 def test_verify_full_passes_on_fresh_output(prepared):
