@@ -74,15 +74,13 @@ def _check_example(data: bytes, offset: int, name: str, full: bool, report: Shar
     if not full:
         return
     verdict = images.check(encoded[0])
+    recorded = (features.get(example.WIDTH, [None])[0], features.get(example.HEIGHT, [None])[0])
     if verdict.action == images.SKIP:
         report.problems.append(f"{name}: record at offset {offset}: image does not decode ({verdict.reason})")
-    elif (features.get(example.HEIGHT), features.get(example.WIDTH)) not in (
-        (None, None),
-        ([verdict.height], [verdict.width]),
-    ):
+    elif None not in recorded and recorded != (verdict.width, verdict.height):
         report.problems.append(
-            f"{name}: record at offset {offset}: image is {verdict.width}x{verdict.height}, record says "
-            f"{features[example.WIDTH][0]}x{features[example.HEIGHT][0]}"
+            f"{name}: record at offset {offset}: image is {verdict.width}x{verdict.height}, "
+            f"record says {recorded[0]}x{recorded[1]}"
         )
 
 

@@ -137,6 +137,16 @@ def test_full_decode_catches_a_corrupt_jpeg_inside_a_valid_record(copy):
     assert lines[0].startswith(f"{copy / SHARD}: record at offset 0: image does not decode (undecodable: ")
 
 
+def test_full_decode_catches_a_wrong_recorded_size(copy):
+    rewrite_shard(copy, SHARD, lambda r: r.update({example.HEIGHT: [r[example.HEIGHT][0] + 1]}))
+    assert problems_of(copy) == (0, [])
+    status, lines = problems_of(copy, "--full")
+    assert status == 1 and len(lines) == 1
+    assert lines[0].startswith(f"{copy / SHARD}: record at offset 0: image is ")
+    width, height = lines[0].split("image is ")[1].split(",")[0].split("x")
+    assert lines[0].endswith(f"record says {width}x{int(height) + 1}")
+
+
 def test_third_party_shards_without_index_or_manifest(copy):
     for extra in list(copy.glob("*.idx")) + [copy / "manifest.json", copy / "labels.txt"]:
         extra.unlink()
