@@ -81,11 +81,10 @@ def check(data: bytes, resize_shorter: int | None = None) -> Checked:
     if resize_shorter and min(width, height) > resize_shorter:
         reason = reason + "; " if reason else ""
         reason += f"resized {width}x{height} to shorter side {resize_shorter}"
-    channels = 1 if _stored_mode(image) == "L" else 3
     if reason:
         width, height = _target_size(image, resize_shorter)
-        return Checked(REENCODE, reason, height, width, channels)
-    return Checked(STORE, "", height, width, channels)
+        return Checked(REENCODE, reason, height, width, 3)  # re-encoded images are always RGB
+    return Checked(STORE, "", height, width, 1 if image.mode == "L" else 3)
 
 
 def _target_size(image: Image.Image, resize_shorter: int | None) -> tuple[int, int]:
@@ -96,25 +95,15 @@ def _target_size(image: Image.Image, resize_shorter: int | None) -> tuple[int, i
     return width, height
 
 
-_GRAY_16BIT = ("I;16", "I;16B", "I;16L", "I")
-
-
-def _stored_mode(image: Image.Image) -> str:
-    """'L' for grayscale without alpha (kept single-channel), else 'RGB'."""
-    return "L" if image.mode == "L" or (image.mode in _GRAY_16BIT and not _has_alpha(image)) else "RGB"
-
-
-def _to_rgb_or_gray(image: Image.Image) -> Image.Image:
-    """Convert to the stored mode: alpha composited over white, CMYK through Pillow's conversion."""
-    if image.mode == "L":
-        return image
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for storage: alpha composited over white, CMYK/YCCK through Pillow's conversion."""
     if _has_alpha(image):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in _GRAY_16BIT:
-        # 16-bit grayscale PNGs: scale to 8 bits instead of clipping everything above 255.
-        return image.point(lambda v: v / 256).convert("L")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit grayscale PNGs: scale to 8 bits; a plain conversion clips everything above 255.
+        image = image.point(lambda v: v / 256).convert("L")
     return image.convert("RGB")
 
 
@@ -122,7 +111,7 @@ def reencode(data: bytes, resize_shorter: int | None = None) -> bytes:
     """The JPEG bytes to store for an image `check` marked REENCODE (same size as it promised)."""
     image = _decode(data)
     size = _target_size(image, resize_shorter)
-    image = _to_rgb_or_gray(image)
+    image = _to_rgb(image)
     if image.size != size:
         image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     out = io.BytesIO()

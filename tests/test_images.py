@@ -68,6 +68,19 @@ def test_cmyk_png_and_alpha_become_rgb_jpegs_with_the_same_picture(photo, name, 
         assert error < 3, f"mean colour error {error:.1f} after converting {name}"
 
 
+def test_grayscale_and_16_bit_pngs_become_rgb_without_clipping():
+    gray16 = Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 20).astype(np.uint16))  # up to 61420
+    for source, brightest in (
+        (png_bytes(gray16), 61420 // 256),
+        (png_bytes(gray16.point(lambda v: v / 256).convert("L")), 239),
+    ):
+        verdict = images.check(source)
+        assert (verdict.action, verdict.channels) == (images.REENCODE, 3)
+        out = decoded(images.reencode(source))
+        assert out.mode == "RGB"
+        assert abs(int(np.asarray(out).max()) - brightest) <= 3
+
+
 def test_alpha_is_composited_over_white():
     rgba = Image.new("RGBA", (64, 48), (200, 0, 0, 0))  # fully transparent red
     out = decoded(images.reencode(png_bytes(rgba)))
