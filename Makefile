@@ -44,7 +44,6 @@ prep-imagenet: install
 	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/)"; exit 2; }
 	$(PY) -m data_prep.imagenet --src $(IMAGENET_DIR) --out $(DATA_DIR) --train-shards $(TRAIN_SHARDS) \
 		--val-shards $(VAL_SHARDS) --workers $(WORKERS)
-	$(PY) -m data_prep.verify $(DATA_DIR) --workers $(WORKERS)
 
 clean:
 	rm -rf $(VENV) data/demo bench/work .pytest_cache .ruff_cache
