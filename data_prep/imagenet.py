@@ -228,15 +228,20 @@ def _mapper(workers: int) -> Iterator[Callable[[Callable, Iterable], Iterator]]:
         yield lambda fn, tasks: pool.imap(fn, tasks, chunksize=1)
 
 
+def _changed(recorded: dict, settings: Settings) -> str:
+    """The names of the settings that differ from a recorded set ('' when none do)."""
+    return ", ".join(sorted(k for k, v in asdict(settings).items() if recorded.get(k) != v))
+
+
 def _complete(out: Path, settings: Settings) -> bool:
     """True when OUT already holds the finished output of these settings, intact."""
     path = out / MANIFEST
     if not path.is_file():
         return False
     manifest = json.loads(path.read_text())
-    if manifest.get("settings") != asdict(settings):
-        changed = sorted(k for k, v in asdict(settings).items() if manifest.get("settings", {}).get(k) != v)
-        raise PrepError(f"{path}: OUT was prepared with other settings ({', '.join(changed)}); use a new --out")
+    changed = _changed(manifest.get("settings", {}), settings)
+    if changed:
+        raise PrepError(f"{path}: OUT was prepared with other settings ({changed}); use a new --out")
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     return all(_intact(out, s) for s in shards) and (out / LABELS).is_file()
 
@@ -246,8 +251,12 @@ def _claim_output(out: Path, settings: Settings) -> Path:
     state = out / STATE_DIR
     settings_file = state / "settings.json"
     if settings_file.is_file():
-        if json.loads(settings_file.read_text()) != asdict(settings):
-            raise PrepError(f"{settings_file}: an interrupted run used other settings; use a new --out or delete it")
+        changed = _changed(json.loads(settings_file.read_text()), settings)
+        if changed:
+            raise PrepError(
+                f"{settings_file}: an interrupted run used other settings ({changed}); rerun it as it was, "
+                "or use a new --out"
+            )
     elif any(out.glob("train-*")) or any(out.glob("validation-*")):
         if not (out / MANIFEST).is_file():
             raise PrepError(f"{out}: already holds shards this tool did not start; use an empty --out")
@@ -331,6 +340,8 @@ def prepare(
         str(source.root), source.val_labels, train_shards, val_shards, resize_shorter, seed, _files_digest(source)
     )
     out_dir = Path(out).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PrepError(f"--out {out}: is a file; give a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     if _complete(out_dir, settings):
         print(f"{out_dir}: complete and matching {MANIFEST}; nothing to do")

@@ -129,10 +129,18 @@ def test_damaged_finished_output_is_repaired_on_rerun(tree, reference, tmp_path)
 
 def test_interrupted_run_cannot_resume_with_other_settings(tree, tmp_path):
     out = tmp_path / "out"
-    (out / STATE_DIR).mkdir(parents=True)
-    (out / STATE_DIR / "settings.json").write_text('{"seed": 99}')
-    with pytest.raises(PrepError, match=r"settings.json: an interrupted run used other settings"):
-        prepare(str(tree), str(out), workers=1, **ARGS)
+    recorded = prepare(str(tree), str(out), workers=1, **ARGS)["settings"]
+    (out / "manifest.json").unlink()  # as if the run had died before publishing its manifest
+    (out / STATE_DIR).mkdir()
+    (out / STATE_DIR / "settings.json").write_text(json.dumps(recorded))
+    with pytest.raises(PrepError, match=r"settings.json: an interrupted run used other settings \(seed\); rerun it"):
+        prepare(str(tree), str(out), workers=1, **{**ARGS, "seed": 4})
+
+
+def test_out_that_is_a_file_is_refused(tree, tmp_path):
+    (tmp_path / "out").write_text("")
+    with pytest.raises(PrepError, match=r"--out .*out: is a file; give a folder"):
+        prepare(str(tree), str(tmp_path / "out"), workers=1, **ARGS)
 
 
 def test_foreign_shards_in_out_are_not_touched(tree, tmp_path):
