@@ -129,6 +129,9 @@ def _find_kaggle_labels(root: Path) -> Path | None:
 
 def _scan_flat_val(folder: Path, root: Path, label_file: Path | None, wnids: set, ignored: list) -> tuple:
     """Labelled files of a flat val/ folder, the label file used, and how many labels had no image."""
+    names = _list_images(folder, folder.name, "validation", ignored)
+    if not names:
+        raise SourceError(f"{folder}: no .JPEG/.jpg/.jpeg/.png images")
     label_file = label_file or _find_kaggle_labels(root)
     if label_file is None:
         raise SourceError(
@@ -136,7 +139,6 @@ def _scan_flat_val(folder: Path, root: Path, label_file: Path | None, wnids: set
             "or pass --val-labels FILE ('filename wnid' lines)"
         )
     labels = _read_label_file(label_file)
-    names = _list_images(folder, folder.name, "validation", ignored)
     unlabelled = [n for n in names if _stem(n) not in labels]
     if unlabelled:
         raise SourceError(
@@ -147,7 +149,25 @@ def _scan_flat_val(folder: Path, root: Path, label_file: Path | None, wnids: set
     for f in files:
         if f.wnid not in wnids:
             raise SourceError(f"{label_file}: {f.path} is labelled {f.wnid}, which is not a class folder in train/")
-    return files, label_file, len(labels) - len(names)
+    return files, str(label_file), len(labels) - len(names)
+
+
+def _scan_val(root: Path, wnids: list[str], label_file: Path | None, ignored: list) -> tuple:
+    """Labelled validation files, where their labels came from, and how many labels had no image."""
+    folder = _split_folder(root, "validation")
+    entries = list(os.scandir(folder))
+    has_dirs = any(e.is_dir() for e in entries)
+    if has_dirs and any(e.is_file() and _is_image_name(e.name) for e in entries):
+        raise SourceError(f"{folder}: mixes class folders and image files; use one layout")
+    if has_dirs and label_file:
+        raise SourceError(f"--val-labels {label_file}: given, but {folder} holds class folders, not files")
+    if not has_dirs:
+        return _scan_flat_val(folder, root, label_file, set(wnids), ignored)
+    val = _scan_class_folders(folder, "validation", ignored)
+    unknown = sorted(set(val) - set(wnids))
+    if unknown:
+        raise SourceError(f"{folder / unknown[0]}: class {unknown[0]} is not a class folder in train/")
+    return [SourceFile(f"val/{w}/{n}", w) for w in sorted(val) for n in val[w]], "folders", 0
 
 
 def scan(src: str | os.PathLike, val_labels: str | os.PathLike | None = None) -> Source:
@@ -161,25 +181,6 @@ def scan(src: str | os.PathLike, val_labels: str | os.PathLike | None = None) ->
     ignored: list = []
     train = _scan_class_folders(_split_folder(root, "train"), "train", ignored)
     wnids = sorted(train)
-    files = {"train": [SourceFile(f"train/{w}/{n}", w) for w in wnids for n in train[w]]}
-    val_folder = _split_folder(root, "validation")
-    has_dirs = any(e.is_dir() for e in os.scandir(val_folder))
-    has_files = any(e.is_file() and _is_image_name(e.name) for e in os.scandir(val_folder))
-    if has_dirs and has_files:
-        raise SourceError(f"{val_folder}: mixes class folders and image files; use one layout")
-    source = Source(root, wnids, files, ignored)
-    if has_dirs and not label_file:
-        val = _scan_class_folders(val_folder, "validation", ignored)
-        unknown = sorted(set(val) - set(wnids))
-        if unknown:
-            raise SourceError(f"{val_folder / unknown[0]}: class {unknown[0]} is not a class folder in train/")
-        files["validation"] = [SourceFile(f"val/{w}/{n}", w) for w in sorted(val) for n in val[w]]
-    else:
-        if has_dirs:
-            raise SourceError(f"--val-labels {val_labels}: given, but {val_folder} holds class folders, not files")
-        val_files, used, extra = _scan_flat_val(val_folder, root, label_file, set(wnids), ignored)
-        files["validation"] = val_files
-        source.val_labels, source.labels_without_image = str(used), extra
-    if not files["validation"]:
-        raise SourceError(f"{val_folder}: no .JPEG/.jpg/.jpeg/.png images")
-    return source
+    train_files = [SourceFile(f"train/{w}/{n}", w) for w in wnids for n in train[w]]
+    val_files, used, labels_without_image = _scan_val(root, wnids, label_file, ignored)
+    return Source(root, wnids, {"train": train_files, "validation": val_files}, ignored, used, labels_without_image)

@@ -89,6 +89,8 @@ def test_flat_val_with_a_labels_file(tmp_path):
         ({**TRAIN, "val/a.JPEG": JPEG, "l.txt": "a n07\n"}, "l.txt", r"val/a.JPEG is labelled n07, which is not a"),
         ({**TRAIN, "val/a.JPEG": JPEG, "l.txt": "a n01 extra\n"}, "l.txt", r"l.txt:1: expected 'filename wnid'"),
         ({**TRAIN, "val/a.JPEG": JPEG, "val/n01/b.JPEG": JPEG}, None, r"mixes class folders and image files"),
+        ({**TRAIN, "val/notes.txt": "x"}, None, r"val: no .JPEG/.jpg/.jpeg/.png images"),
+        ({**TRAIN, "val/n01/a.JPEG": JPEG, "l.txt": "a n01\n"}, "l.txt", r"given, but .*val holds class folders"),
     ],
     ids=[
         "no-train",
@@ -102,6 +104,8 @@ def test_flat_val_with_a_labels_file(tmp_path):
         "label-unknown-wnid",
         "bad-label-line",
         "mixed-val",
+        "val-without-images",
+        "labels-for-folders",
     ],
 )
 def test_bad_sources_fail_before_any_work_with_the_path_named(tmp_path, files, labels, message):
