@@ -101,25 +101,35 @@ def _check_index(path: Path, expected: str, report: ShardReport) -> None:
         report.problems.append(f"{index}: {len(got)} entries for {len(want)} records; rebuild it with tfrecord2idx")
 
 
+class _HashingReader:
+    """A file wrapper that hashes every byte read through it, so a shard is read only once."""
+
+    def __init__(self, f):
+        self.f, self.digest = f, hashlib.sha256()
+
+    def read(self, size: int) -> bytes:
+        data = self.f.read(size)
+        self.digest.update(data)
+        return data
+
+
 def check_shard(task: tuple[str, bool]) -> ShardReport:
     """Re-read one shard: framing and CRCs, Examples, index; with `full`, every image."""
     path, full = Path(task[0]), task[1]
     report = ShardReport(str(path))
-    digest, lines = hashlib.sha256(), []
+    lines = []
     with open(path, "rb") as f:
+        reader = _HashingReader(f)
         try:
-            for record in tfrecord.read_records(f, str(path)):
+            for record in tfrecord.read_records(reader, str(path)):
                 _check_example(record.data, record.offset, str(path), full, report)
                 lines.append(tfrecord.index_line(record.offset, record.size))
                 report.records += 1
         except tfrecord.RecordError as e:
             report.problems.append(str(e))
             return report
-        f.seek(0)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
         report.bytes = f.tell()
-    report.sha256 = digest.hexdigest()
+    report.sha256 = reader.digest.hexdigest()
     _check_index(path, "".join(lines), report)
     return report
 
