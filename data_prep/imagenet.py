@@ -176,15 +176,20 @@ def _item_example(root: str, item: Item, resize_shorter: int | None) -> bytes:
     )
 
 
+def _require_enough(split: str, count: int, shards: int, kind: str = "") -> None:
+    """Refuse more shards than images: an empty shard would be a silent hole in the series."""
+    if count < shards:
+        flag = "--train-shards" if split == "train" else "--val-shards"
+        raise PrepError(f"{split}: {count} {kind}images cannot fill {flag} {shards}; lower it")
+
+
 def _plan_shards(split: str, order, results, source: Source, count: int) -> list[tuple[str, list[Item]]]:
     """Cut the usable images of a split, in shuffled order, into `count` balanced shards."""
     label = {w: i + 1 for i, w in enumerate(source.wnids)}
     items = [
         Item(f.path, label[f.wnid], f.wnid, r) for f, r in zip(order, results, strict=True) if r.action != images.SKIP
     ]
-    if len(items) < count:
-        flag = "--train-shards" if split == "train" else "--val-shards"
-        raise PrepError(f"{split}: {len(items)} usable images cannot fill {flag} {count}; lower {flag}")
+    _require_enough(split, len(items), count, "usable ")
     return [(shard_name(split, i, count), items[s]) for i, s in enumerate(balanced_slices(len(items), count))]
 
 
@@ -333,9 +338,7 @@ def prepare(
     source = scan(src, val_labels)
     counts = {"train": train_shards, "validation": val_shards}
     for split in SPLITS:
-        if len(source.files[split]) < counts[split]:
-            flag = "--train-shards" if split == "train" else "--val-shards"
-            raise PrepError(f"{split}: {len(source.files[split])} images cannot fill {flag} {counts[split]}; lower it")
+        _require_enough(split, len(source.files[split]), counts[split])
     settings = Settings(
         str(source.root), source.val_labels, train_shards, val_shards, resize_shorter, seed, _files_digest(source)
     )
