@@ -74,3 +74,26 @@ def read_records(f: BinaryIO, name: str, check_crc: bool = True) -> Iterator[Rec
         size = length + FRAMING_BYTES
         yield Record(offset, size, data)
         offset += size
+
+
+def record_spans(f: BinaryIO, name: str) -> Iterator[tuple[int, int]]:
+    """(offset, framed size) of every record, reading only the headers (for building an index fast).
+
+    Each length is checked against its CRC, so a file that is not TFRecord fails at its first
+    record; payloads are skipped, not read. A file that ends inside a record raises RecordError.
+    """
+    end = f.seek(0, 2)
+    offset = 0
+    while offset < end:
+        f.seek(offset)
+        header = f.read(_LENGTH.size + _CRC.size)
+        if len(header) < _LENGTH.size + _CRC.size:
+            raise RecordError(f"{name}: record at offset {offset}: truncated record header ({len(header)} of 12 bytes)")
+        length_bytes, (length_crc,) = header[: _LENGTH.size], _CRC.unpack(header[_LENGTH.size :])
+        if masked_crc(length_bytes) != length_crc:
+            raise RecordError(f"{name}: record at offset {offset}: length CRC mismatch (not a TFRecord file?)")
+        size = _LENGTH.unpack(length_bytes)[0] + FRAMING_BYTES
+        if offset + size > end:
+            raise RecordError(f"{name}: record at offset {offset}: truncated (needs {size} bytes, file ends)")
+        yield offset, size
+        offset += size
