@@ -52,3 +52,15 @@ def prepared(quirky_tree, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards") / "out"
     prepare(str(quirky_tree), str(out), train_shards=4, val_shards=3, workers=2, seed=7)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip tests marked `gpu` where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

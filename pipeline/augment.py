@@ -1,0 +1,112 @@
+"""The DALI graphs: read records, decode, augment, normalise; one graph per split, on the GPU or the CPU.
+
+Both devices run the same operators with the same arguments; only the decoder backend differs
+(`mixed`: nvJPEG, with the A100/H100 hardware decoder taking part of the load; `cpu`: libjpeg-turbo).
+Train: random-resized crop decoded straight from the JPEG's region of interest (area 8-100%,
+aspect 3/4-4/3), resize to the crop size, random horizontal flip, normalise. Validation: resize
+the shorter side, center crop, normalise. Labels leave the graph 0-based.
+"""
+
+from __future__ import annotations
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import tfrecord as tfrec
+
+from data_prep import example
+
+# ImageNet per-channel mean and standard deviation of RGB pixels in 0..255.
+MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+AREA, ASPECT = (0.08, 1.0), (3 / 4, 4 / 3)
+
+FEATURES = {
+    example.ENCODED: tfrec.FixedLenFeature((), tfrec.string, ""),
+    example.LABEL: tfrec.FixedLenFeature([1], tfrec.int64, -1),
+}
+
+# nvJPEG buffers sized up front for the largest ImageNet-1k image, so no decode reallocates
+# mid-epoch (the values NVIDIA's DeepLearningExamples ResNet-50 loader uses).
+_NVJPEG_PREALLOCATION = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
+
+# Share of JPEGs sent to the hardware decoder, by GPU compute capability. A100 (8.0) has one
+# NVJPG engine and 0.65 is NVIDIA's measured optimum for it; H100/H200 (9.0) have seven, so more of
+# the load goes there. Other GPUs have no hardware decoder and ignore the setting.
+HW_DECODER_LOAD = {(8, 0): 0.65, (9, 0): 0.9}
+
+
+def hw_decoder_load(capability: tuple[int, int] | None) -> float:
+    """The default hardware-decoder share for a GPU of this compute capability."""
+    return HW_DECODER_LOAD.get(capability, 0.65)
+
+
+def _read(files, indexes, shard_id, num_shards, name, shuffle_buffer=None):
+    """This rank's records: shuffled through a buffer of `shuffle_buffer` samples (training), or in order."""
+    training = shuffle_buffer is not None
+    records = fn.readers.tfrecord(
+        path=list(files),
+        index_path=list(indexes),
+        features=FEATURES,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        random_shuffle=training,
+        initial_fill=shuffle_buffer if training else 1,
+        # Validation: the last batch of a slice is padded (with its last sample) instead of running
+        # into the next slice, and every pass reads the same slice (readers move on by default).
+        pad_last_batch=not training,
+        stick_to_shard=not training,
+        name=name,
+    )
+    return records[example.ENCODED], records[example.LABEL]
+
+
+def _decoder_options(gpu: bool, hw_load: float) -> dict:
+    """Backend and memory hints for the image decoders."""
+    if not gpu:
+        return dict(device="cpu", output_type=types.RGB)
+    return dict(device="mixed", output_type=types.RGB, hw_decoder_load=hw_load, **_NVJPEG_PREALLOCATION)
+
+
+def _outputs(images, labels, label_base: int, gpu: bool) -> tuple:
+    """Images, 0-based labels on the images' device, and (on the GPU) the same labels on the host for range checks."""
+    labels = labels - label_base
+    return (images, labels.gpu(), labels) if gpu else (images, labels)
+
+
+def _normalise(images, dtype, layout: str, crop: int | None = None, mirror=None):
+    """Crop (when asked), flip (when asked), subtract the mean, divide by the std, cast, lay out as HWC or CHW."""
+    cropping = dict(crop=(crop, crop)) if crop else {}
+    flipping = dict(mirror=mirror) if mirror is not None else {}
+    return fn.crop_mirror_normalize(
+        images, mean=list(MEAN), std=list(STD), dtype=dtype, output_layout=layout, **cropping, **flipping
+    )
+
+
+@pipeline_def
+def train_graph(files, indexes, shard_id, num_shards, shuffle_buffer, crop, dtype, layout, label_base, gpu, hw_load):
+    """Random-resized crop (decoding only the crop), resize to `crop`, random flip, normalise."""
+    jpegs, labels = _read(files, indexes, shard_id, num_shards, "train", shuffle_buffer)
+    images = fn.decoders.image_random_crop(
+        jpegs,
+        random_area=list(AREA),
+        random_aspect_ratio=list(ASPECT),
+        num_attempts=100,
+        **_decoder_options(gpu, hw_load),
+    )
+    images = fn.resize(images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True)
+    images = _normalise(images, dtype, layout, mirror=fn.random.coin_flip(probability=0.5))
+    return _outputs(images, labels, label_base, gpu)
+
+
+@pipeline_def
+def val_graph(files, indexes, shard_id, num_shards, resize, crop, dtype, layout, label_base, gpu, hw_load):
+    """Decode, resize the shorter side to `resize`, center crop `crop`, normalise."""
+    jpegs, labels = _read(files, indexes, shard_id, num_shards, "validation")
+    images = fn.decoders.image(jpegs, **_decoder_options(gpu, hw_load))
+    images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
+    images = _normalise(images, dtype, layout, crop=crop)
+    return _outputs(images, labels, label_base, gpu)

@@ -1,0 +1,334 @@
+"""Training and validation batches for one rank, from a shard directory, through DALI on the GPU or the CPU.
+
+    python -m pipeline.data preview --data-dir DIR --split {train,validation} --num N --out grid.png
+    python -m pipeline.data index --data-dir DIR
+
+Epoch rules (a mismatch in step counts between ranks deadlocks the all-reduce):
+- training: every rank runs `train_steps` steps. Each epoch has its own seed: the shard files are
+  put in a new order (the same on every rank, so the ranks' slices stay disjoint), and the reader
+  shuffles each rank's slice through a buffer. A rank's first `slice` samples are a permutation
+  of its slice; the last step tops up from the next slice, so nothing is dropped.
+- validation: every image exactly once across ranks, in shard order. Every rank runs `val_steps`
+  steps of full batches; padding samples carry label -1 (`IGNORE`) and must not be counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from nvidia.dali import types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+from pipeline import augment
+from pipeline.shards import SPLITS, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
+
+# Label of validation padding samples: skip them in the loss (ignore_index) and in accuracy.
+IGNORE = -1
+DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
+LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
+
+
+def _default_threads() -> int:
+    """DALI CPU threads per rank: this host's cores shared among its ranks."""
+    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How to read, decode and augment the shards."""
+
+    # Folder of train-*/validation-* TFRecord shards (make prep-imagenet).
+    data_dir: str
+    # Images per rank per step: the batch-norm batch, 32 in the paper.
+    batch_size: int = 32
+    # Side of the square images the model sees.
+    crop_size: int = 224
+    # Validation: the shorter side is resized to this, then the center `crop_size` square is taken.
+    val_resize: int = 256
+    # Element type of image batches: float16 for fp16 runs; bfloat16 is cast from float32 in torch.
+    dtype: str = "float32"
+    # NHWC (channels-last) or NCHW memory; batches are always indexed (N, C, H, W).
+    layout: str = "NCHW"
+    # Where decoding and augmentation run: auto (the GPU when there is one), gpu or cpu.
+    device: str = "auto"
+    # DALI CPU threads per rank (default: this host's cores divided by its ranks).
+    num_threads: int = 0
+    # Samples each rank's reader shuffles through (more mixes further, costs host memory).
+    shuffle_buffer: int = 8192
+    # Base seed; each epoch's file order, shuffle and augmentation derive from it and the epoch.
+    seed: int = 0
+    # Class count of shards without manifest.json (their labels are taken as 1-based, TF style).
+    num_classes: int | None = None
+    # Where missing indexes go when the data folder is read-only (default: under ~/.cache).
+    index_dir: str | None = None
+    # Share of JPEGs sent to the GPU's hardware decoder (default: per GPU model, see augment.py).
+    hw_decoder_load: float | None = None
+    # Batches DALI prepares ahead of the model.
+    prefetch: int = 2
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout {self.layout!r}: use NCHW or NHWC")
+        if self.device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"device {self.device!r}: use auto, gpu or cpu")
+        for name in ("batch_size", "crop_size", "prefetch", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)}: must be at least 1")
+        if self.val_resize < self.crop_size:
+            raise ValueError(f"val_resize {self.val_resize} is smaller than crop_size {self.crop_size}")
+        if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"hw_decoder_load {self.hw_decoder_load}: must be within 0..1")
+
+
+class Batch(NamedTuple):
+    """Images (N, C, H, W) on the rank's device and 0-based int64 labels (IGNORE marks padding)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def epoch_seed(seed: int, epoch: int, *more: int) -> int:
+    """A 31-bit seed for one epoch (and rank), stable across runs and machines."""
+    return int(np.random.SeedSequence([seed, epoch, *more]).generate_state(1)[0] >> 1)
+
+
+def train_steps_per_epoch(images: int, world_size: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Steps per epoch on every rank: ceil(images / global batch) optimizer steps, each of `grad_accum` micro-steps."""
+    return math.ceil(images / (world_size * batch_size * grad_accum)) * grad_accum
+
+
+class ImageNetData:
+    """The batches one rank trains and validates on."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum: int = 1,
+        splits: tuple[str, ...] = SPLITS,
+        device_id: int | None = None,
+    ):
+        self.config, self.rank, self.world_size, self.grad_accum = config, rank, world_size, grad_accum
+        self.shards: ShardSet = open_shards(config.data_dir, splits, config.num_classes, config.index_dir)
+        for split in self.shards.splits.values():
+            if split.images < world_size:
+                raise DataError(f"{config.data_dir}: {split.images} {split.name} images for {world_size} ranks")
+        self.gpu = _use_gpu(config.device)
+        self.device_id = (
+            (device_id if device_id is not None else int(os.environ.get("LOCAL_RANK", 0))) if self.gpu else None
+        )
+        self.device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
+        self._val_iter, self._val_clean = None, False
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the model predicts."""
+        return self.shards.num_classes
+
+    @property
+    def train_steps(self) -> int:
+        """Training steps per epoch, the same on every rank."""
+        return train_steps_per_epoch(
+            self.shards.splits["train"].images, self.world_size, self.config.batch_size, self.grad_accum
+        )
+
+    def _val_slice(self, rank: int) -> int:
+        """Validation images in a rank's slice."""
+        start, end = shard_bounds(self.shards.splits["validation"].images, rank, self.world_size)
+        return end - start
+
+    @property
+    def val_steps(self) -> int:
+        """Validation steps, the same on every rank: enough for the largest slice."""
+        return math.ceil(max(self._val_slice(r) for r in range(self.world_size)) / self.config.batch_size)
+
+    def _common(self) -> dict:
+        """Pipeline arguments both splits share."""
+        c = self.config
+        load = c.hw_decoder_load
+        if load is None:
+            load = augment.hw_decoder_load(torch.cuda.get_device_capability(self.device_id) if self.gpu else None)
+        return dict(
+            batch_size=c.batch_size,
+            num_threads=c.num_threads or _default_threads(),
+            device_id=self.device_id,
+            prefetch_queue_depth=c.prefetch,
+            crop=c.crop_size,
+            dtype=DTYPES[c.dtype],
+            layout=LAYOUTS[c.layout],
+            label_base=self.shards.label_base,
+            gpu=self.gpu,
+            hw_load=load,
+        )
+
+    def _outputs(self) -> list[str]:
+        """Names of the pipeline outputs, as the graphs return them."""
+        return ["images", "labels", "host_labels"] if self.gpu else ["images", "labels"]
+
+    def train_epoch(self, epoch: int) -> Iterator[Batch]:
+        """Exactly `train_steps` training batches of epoch `epoch` (a fresh pipeline with the epoch's seed)."""
+        split = self.shards.splits["train"]
+        # The same file order on every rank, so the ranks' contiguous slices stay disjoint.
+        order = np.random.default_rng(epoch_seed(self.config.seed, epoch)).permutation(len(split.files))
+        pipe = augment.train_graph(
+            files=[split.files[i] for i in order],
+            indexes=[split.indexes[i] for i in order],
+            shard_id=self.rank,
+            num_shards=self.world_size,
+            shuffle_buffer=min(self.config.shuffle_buffer, split.images),
+            seed=epoch_seed(self.config.seed, epoch, self.rank),
+            **self._common(),
+        )
+        pipe.build()
+        # No reader_name: the iterator never ends on its own, the step count does.
+        batches = DALIGenericIterator(pipe, self._outputs(), auto_reset=False)
+        try:
+            for _, data in zip(range(self.train_steps), batches, strict=False):
+                yield self._batch(data[0], "train")
+        finally:
+            del batches, pipe
+
+    def _val_iterator(self) -> DALIGenericIterator:
+        """The validation pipeline, built once and reused every epoch (rebuilt if a pass was cut short)."""
+        if self._val_iter is None or not self._val_clean:
+            split = self.shards.splits["validation"]
+            pipe = augment.val_graph(
+                files=split.files,
+                indexes=split.indexes,
+                shard_id=self.rank,
+                num_shards=self.world_size,
+                resize=self.config.val_resize,
+                seed=epoch_seed(self.config.seed, 0, self.rank),
+                **self._common(),
+            )
+            pipe.build()
+            self._val_iter = DALIGenericIterator(
+                pipe,
+                self._outputs(),
+                reader_name="validation",
+                last_batch_policy=LastBatchPolicy.FILL,
+                auto_reset=True,
+            )
+        return self._val_iter
+
+    def validation(self) -> Iterator[Batch]:
+        """Exactly `val_steps` full validation batches; samples past this rank's slice have label IGNORE."""
+        batches, left = self._val_iterator(), self._val_slice(self.rank)
+        self._val_clean, steps, batch = False, 0, None
+        for data in batches:
+            real = min(left, self.config.batch_size)
+            batch = self._batch(data[0], "validation", real)
+            left, steps = left - real, steps + 1
+            yield batch
+        self._val_clean = True
+        # DALI already pads every slice to the largest one's batch count; this only guards that rule.
+        for _ in range(self.val_steps - steps):
+            yield Batch(batch.images, torch.full_like(batch.labels, IGNORE))
+
+    def _batch(self, data: dict, split: str, real: int | None = None) -> Batch:
+        """Check the labels on the host, mask padding, and give the images the configured layout and dtype."""
+        host = data["host_labels" if self.gpu else "labels"].view(-1)[:real]
+        # Host-side labels: this check costs no device synchronisation.
+        if host.numel() and (int(host.min()) < 0 or int(host.max()) >= self.num_classes):
+            raise DataError(self._bad_label(split))
+        labels = data["labels"].view(-1)
+        if real is not None and real < labels.numel():
+            labels = labels.clone()
+            labels[real:] = IGNORE
+        images = data["images"]
+        if self.config.layout == "NHWC":
+            # A view, not a copy: (N, H, W, C) memory indexed as (N, C, H, W) is torch's channels_last.
+            images = images.permute(0, 3, 1, 2)
+        if self.config.dtype == "bfloat16":
+            # Numerics: DALI has no bfloat16, so float32 pixels are rounded to bfloat16 here.
+            images = images.to(torch.bfloat16)
+        return Batch(images, labels)
+
+    def _bad_label(self, split: str) -> str:
+        """One line naming the first shard record whose label is out of range, and the fix."""
+        s = self.shards
+        where = find_bad_label(s.splits[split], s.label_base, s.num_classes) or f"a {split} record has a label"
+        fix = (
+            "set --num-classes to cover the labels" if s.label_source.startswith("TensorFlow") else "rebuild the shards"
+        )
+        return f"{where}, outside {s.label_base}..{s.label_base + s.num_classes - 1} ({s.label_source}); {fix}"
+
+
+def _use_gpu(device: str) -> bool:
+    """Whether to decode on the GPU: `auto` picks it when CUDA is available."""
+    if device == "gpu" and not torch.cuda.is_available():
+        raise DataError("--data-device gpu: no CUDA device is visible; use --data-device auto or cpu")
+    return device == "gpu" or (device == "auto" and torch.cuda.is_available())
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line of `python -m pipeline.data`."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.split("\n")[0])
+    commands = p.add_subparsers(dest="command", required=True)
+    preview = commands.add_parser("preview", help="save a grid picture of the first samples after augmentation")
+    index = commands.add_parser("index", help="build missing DALI index files and count the records")
+    for sub in (preview, index):
+        sub.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
+        sub.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
+        sub.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")
+    preview.add_argument("--split", choices=SPLITS, default="train")
+    preview.add_argument("--num", type=int, default=16, help="samples to show")
+    preview.add_argument("--out", required=True, help="picture to write (PNG)")
+    preview.add_argument("--save-npz", help="also save images (N,C,C,3 uint8) and labels (0-based) here")
+    preview.add_argument("--crop-size", type=int, default=224)
+    preview.add_argument("--val-resize", type=int, default=256)
+    preview.add_argument("--seed", type=int, default=0)
+    preview.add_argument("--data-device", choices=("auto", "gpu", "cpu"), default="auto")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input ends with a one-line error and exit status 2."""
+    args = parse_args(argv)
+    try:
+        if args.command == "index":
+            shards = open_shards(args.data_dir, SPLITS, args.num_classes, args.index_dir)
+            for split in shards.splits.values():
+                print(
+                    f"{split.name}: {len(split.files)} shards, {split.images:,} records, indexes in "
+                    f"{sorted({os.path.dirname(i) for i in split.indexes})}"
+                )
+            return 0
+        from pipeline.preview import write_preview
+
+        if args.num < 1:
+            raise DataError(f"--num {args.num}: must be at least 1")
+        config = DataConfig(
+            args.data_dir,
+            batch_size=min(args.num, 64),
+            crop_size=args.crop_size,
+            val_resize=args.val_resize,
+            device=args.data_device,
+            seed=args.seed,
+            num_classes=args.num_classes,
+            index_dir=args.index_dir,
+        )
+        shown = write_preview(ImageNetData(config, splits=(args.split,)), args.split, args.num, args.out, args.save_npz)
+        print(
+            f"{args.out}: {shown} {args.split} samples"
+            + (f"; pixels and labels in {args.save_npz}" if args.save_npz else "")
+        )
+        return 0
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The same pipeline with `device="mixed"` decoding on a GPU (skipped without one): device, dtype, pixels, epochs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import IGNORE, DataConfig, ImageNetData
+from pipeline.preview import to_uint8
+from tests.shardsets import colour_of, jpeg, labelled_set, smooth, write_shards
+
+pytestmark = pytest.mark.gpu
+
+
+def gpu_loader(folder, rank=0, world=1, **options) -> ImageNetData:
+    """A loader decoding with nvJPEG on GPU 0."""
+    settings = dict(batch_size=4, crop_size=32, val_resize=36, device="gpu", num_threads=2, shuffle_buffer=16)
+    return ImageNetData(DataConfig(str(folder), **{**settings, **options}), rank=rank, world_size=world, device_id=0)
+
+
+def test_gpu_batches_stay_on_the_device_in_fp16_channels_last(tmp_path):
+    data = gpu_loader(labelled_set(tmp_path), dtype="float16", layout="NHWC")
+    for batch in (next(iter(data.train_epoch(0))), next(iter(data.validation()))):
+        assert batch.images.device == torch.device("cuda", 0) and batch.labels.device == torch.device("cuda", 0)
+        assert batch.images.dtype == torch.float16 and batch.images.shape == (4, 3, 32, 32)
+        assert batch.images.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gpu_training_images_keep_their_labels(tmp_path):
+    data = gpu_loader(labelled_set(tmp_path))
+    for batch in data.train_epoch(0):
+        pixels = to_uint8(batch.images).reshape(4, -1, 3).astype(int)
+        for label, image in zip(batch.labels.tolist(), pixels, strict=True):
+            assert np.abs(image - colour_of(label)).max() <= 8
+
+
+def test_gpu_validation_matches_the_cpu_pipeline(tmp_path):
+    images = [(jpeg(smooth(w, h, seed=w), quality=97), 1) for w, h in [(300, 200), (200, 300), (500, 375)]]
+    write_shards(tmp_path, "validation", images, 1)
+    write_shards(tmp_path, "train", images, 1)
+    options = dict(batch_size=3, crop_size=224, val_resize=256, num_classes=1)
+    gpu = to_uint8(next(iter(gpu_loader(tmp_path, **options).validation())).images).astype(int)
+    cpu_config = DataConfig(str(tmp_path), device="cpu", **options)
+    cpu = to_uint8(next(iter(ImageNetData(cpu_config).validation())).images).astype(int)
+    # nvJPEG and libjpeg-turbo round their IDCTs differently; the geometry must be identical.
+    assert np.abs(gpu - cpu).mean() < 1.5
+
+
+def test_gpu_validation_covers_every_image_once_across_ranks(tmp_path):
+    folder = labelled_set(tmp_path)
+    seen = [x for r in range(2) for b in gpu_loader(folder, r, 2).validation() for x in b.labels.tolist()]
+    assert sorted(x for x in seen if x != IGNORE) == list(range(21))
