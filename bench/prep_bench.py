@@ -18,49 +18,23 @@ import datetime
 import io
 import json
 import os
-import platform
 import shutil
-import socket
 import statistics
 import sys
-import time
 from pathlib import Path
 
-import PIL
-from PIL import Image, features
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import BENCH, bench_tree, machine, timed  # noqa: E402
 from data_prep.imagenet import prepare  # noqa: E402
-from data_prep.synthetic import generate  # noqa: E402
 
-BENCH = Path(__file__).resolve().parent
-# ImageNet-like photos: 500x375 landscape at quality 95 with enough detail for ~110 KB files.
-TREE = dict(min_side=375, max_side=375, noise=32.0, aspects=(4 / 3,), quality=(95, 95))
 TARGET_PER_WORKER = 250
-
-
-def bench_tree(images: int) -> Path:
-    """The generated source tree, cached between runs."""
-    classes, val_per_class = 20, 5
-    train_per_class = max(1, images // classes - val_per_class)
-    root = BENCH / "work" / f"tree-{images}"
-    if not (root / ".complete").exists():
-        shutil.rmtree(root, ignore_errors=True)
-        generate(str(root), classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, **TREE)
-        (root / ".complete").touch()
-    return root
 
 
 def source_files(root: Path) -> list[Path]:
     """Every image file of the tree."""
     return sorted(p for p in root.rglob("*.JPEG"))
-
-
-def timed(fn) -> float:
-    """Wall-clock seconds of one call."""
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def io_floor(files: list[Path], out: Path) -> None:
@@ -77,19 +51,6 @@ def decode_only(files: list[Path]) -> None:
     for path in files:
         with Image.open(io.BytesIO(path.read_bytes())) as image:
             image.load()
-
-
-def machine() -> dict:
-    """What ran the benchmark."""
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {
-        "host": socket.gethostname(),
-        "cpu": cpu or platform.processor(),
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "pillow": PIL.__version__,
-        "libjpeg_turbo": features.version("libjpeg_turbo"),
-    }
 
 
 def markdown(result: dict) -> str:

@@ -1,0 +1,59 @@
+"""What the benchmarks share: the generated ImageNet-like photos and a description of the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import PIL
+from PIL import features
+
+from data_prep.synthetic import generate
+
+BENCH = Path(__file__).resolve().parent
+# ImageNet-like photos: 500x375 landscape at quality 95 with enough detail for ~110 KB files.
+TREE = dict(min_side=375, max_side=375, noise=32.0, aspects=(4 / 3,), quality=(95, 95))
+
+
+def bench_tree(images: int) -> Path:
+    """A generated ImageNet-layout tree of about `images` photos in 20 classes, cached under bench/work/."""
+    classes, val_per_class = 20, 5
+    train_per_class = max(1, images // classes - val_per_class)
+    root = BENCH / "work" / f"tree-{images}"
+    if not (root / ".complete").exists():
+        shutil.rmtree(root, ignore_errors=True)
+        generate(str(root), classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, **TREE)
+        (root / ".complete").touch()
+    return root
+
+
+def timed(fn) -> float:
+    """Wall-clock seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def machine() -> dict:
+    """What ran the benchmark: host, CPU, cores this process may use, GPU, library versions."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    info = {
+        "host": socket.gethostname(),
+        "cpu": cpu or platform.processor(),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "pillow": PIL.__version__,
+        "libjpeg_turbo": features.version("libjpeg_turbo"),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        pass
+    return info
