@@ -12,7 +12,7 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install test lint demo bench bench-prep prep-imagenet clean
+.PHONY: install test lint demo bench bench-prep bench-data prep-imagenet clean
 
 install: $(STAMP)
 
@@ -34,11 +34,18 @@ demo: install
 	$(PY) -m data_prep.imagenet --src $(DEMO_DIR)/raw --out $(DEMO_DIR)/shards --train-shards 8 --val-shards 4 \
 		--workers $(WORKERS)
 	$(PY) -m data_prep.verify $(DEMO_DIR)/shards --full
+	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split train --num 16 --out $(DEMO_DIR)/preview-train.png
+	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split validation --num 16 \
+		--out $(DEMO_DIR)/preview-validation.png
 
-bench: bench-prep
+bench: bench-prep bench-data
 
 bench-prep: install
 	$(PY) bench/prep_bench.py
+
+# The training input pipeline alone, DALI next to torchvision (on the GPU when there is one).
+bench-data: install
+	$(PY) bench/data_bench.py
 
 prep-imagenet: install
 	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/)"; exit 2; }

@@ -10,8 +10,9 @@ of normalised 224x224 random-resized crops with random flips:
   - torchvision: ImageFolder + PIL + transforms.v2 (RandomResizedCrop, RandomHorizontalFlip, ToImage,
     ToDtype, Normalize) in a DataLoader with `workers` worker processes (pinned and copied to the GPU
     when benchmarking the GPU).
-Images/s over `epochs` epochs after one warm-up epoch; for DALI also the steady rate within
-epochs (without the per-epoch pipeline start). Writes bench/results/<date>-data-<device>-<host>.json and .md.
+Images/s over `epochs` epochs after one warm-up epoch, median of `repeats` alternating runs; for
+DALI also the steady rate within epochs (without the per-epoch pipeline start).
+Writes bench/results/<date>-data-<device>-<host>.json and .md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import datetime
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -52,8 +54,8 @@ def sync(gpu: bool) -> None:
         torch.cuda.synchronize()
 
 
-def run_dali(shards: Path, args, gpu: bool) -> dict:
-    """Images/s of our training pipeline: overall (epoch starts included) and steady (within epochs)."""
+def dali_runner(shards: Path, args, gpu: bool):
+    """A warmed-up measurement of our training pipeline: images/s overall and within epochs (steady)."""
     config = DataConfig(
         str(shards),
         batch_size=args.batch,
@@ -65,31 +67,28 @@ def run_dali(shards: Path, args, gpu: bool) -> dict:
     data = ImageNetData(config, splits=("train",))
     for _ in data.train_epoch(0):  # warm-up: first pipeline build, page cache
         pass
-    sync(gpu)
-    images, steady_images, steady_seconds = 0, 0, 0.0
-    start = time.perf_counter()
-    for epoch in range(1, args.epochs + 1):
-        for step, batch in enumerate(data.train_epoch(epoch)):
-            if step == 0:
-                sync(gpu)
-                first = time.perf_counter()
-            images += len(batch.labels)
+    epochs = iter(range(1, 10**6))
+
+    def measure() -> dict:
+        images, steady_images, steady_seconds = 0, 0, 0.0
         sync(gpu)
-        steady_seconds += time.perf_counter() - first
-        steady_images += (data.train_steps - 1) * args.batch
-    seconds = time.perf_counter() - start
-    return {
-        "img_s": images / seconds,
-        "steady_img_s": steady_images / steady_seconds,
-        "images": images,
-        "seconds": seconds,
-        "threads": args.workers,
-        "steps_per_epoch": data.train_steps,
-    }
+        start = time.perf_counter()
+        for epoch in (next(epochs) for _ in range(args.epochs)):
+            for step, batch in enumerate(data.train_epoch(epoch)):
+                if step == 0:
+                    sync(gpu)
+                    first = time.perf_counter()
+                images += len(batch.labels)
+            sync(gpu)
+            steady_seconds += time.perf_counter() - first
+            steady_images += (data.train_steps - 1) * args.batch
+        return {"img_s": images / (time.perf_counter() - start), "steady_img_s": steady_images / steady_seconds}
+
+    return measure
 
 
-def run_torchvision(tree: Path, args, gpu: bool) -> dict:
-    """Images/s of the usual PyTorch input pipeline on the same photos and the same number of processes."""
+def torchvision_runner(tree: Path, args, gpu: bool):
+    """A warmed-up measurement of the usual PyTorch input pipeline on the same photos and process count."""
     from torchvision import datasets
     from torchvision.transforms import v2
 
@@ -108,15 +107,23 @@ def run_torchvision(tree: Path, args, gpu: bool) -> dict:
     )
     for _ in loader:  # warm-up: worker start, page cache
         pass
-    images, start = 0, time.perf_counter()
-    for _ in range(args.epochs):
-        for batch, _labels in loader:
-            if gpu:
-                batch = batch.cuda(non_blocking=True)
-            images += len(batch)
-    sync(gpu)
-    seconds = time.perf_counter() - start
-    return {"img_s": images / seconds, "images": images, "seconds": seconds, "workers": args.workers}
+
+    def measure() -> dict:
+        images, start = 0, time.perf_counter()
+        for _ in range(args.epochs):
+            for batch, _labels in loader:
+                if gpu:
+                    batch = batch.cuda(non_blocking=True)
+                images += len(batch)
+        sync(gpu)
+        return {"img_s": images / (time.perf_counter() - start)}
+
+    return measure
+
+
+def median_of(runs: list[dict]) -> dict:
+    """Per key, the median over repeats."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
 
 
 def markdown(result: dict) -> str:
@@ -125,15 +132,16 @@ def markdown(result: dict) -> str:
     rows = [
         "| pipeline | processes/threads | images/s | steady images/s |",
         "|---|---|---|---|",
-        f"| DALI (`pipeline.data`, {result['device']}) | {d['threads']} threads | {d['img_s']:.0f} "
+        f"| DALI (`pipeline.data`, {result['device']}) | {result['workers']} threads | {d['img_s']:.0f} "
         f"| {d['steady_img_s']:.0f} |",
-        f"| torchvision DataLoader (PIL, transforms.v2) | {t['workers']} workers | {t['img_s']:.0f} | |",
+        f"| torchvision DataLoader (PIL, transforms.v2) | {result['workers']} workers | {t['img_s']:.0f} | |",
     ]
     return (
         f"Input pipeline benchmark, {result['date']}, {m['cpu']} ({m['cores']} cores), GPU: {m.get('gpu')}, "
         f"torch {m.get('torch')}, DALI {result['dali_version']}.\n"
-        f"{result['images']} train JPEGs of 500x375 px, batch {result['batch']}, {result['epochs']} epochs after a "
-        f"warm-up epoch; command: `{result['command']}`.\n\n" + "\n".join(rows) + "\n\n"
+        f"{result['images']} train JPEGs of 500x375 px, batch {result['batch']}, median of {result['repeats']} runs of "
+        f"{result['epochs']} epochs (DALI and torchvision alternating) after a warm-up epoch; "
+        f"command: `{result['command']}`.\n\n" + "\n".join(rows) + "\n\n"
         f"DALI / torchvision: {result['speedup']:.2f}x. {result['verdict']}\n"
     )
 
@@ -146,7 +154,8 @@ def main() -> int:
         "--workers", type=int, default=len(os.sched_getaffinity(0)), help="DALI threads = DataLoader workers"
     )
     p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="measurements of each pipeline, alternating")
     p.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto")
     args = p.parse_args()
     gpu = args.device == "gpu" or (args.device == "auto" and torch.cuda.is_available())
@@ -154,7 +163,9 @@ def main() -> int:
     shards = bench_shards(tree)
     import nvidia.dali
 
-    dali, tv = run_dali(shards, args, gpu), run_torchvision(tree, args, gpu)
+    measure_dali, measure_tv = dali_runner(shards, args, gpu), torchvision_runner(tree, args, gpu)
+    runs = [(measure_dali(), measure_tv()) for _ in range(args.repeats)]
+    dali, tv = median_of([d for d, _ in runs]), median_of([t for _, t in runs])
     speedup = dali["img_s"] / tv["img_s"]
     met = dali["img_s"] >= GPU_TARGET_IMG_S if gpu else speedup >= CPU_SPEEDUP_TARGET
     target = (
@@ -170,6 +181,9 @@ def main() -> int:
         "images": len(list((tree / "train").rglob("*.JPEG"))),
         "batch": args.batch,
         "epochs": args.epochs,
+        "repeats": args.repeats,
+        "workers": args.workers,
+        "runs": runs,
         "dali": dali,
         "torchvision": tv,
         "speedup": speedup,
