@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shutil
@@ -57,3 +58,13 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def write_results(kind: str, result: dict, text: str) -> None:
+    """Save a benchmark's results as bench/results/<date>-<kind>-<host>.json and .md, and print the table."""
+    stem = BENCH / "results" / f"{result['date']}-{kind}-{result['machine']['host']}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    Path(f"{stem}.md").write_text(text)
+    print(text)
+    print(f"written: {stem}.json, {stem}.md")

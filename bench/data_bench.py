@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -30,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import BENCH, bench_tree, machine  # noqa: E402
+from bench.common import BENCH, bench_tree, machine, write_results  # noqa: E402
 from data_prep.imagenet import prepare  # noqa: E402
 from pipeline.augment import MEAN, STD  # noqa: E402
 from pipeline.data import DataConfig, ImageNetData  # noqa: E402
@@ -189,12 +188,7 @@ def main() -> int:
         "speedup": speedup,
         "verdict": verdict,
     }
-    stem = BENCH / "results" / f"{result['date']}-data-{result['device']}-{result['machine']['host']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"written: {stem}.json, {stem}.md")
+    write_results(f"data-{result['device']}", result, markdown(result))
     return 0
 
 

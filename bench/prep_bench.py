@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import io
-import json
 import os
 import shutil
 import statistics
@@ -26,7 +25,7 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import BENCH, bench_tree, machine, timed  # noqa: E402
+from bench.common import BENCH, bench_tree, machine, timed, write_results  # noqa: E402
 from data_prep.imagenet import prepare  # noqa: E402
 
 TARGET_PER_WORKER = 250
@@ -110,12 +109,7 @@ def main() -> int:
     result["target_per_worker_img_s"] = TARGET_PER_WORKER
     one = next((r for r in result["prep"] if r["workers"] == 1), result["prep"][0])
     result["meets_target"] = one["per_worker"] >= TARGET_PER_WORKER
-    stem = BENCH / "results" / f"{result['date']}-prep-{result['machine']['host']}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    Path(f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
-    print(f"written: {stem}.json, {stem}.md")
+    write_results("prep", result, markdown(result))
     return 0
 
 
