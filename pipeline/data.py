@@ -19,6 +19,7 @@ import math
 import os
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -191,13 +192,11 @@ class ImageNetData:
             **self._common(),
         )
         pipe.build()
-        # No reader_name: the iterator never ends on its own, the step count does.
-        batches = DALIGenericIterator(pipe, self._outputs(), auto_reset=False)
-        try:
+        with self._failures("train"):
+            # No reader_name: the iterator never ends on its own, the step count does.
+            batches = DALIGenericIterator(pipe, self._outputs(), auto_reset=False)
             for _, data in zip(range(self.train_steps), batches, strict=False):
                 yield self._batch(data[0], "train")
-        finally:
-            del batches, pipe
 
     def _val_iterator(self) -> DALIGenericIterator:
         """The validation pipeline, built once and reused every epoch (rebuilt if a pass was cut short)."""
@@ -224,17 +223,33 @@ class ImageNetData:
 
     def validation(self) -> Iterator[Batch]:
         """Exactly `val_steps` full validation batches; samples past this rank's slice have label IGNORE."""
-        batches, left = self._val_iterator(), self._val_slice(self.rank)
-        self._val_clean, steps, batch = False, 0, None
-        for data in batches:
-            real = min(left, self.config.batch_size)
-            batch = self._batch(data[0], "validation", real)
-            left, steps = left - real, steps + 1
-            yield batch
+        left, steps, batch = self._val_slice(self.rank), 0, None
+        with self._failures("validation"):
+            batches = self._val_iterator()
+            self._val_clean = False
+            for data in batches:
+                real = min(left, self.config.batch_size)
+                batch = self._batch(data[0], "validation", real)
+                left, steps = left - real, steps + 1
+                yield batch
         self._val_clean = True
         # DALI already pads every slice to the largest one's batch count; this only guards that rule.
         for _ in range(self.val_steps - steps):
             yield Batch(batch.images, torch.full_like(batch.labels, IGNORE))
+
+    @contextmanager
+    def _failures(self, split: str) -> Iterator[None]:
+        """Turn DALI's multi-line pipeline errors (an image that does not decode) into one line with the fix."""
+        try:
+            yield
+        except RuntimeError as e:
+            # DALI says which operator failed, then "encountered:", then the cause.
+            cause = str(e).split("encountered:")[-1].strip().splitlines()[0]
+            root = self.shards.root
+            raise DataError(
+                f"{root}: a {split} record failed in DALI ({cause}); find it with "
+                f"python -m data_prep.verify {root} --full, then rebuild or remove its shard"
+            ) from e
 
     def _batch(self, data: dict, split: str, real: int | None = None) -> Batch:
         """Check the labels on the host, mask padding, and give the images the configured layout and dtype."""

@@ -47,6 +47,14 @@ def smooth(width: int, height: int, seed: int) -> np.ndarray:
     return np.stack(channels, -1).round().astype(np.uint8)
 
 
+def _size(data: bytes) -> tuple[int, int]:
+    """(height, width) of an image, or (0, 0) for bytes that are not one (broken records on purpose)."""
+    try:
+        return Image.open(io.BytesIO(data)).size[::-1]
+    except OSError:
+        return 0, 0
+
+
 def write_shards(
     folder: Path, split: str, images: list[tuple[bytes, int]], shards: int, index: bool = True
 ) -> list[Path]:
@@ -59,7 +67,7 @@ def write_shards(
         with open(path, "wb") as f:
             for i in part:
                 data, label = images[i]
-                h, w = Image.open(io.BytesIO(data)).size[::-1]
+                h, w = _size(data)
                 record = tfrecord.frame(
                     example.image_example(data, label, f"n{label:08d}", f"{split}_{i}.JPEG", h, w, 3, "RGB")
                 )

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.data import IGNORE, DataConfig, ImageNetData, epoch_seed, train_steps_per_epoch
 from pipeline.preview import to_uint8
 from pipeline.shards import DataError
-from tests.conftest import read_shard, shards_of
+from tests.conftest import read_shard, run_module, shards_of
 from tests.shardsets import colour_of, gradients, jpeg, labelled_set, smooth, write_manifest, write_shards
 
 CROP, RESIZE = 32, 36
@@ -312,3 +312,19 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled):
             **extra,
         )
     assert augment.hw_decoder_load((8, 0)) == 0.65 and augment.hw_decoder_load((7, 5)) == 0.65
+
+
+def test_an_image_that_does_not_decode_is_a_one_line_error_with_the_way_to_find_it(tmp_path):
+    good = jpeg(np.zeros((40, 40, 3), np.uint8))
+    items = [(good, 1)] * 6 + [(good[:200], 1), (b"not a picture" * 20, 1)]
+    write_shards(tmp_path, "train", items, 2)
+    write_shards(tmp_path, "validation", items, 2)
+    for split, run in (("validation", lambda d: d.validation()), ("train", lambda d: d.train_epoch(0))):
+        with pytest.raises(DataError) as failure:
+            list(run(loader(tmp_path, num_classes=1)))
+        message = str(failure.value)
+        assert "\n" not in message and f"a {split} record failed in DALI" in message
+        assert f"python -m data_prep.verify {tmp_path} --full" in message
+    # The command it names finds the damaged records.
+    found = run_module("data_prep.verify", str(tmp_path), "--full")
+    assert found.returncode == 1 and "validation-00001-of-00002: record at offset" in found.stdout
