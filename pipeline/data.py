@@ -274,9 +274,7 @@ class ImageNetData:
         """One line naming the first shard record whose label is out of range, and the fix."""
         s = self.shards
         where = find_bad_label(s.splits[split], s.label_base, s.num_classes) or f"a {split} record has a label"
-        fix = (
-            "set --num-classes to cover the labels" if s.label_source.startswith("TensorFlow") else "rebuild the shards"
-        )
+        fix = "rebuild the shards" if s.has_manifest else "set --num-classes to cover the labels"
         return f"{where}, outside {s.label_base}..{s.label_base + s.num_classes - 1} ({s.label_source}); {fix}"
 
 

@@ -60,6 +60,11 @@ class ShardSet:
     # Where label_base and num_classes came from, for error messages.
     label_source: str
 
+    @property
+    def has_manifest(self) -> bool:
+        """Whether the labels are data_prep's (manifest.json) rather than the TensorFlow convention."""
+        return (self.root / MANIFEST).is_file()
+
 
 def shard_bounds(total: int, shard_id: int, num_shards: int) -> tuple[int, int]:
     """[start, end) of the samples DALI's readers give shard `shard_id` of `num_shards`."""
