@@ -50,19 +50,25 @@ class Record:
     data: bytes
 
 
+def _payload_length(
+    f: BinaryIO, name: str, offset: int, check_crc: bool, bad_crc: str = "record header is corrupt"
+) -> int | None:
+    """Read the 12-byte header of the record at `offset` (the file is positioned there); None at the end of file."""
+    header = f.read(_LENGTH.size + _CRC.size)
+    if not header:
+        return None
+    if len(header) < _LENGTH.size + _CRC.size:
+        raise RecordError(f"{name}: record at offset {offset}: truncated record header ({len(header)} of 12 bytes)")
+    length_bytes, (length_crc,) = header[: _LENGTH.size], _CRC.unpack(header[_LENGTH.size :])
+    if check_crc and masked_crc(length_bytes) != length_crc:
+        raise RecordError(f"{name}: record at offset {offset}: length CRC mismatch ({bad_crc})")
+    return _LENGTH.unpack(length_bytes)[0]
+
+
 def read_records(f: BinaryIO, name: str, check_crc: bool = True) -> Iterator[Record]:
     """Yield every record of an open TFRecord file, raising RecordError at the first damage."""
     offset = 0
-    while True:
-        header = f.read(_LENGTH.size + _CRC.size)
-        if not header:
-            return
-        if len(header) < _LENGTH.size + _CRC.size:
-            raise RecordError(f"{name}: record at offset {offset}: truncated record header ({len(header)} of 12 bytes)")
-        length_bytes, (length_crc,) = header[: _LENGTH.size], _CRC.unpack(header[_LENGTH.size :])
-        if check_crc and masked_crc(length_bytes) != length_crc:
-            raise RecordError(f"{name}: record at offset {offset}: length CRC mismatch (record header is corrupt)")
-        (length,) = _LENGTH.unpack(length_bytes)
+    while (length := _payload_length(f, name, offset, check_crc)) is not None:
         data = f.read(length)
         footer = f.read(_CRC.size)
         if len(data) < length or len(footer) < _CRC.size:
@@ -83,17 +89,10 @@ def record_spans(f: BinaryIO, name: str) -> Iterator[tuple[int, int]]:
     record; payloads are skipped, not read. A file that ends inside a record raises RecordError.
     """
     end = f.seek(0, 2)
-    offset = 0
+    offset = f.seek(0)
     while offset < end:
-        f.seek(offset)
-        header = f.read(_LENGTH.size + _CRC.size)
-        if len(header) < _LENGTH.size + _CRC.size:
-            raise RecordError(f"{name}: record at offset {offset}: truncated record header ({len(header)} of 12 bytes)")
-        length_bytes, (length_crc,) = header[: _LENGTH.size], _CRC.unpack(header[_LENGTH.size :])
-        if masked_crc(length_bytes) != length_crc:
-            raise RecordError(f"{name}: record at offset {offset}: length CRC mismatch (not a TFRecord file?)")
-        size = _LENGTH.unpack(length_bytes)[0] + FRAMING_BYTES
+        size = _payload_length(f, name, offset, check_crc=True, bad_crc="not a TFRecord file?") + FRAMING_BYTES
         if offset + size > end:
             raise RecordError(f"{name}: record at offset {offset}: truncated (needs {size} bytes, file ends)")
         yield offset, size
-        offset += size
+        offset = f.seek(offset + size)
