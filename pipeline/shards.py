@@ -9,10 +9,11 @@ labels follow the TensorFlow convention (1-based, 1000 classes unless `--num-cla
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,8 +135,8 @@ def build_index(shard: Path, index: Path) -> int:
     return len(spans)
 
 
-def ensure_index(shard: Path, cache: Path) -> tuple[Path, int]:
-    """The index of `shard` and its record count, building a missing index beside the shard or in `cache`."""
+def ensure_index(shard: Path, home: Callable[[], Path]) -> tuple[Path, int]:
+    """The index of `shard` and its record count, building a missing one in the folder `home()` names."""
     beside = shard.with_name(shard.name + ".idx")
     if beside.is_file():
         count = _index_records(beside, shard)
@@ -145,7 +146,7 @@ def ensure_index(shard: Path, cache: Path) -> tuple[Path, int]:
                 f"python -m data_prep.verify {shard.parent}, else delete the .idx and it is rebuilt"
             )
         return beside, count
-    folder = shard.parent if _writable(shard.parent) else cache
+    folder = home()
     folder.mkdir(parents=True, exist_ok=True)
     index = folder / beside.name
     with _locked(folder):
@@ -156,14 +157,14 @@ def ensure_index(shard: Path, cache: Path) -> tuple[Path, int]:
     return index, count
 
 
-def _open_split(root: Path, split: str, cache: Path) -> Split:
+def _open_split(root: Path, split: str, home: Callable[[], Path]) -> Split:
     """Find a split's shards and make sure each has an index."""
     files = split_files(root, split)
     if not files:
         raise DataError(
             f"{root}: no {split}-* shards; build them with make prep-imagenet (python -m data_prep.imagenet)"
         )
-    indexed = [ensure_index(f, cache) for f in files]
+    indexed = [ensure_index(f, home) for f in files]
     return Split(split, tuple(map(str, files)), tuple(str(i) for i, _ in indexed), tuple(n for _, n in indexed))
 
 
@@ -219,7 +220,14 @@ def open_shards(
     if not root.is_dir():
         raise DataError(f"{root}: no such directory; pass --data-dir pointing at the shards (make prep-imagenet)")
     cache = Path(index_dir) if index_dir else default_index_cache(root)
-    opened = {s: _open_split(root, s, cache) for s in splits}
+
+    @functools.cache
+    def home() -> Path:
+        """Where missing indexes go: beside the shards, or the cache when the data folder is read-only.
+        Probed once per open, and only if an index is missing."""
+        return root if _writable(root) else cache
+
+    opened = {s: _open_split(root, s, home) for s in splits}
     _check_manifest_counts(root, opened)
     base, classes, source = _labels_from(root, num_classes)
     return ShardSet(root, opened, base, classes, _class_names(root, classes), source)
