@@ -136,29 +136,17 @@ def run_without_write_access(folder: Path, *args: str) -> subprocess.CompletedPr
         os.chmod(folder, 0o755)
 
 
-def test_a_read_only_data_folder_gets_its_indexes_in_the_cache(tmp_path):
+def test_a_read_only_data_folder_gets_its_indexes_in_the_cache(tmp_path, monkeypatch):
     data = small_set(tmp_path / "data")
     proc = run_without_write_access(data)
     assert proc.returncode == 0, proc.stderr
     count, first_index = proc.stdout.split()
     assert int(count) == 5
-    assert Path(first_index).parent == default_index_cache_for(tmp_path, data)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # what the child was given
+    assert Path(first_index).parent == default_index_cache(data)
     assert not list(data.glob("*.idx")), "nothing may be written beside read-only shards"
     assert len(list(Path(first_index).parent.glob("*.idx"))) == 5
     # An explicit --index-dir wins over the default cache.
     proc = run_without_write_access(data, str(tmp_path / "mine"))
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.split()[1]).parent == tmp_path / "mine"
-
-
-def default_index_cache_for(base: Path, data: Path) -> Path:
-    """The default cache folder the child (with XDG_CACHE_HOME=base/cache) uses for `data`."""
-    old = os.environ.get("XDG_CACHE_HOME")
-    os.environ["XDG_CACHE_HOME"] = str(base / "cache")
-    try:
-        return default_index_cache(data)
-    finally:
-        if old is None:
-            del os.environ["XDG_CACHE_HOME"]
-        else:
-            os.environ["XDG_CACHE_HOME"] = old
