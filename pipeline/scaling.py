@@ -1,0 +1,194 @@
+"""The linear scaling rule, and the DeepSpeed configurations it generates (ds_configs/*.json).
+
+    python -m pipeline.scaling --out ds_configs           # write every committed configuration
+    python -m pipeline.scaling --check ds_configs         # exit 1 if a committed file differs
+    python -m pipeline.scaling --batch-size 4096 --precision bf16 --out my.json   # one custom file
+
+Goyal et al. 2017: lr = 0.1 * B / 256, reached by a linear warmup from 0.1 over 5 epochs of
+optimizer steps, then decayed; every other hyper-parameter stays the same at every batch size.
+Below B = 256 the peak is under 0.1, so there is nothing to warm up: the lr starts at the peak.
+The per-GPU micro-batch is the batch-norm batch (32 in the paper); gradient accumulation makes up
+the rest of B, and DeepSpeed derives it from the world size at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+# ILSVRC2012 training images; the committed files count epochs in these. Runs re-derive from their data.
+IMAGENET_TRAIN_IMAGES = 1_281_167
+REFERENCE_BATCH, REFERENCE_LR = 256, 0.1
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One point of the large-minibatch recipe: everything a DeepSpeed configuration holds."""
+
+    # Images per optimizer step over all ranks (B in the paper).
+    batch_size: int
+    # Images per rank per forward pass: the batch-norm batch, not a distributed-training knob.
+    micro_batch: int = 32
+    # fp16 (dynamic loss scaling, fp32 master weights), bf16, or fp32.
+    precision: str = "fp16"
+    # Epochs of the schedule and of its warmup.
+    epochs: int = 90
+    warmup_epochs: float = 5.0
+    # Training images per epoch.
+    train_images: int = IMAGENET_TRAIN_IMAGES
+    # SGD with Nesterov momentum; weight decay applies to conv and linear weights only (see model.py).
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    # torch's fused SGD kernels (CUDA); off for CPU configurations.
+    fused: bool = True
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.batch_size < 1 or self.micro_batch < 1 or self.batch_size % self.micro_batch:
+            raise ValueError(
+                f"batch size {self.batch_size} is not a positive multiple of the micro-batch {self.micro_batch}"
+            )
+        if self.epochs < 1 or not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs} must lie in [0, epochs={self.epochs})")
+
+    @property
+    def peak_lr(self) -> float:
+        """The linear scaling rule: 0.1 per 256 images of batch."""
+        return REFERENCE_LR * self.batch_size / REFERENCE_BATCH
+
+    @property
+    def base_lr(self) -> float:
+        """Where warmup starts and WarmupDecayLR ends: the reference lr (or the peak, for batches under 256)."""
+        return min(REFERENCE_LR, self.peak_lr)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the last, partial batch of an epoch is still a step."""
+        return math.ceil(self.train_images / self.batch_size)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Optimizer steps of linear warmup."""
+        return round(self.warmup_epochs * self.steps_per_epoch)
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole schedule."""
+        return self.epochs * self.steps_per_epoch
+
+
+def ds_config(r: Recipe) -> dict:
+    """The DeepSpeed configuration of a recipe."""
+    sgd = {"lr": r.peak_lr, "momentum": r.momentum, "nesterov": True, "weight_decay": r.weight_decay}
+    if r.fused:
+        sgd["fused"] = True
+    config = {
+        "train_batch_size": r.batch_size,
+        "train_micro_batch_size_per_gpu": r.micro_batch,
+        "steps_per_print": 10**9,
+        "optimizer": {"type": "SGD", "params": sgd},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": r.base_lr,
+                "warmup_max_lr": r.peak_lr,
+                # DeepSpeed's default warmup is logarithmic; the paper's is linear.
+                "warmup_num_steps": r.warmup_steps,
+                "warmup_type": "linear",
+                "total_num_steps": r.total_steps,
+            },
+        },
+        "gradient_clipping": 0.0,
+        "wall_clock_breakdown": False,
+    }
+    if r.precision == "fp16":
+        # loss_scale 0: dynamic loss scaling, starting at 2^16 and halving on every overflow.
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
+    elif r.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    if r.precision != "fp32":
+        # Numerics: batch-norm running statistics are kept in the low precision with the weights,
+        # because torch's batch norm needs them in one dtype (DeepSpeed would leave them fp32).
+        config["data_types"] = {"buffer_dtype": r.precision}
+    return config
+
+
+# The committed configurations: name -> recipe.
+CONFIGS = {
+    "bs256": Recipe(256),
+    "bs1k": Recipe(1024),
+    "bs8k": Recipe(8192),
+    "bs8k-bf16": Recipe(8192, precision="bf16"),
+    # CPU hosts and the demo: bf16 runs about twice as fast as fp32 on a CPU with bf16 instructions.
+    "cpu": Recipe(64, precision="bf16", fused=False),
+}
+
+
+def render(config: dict) -> str:
+    """The JSON text of a configuration, as committed."""
+    return json.dumps(config, indent=2) + "\n"
+
+
+def stale_files(folder: Path) -> list[str]:
+    """Committed configurations in `folder` that are missing or differ from the generator's output."""
+    return [
+        f"{folder / name}.json"
+        for name, recipe in CONFIGS.items()
+        if not (folder / f"{name}.json").is_file() or (folder / f"{name}.json").read_text() != render(ds_config(recipe))
+    ]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line of `python -m pipeline.scaling`."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.scaling", description=__doc__.split("\n")[0])
+    p.add_argument("--out", help="folder for every committed configuration, or a .json file with --batch-size")
+    p.add_argument("--check", metavar="FOLDER", help="exit 1 if the configurations in FOLDER differ from the rule")
+    p.add_argument("--batch-size", type=int, help="one custom configuration with this global batch")
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--no-fused", action="store_true", help="leave out fused SGD kernels (CPU hosts)")
+    args = p.parse_args(argv)
+    if not (args.out or args.check):
+        p.error("give --out or --check")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write or check the configurations; bad values end with a one-line error and exit status 2."""
+    args = parse_args(argv)
+    try:
+        if args.check:
+            stale = stale_files(Path(args.check))
+            for path in stale:
+                print(
+                    f"{path}: differs from the linear scaling rule; regenerate: python -m pipeline.scaling --out "
+                    f"{args.check}",
+                    file=sys.stderr,
+                )
+            return 1 if stale else 0
+        if args.batch_size:
+            r = Recipe(args.batch_size, args.micro_batch, args.precision, fused=not args.no_fused)
+            Path(args.out).write_text(render(ds_config(r)))
+            print(f"{args.out}: B={r.batch_size} lr {r.peak_lr:g}, warmup {r.warmup_steps} of {r.total_steps} steps")
+            return 0
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        for name, r in CONFIGS.items():
+            (Path(args.out) / f"{name}.json").write_text(render(ds_config(r)))
+            print(
+                f"{args.out}/{name}.json: B={r.batch_size} {r.precision} lr {r.peak_lr:g}, "
+                f"warmup {r.warmup_steps} of {r.total_steps} steps"
+            )
+        return 0
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The linear scaling rule and the committed DeepSpeed configurations it generates."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import scaling
+from tests.conftest import run_module
+
+DS_CONFIGS = Path(__file__).parent.parent / "ds_configs"
+
+
+def test_committed_configs_equal_the_generator_output():
+    assert scaling.stale_files(DS_CONFIGS) == []
+    assert sorted(p.stem for p in DS_CONFIGS.glob("*.json")) == sorted(scaling.CONFIGS)
+
+
+@pytest.mark.parametrize(
+    "name, lr, warmup, total, precision",
+    [
+        # ceil(1,281,167 / B) steps per epoch; 5 epochs of warmup; 90 epochs in all.
+        ("bs256", 0.1, 5 * 5005, 90 * 5005, "fp16"),
+        ("bs1k", 0.4, 5 * 1252, 90 * 1252, "fp16"),
+        ("bs8k", 3.2, 5 * 157, 90 * 157, "fp16"),
+        ("bs8k-bf16", 3.2, 5 * 157, 90 * 157, "bf16"),
+    ],
+)
+def test_config_numbers_follow_the_paper(name, lr, warmup, total, precision):
+    ds = json.loads((DS_CONFIGS / f"{name}.json").read_text())
+    sched = ds["scheduler"]["params"]
+    assert ds["scheduler"]["type"] == "WarmupDecayLR" and sched["warmup_type"] == "linear"
+    assert ds["optimizer"]["params"]["lr"] == pytest.approx(lr) == sched["warmup_max_lr"]
+    assert sched["warmup_min_lr"] == 0.1
+    assert (sched["warmup_num_steps"], sched["total_num_steps"]) == (warmup, total)
+    assert ds["train_micro_batch_size_per_gpu"] == 32 and "gradient_accumulation_steps" not in ds
+    sgd = ds["optimizer"]["params"]
+    assert (ds["optimizer"]["type"], sgd["momentum"], sgd["nesterov"], sgd["weight_decay"], sgd["fused"]) == (
+        "SGD", 0.9, True, 1e-4, True)  # fmt: skip
+    assert ds.get(precision, {}).get("enabled") is True
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0  # dynamic
+
+
+def test_cpu_config_is_small_bf16_and_unfused():
+    ds = json.loads((DS_CONFIGS / "cpu.json").read_text())
+    assert ds["train_batch_size"] == 64 and ds["bf16"]["enabled"] and "fp16" not in ds
+    assert "fused" not in ds["optimizer"]["params"]
+    # Below B = 256 the peak (0.025) is under 0.1: no warmup from above, no decay below the peak.
+    assert ds["scheduler"]["params"]["warmup_min_lr"] == ds["scheduler"]["params"]["warmup_max_lr"] == 0.025
+
+
+def test_check_command_finds_an_edited_file(tmp_path):
+    assert run_module("pipeline.scaling", "--out", str(tmp_path), check=True).returncode == 0
+    assert run_module("pipeline.scaling", "--check", str(tmp_path)).returncode == 0
+    edited = json.loads((tmp_path / "bs8k.json").read_text())
+    edited["scheduler"]["params"]["warmup_type"] = "log"
+    (tmp_path / "bs8k.json").write_text(json.dumps(edited))
+    proc = run_module("pipeline.scaling", "--check", str(tmp_path))
+    assert proc.returncode == 1 and "bs8k.json: differs" in proc.stderr and "bs1k" not in proc.stderr
+
+
+def test_custom_config_and_bad_batch(tmp_path):
+    out = tmp_path / "b4k.json"
+    run_module("pipeline.scaling", "--batch-size", "4096", "--precision", "bf16", "--out", str(out), check=True)
+    ds = json.loads(out.read_text())
+    assert ds["optimizer"]["params"]["lr"] == 1.6 and ds["scheduler"]["params"]["warmup_num_steps"] == 5 * 313
+    proc = run_module("pipeline.scaling", "--batch-size", "100", "--out", str(out))
+    assert proc.returncode == 2 and "not a positive multiple of the micro-batch 32" in proc.stderr
