@@ -1,0 +1,156 @@
+"""Run options: a YAML file (`--config`) overridden by the command line, validated before any heavy work.
+
+The resolved options are written to `<out_dir>/config.yaml`, so a run folder says how it was made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+from pipeline.schedule import SCHEDULES
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run is asked to do, apart from the DeepSpeed configuration."""
+
+    # Folder of train-*/validation-* TFRecord shards (make prep-imagenet).
+    data_dir: str = ""
+    # DeepSpeed configuration (ds_configs/*.json): batch, precision, optimizer, scheduler.
+    deepspeed_config: str = ""
+    # Class count of shards without manifest.json (their labels are 1-based, TF style; default 1000).
+    num_classes: int | None = None
+    # Any torchvision classification model (torchvision.models.list_models()).
+    arch: str = "resnet50"
+    # Epochs to train; the schedule is laid out over exactly this many.
+    epochs: int = 90
+    # Side of the square training and validation crops.
+    crop_size: int = 224
+    # Validation: resize the shorter side to this, then center-crop `crop_size`.
+    val_resize: int = 256
+    # Label smoothing of the training loss (0.1 beyond 8k in Jia et al.; 0 in Goyal et al.).
+    label_smoothing: float = 0.0
+    # warmup_decay (DeepSpeed's WarmupDecayLR) or goyal_steps (x0.1 at epochs 30/60/80 of 90, scaled).
+    schedule: str = "warmup_decay"
+    # Epochs of linear warmup from 0.1 to 0.1*B/256.
+    warmup_epochs: float = 5.0
+    # Run folder: config, metrics.jsonl, checkpoints/, wandb/.
+    out_dir: str = "runs/default"
+    # Validate every this many epochs (and always after the last).
+    eval_every: int = 1
+    # Also checkpoint every this many optimizer steps (0: only at the end of each epoch).
+    save_every_steps: int = 0
+    # Complete checkpoints kept; older ones are deleted once a newer one is complete.
+    keep_checkpoints: int = 3
+    # auto: continue from the newest complete checkpoint in out_dir if any; or a checkpoint folder.
+    resume: str | None = None
+    # Base seed of data order and augmentation.
+    seed: int = 0
+    # Stop after this many optimizer steps in all (0: run every epoch); the schedule is unchanged.
+    max_steps: int = 0
+    # Where decoding runs: auto (the GPU when there is one), gpu or cpu.
+    data_device: str = "auto"
+    # DALI CPU threads per rank (0: this host's cores divided by its ranks).
+    data_threads: int = 0
+    # Steps between progress and wandb updates (each one is a host-device sync).
+    log_every: int = 20
+    # wandb: online, offline (default unless an API key is configured) or disabled.
+    wandb_mode: str | None = None
+    wandb_project: str = "imagenet-pipeline"
+    wandb_group: str | None = None
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ValueError("--data-dir is required: the folder of train-*/validation-* shards")
+        if not self.deepspeed_config:
+            raise ValueError("--deepspeed_config is required: one of ds_configs/*.json (cpu.json on a CPU host)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"--wandb-mode {self.wandb_mode}: use one of {', '.join(WANDB_MODES)}")
+        if self.epochs < 1 or not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
+        for name in ("crop_size", "eval_every", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        for name in ("save_every_steps", "max_steps", "seed", "data_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
+        if self.val_resize < self.crop_size:
+            raise ValueError(f"--val-resize {self.val_resize} is smaller than --crop-size {self.crop_size}")
+        if self.data_device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"--data-device {self.data_device}: use auto, gpu or cpu")
+
+    def dump(self, path: Path, **extra) -> None:
+        """Write the options (and extra sections such as the derived schedule) as YAML."""
+        path.write_text(yaml.safe_dump({"run": dataclasses.asdict(self), **extra}, sort_keys=False))
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a field."""
+    return "--deepspeed_config" if name == "deepspeed_config" else "--" + name.replace("_", "-")
+
+
+def parser() -> argparse.ArgumentParser:
+    """Flags for every field; a flag not given leaves the YAML or default value alone."""
+    p = argparse.ArgumentParser(prog="pipeline/train.py", description="Train an ImageNet classifier with DeepSpeed.")
+    p.add_argument("--config", help="YAML file of run options (keys as the flags, - or _); flags override it")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed launcher compatibility")
+    for f in fields(RunConfig):
+        p.add_argument(_flag(f.name), dest=f.name, type=_kind(f), default=argparse.SUPPRESS)
+    return p
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The Python type of a field's values (annotations are strings here)."""
+    return {"int": int, "int | None": int, "float": float}.get(f.type, str)
+
+
+def _from_yaml(path: str) -> dict:
+    """Options from a YAML file, with unknown keys refused."""
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"--config {path}: cannot read it ({e})") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value")
+    known = {f.name for f in fields(RunConfig)}
+    options = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    for f in fields(RunConfig):
+        value, kind = options.get(f.name), _kind(f)
+        if value is not None and not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise ValueError(f"--config {path}: {f.name} {value!r} is not a {kind.__name__}")
+    return options
+
+
+def load(argv: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then the flags; raises ValueError naming the bad value."""
+    args = vars(parser().parse_args(argv))
+    options = _from_yaml(args["config"]) if args.get("config") else {}
+    options.update({k: v for k, v in args.items() if k not in ("config", "local_rank", "deepspeed")})
+    try:
+        return RunConfig(**options)
+    except TypeError as e:
+        raise ValueError(f"run options: {e}") from e
+
+
+def read_ds_config(path: str) -> dict:
+    """A DeepSpeed JSON configuration, or a one-line error naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--deepspeed_config {path}: cannot read it as JSON ({e})") from e

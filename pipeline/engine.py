@@ -1,0 +1,95 @@
+"""The DeepSpeed engine: a committed configuration fitted to this run's world, host and schedule."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from pipeline.model import param_groups
+from pipeline.schedule import Schedule, StepLR, deepspeed_params
+
+# Element type of the image batches for each precision.
+DATA_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def precision(ds: dict) -> str:
+    """fp16, bf16 or fp32, as the configuration asks."""
+    if ds.get("fp16", {}).get("enabled"):
+        return "fp16"
+    if ds.get("bf16", {}).get("enabled"):
+        return "bf16"
+    return "fp32"
+
+
+def grad_accum(ds: dict, path: str, world_size: int) -> int:
+    """Micro-steps per optimizer step: train_batch_size / (micro-batch x ranks), which must divide evenly."""
+    batch, micro = ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu")
+    if not isinstance(batch, int) or not isinstance(micro, int):
+        raise ValueError(
+            f"{path}: needs integer train_batch_size and train_micro_batch_size_per_gpu; "
+            "generate one with python -m pipeline.scaling"
+        )
+    if batch % (micro * world_size):
+        raise ValueError(
+            f"{path}: train_batch_size {batch} is not a multiple of micro-batch {micro} x {world_size} ranks; "
+            "run on a rank count that divides it or generate a configuration with python -m pipeline.scaling"
+        )
+    return batch // (micro * world_size)
+
+
+def fit(ds: dict, path: str, world_size: int, cuda: bool) -> tuple[dict, list[str]]:
+    """The configuration fitted to this world and host, and one line per change made to the committed file."""
+    ds, notes = copy.deepcopy(ds), []
+    ds["gradient_accumulation_steps"] = grad_accum(ds, path, world_size)
+    if precision(ds) == "fp16" and not cuda:
+        # Decision: fp16 on a CPU host trains in bf16 (announced here and in the run config), because
+        # DeepSpeed refuses fp16 without a GPU and bf16 keeps the same fp32 master weights.
+        ds.pop("fp16")
+        ds["bf16"] = {"enabled": True}
+        ds.setdefault("data_types", {})["buffer_dtype"] = "bf16"
+        notes.append(f"{path}: fp16 needs a CUDA GPU; this CPU host trains in bf16 instead (no loss scaling)")
+    if not cuda and ds.get("optimizer", {}).get("params", {}).pop("fused", False):
+        notes.append(f"{path}: fused SGD kernels are for CUDA; using torch's default SGD on this CPU host")
+    return ds, notes
+
+
+def with_schedule(ds: dict, schedule: Schedule) -> dict:
+    """The configuration with the schedule derived from the real dataset in place of the committed one."""
+    ds = copy.deepcopy(ds)
+    if schedule.kind == "warmup_decay":
+        ds["scheduler"] = {"type": "WarmupDecayLR", "params": deepspeed_params(schedule)}
+    else:
+        # goyal_steps is not a DeepSpeed scheduler: StepLR is handed to deepspeed.initialize instead.
+        ds.pop("scheduler", None)
+    ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = schedule.peak_lr
+    return ds
+
+
+def build(model: nn.Module, ds: dict, schedule: Schedule):
+    """A DeepSpeed engine over `model` with Nesterov SGD from `ds` and the run's schedule."""
+    import deepspeed
+
+    decay = ds["optimizer"]["params"].get("weight_decay", 0.0)
+    client_scheduler = None if schedule.kind == "warmup_decay" else (lambda opt: StepLR(opt, schedule))
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, decay), config=ds, lr_scheduler=client_scheduler
+    )
+    return engine
+
+
+def loss_scale(engine) -> float:
+    """The current fp16 loss scale (1.0 without loss scaling)."""
+    scaler = getattr(engine.optimizer, "loss_scale_config", engine.optimizer)
+    return float(getattr(scaler, "cur_scale", 1.0))
+
+
+def lr(engine) -> float:
+    """The learning rate the next optimizer step will use."""
+    return engine.lr_scheduler.get_last_lr()[0]
+
+
+def input_dtype(engine) -> torch.dtype:
+    """What the model's first weights are stored as, hence what images must be."""
+    return next(engine.module.parameters()).dtype

@@ -1,0 +1,108 @@
+"""Run options (YAML, flags, validation), the model set-up, and fitting a DeepSpeed configuration to a host."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from pipeline import config, engine
+from pipeline.model import build_model, param_groups
+from pipeline.tracking import wandb_mode
+
+DS_CONFIGS = Path(__file__).parent.parent / "ds_configs"
+REQUIRED = ["--data-dir", "d", "--deepspeed_config", "c.json"]
+
+
+def test_yaml_then_flags(tmp_path):
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text("data-dir: /data/in\narch: resnet18\nepochs: 30\nwarmup_epochs: 2\nlabel_smoothing: 0.1\n")
+    run = config.load(["--config", str(run_yaml), "--deepspeed_config", "x.json", "--epochs", "40", "--local_rank=3"])
+    assert (run.data_dir, run.arch, run.epochs, run.warmup_epochs, run.label_smoothing) == (
+        "/data/in", "resnet18", 40, 2.0, 0.1)  # fmt: skip
+    assert run.schedule == "warmup_decay" and run.crop_size == 224 and run.resume is None
+    run.dump(tmp_path / "config.yaml", schedule={"peak_lr": 3.2})
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert config.RunConfig(**saved["run"]) == run and saved["schedule"] == {"peak_lr": 3.2}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--deepspeed_config", "c.json"], "--data-dir is required"),
+        (["--data-dir", "d"], "--deepspeed_config is required"),
+        ([*REQUIRED, "--schedule", "cosine"], "--schedule cosine: use one of warmup_decay, goyal_steps"),
+        ([*REQUIRED, "--epochs", "5", "--warmup-epochs", "5"], "--warmup-epochs 5.0: must lie in [0, --epochs 5)"),
+        ([*REQUIRED, "--val-resize", "200"], "--val-resize 200 is smaller than --crop-size 224"),
+        ([*REQUIRED, "--wandb-mode", "cloud"], "--wandb-mode cloud"),
+        ([*REQUIRED, "--eval-every", "0"], "--eval-every 0: must be at least 1"),
+        ([*REQUIRED, "--label-smoothing", "1.5"], "--label-smoothing 1.5"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        config.load(argv)
+
+
+def test_yaml_mistakes_name_the_file(tmp_path):
+    bad = tmp_path / "run.yaml"
+    bad.write_text("epoch: 3\n")
+    with pytest.raises(ValueError, match=f"--config {bad}: unknown option 'epoch'; known: .*epochs"):
+        config.load(["--config", str(bad), *REQUIRED])
+    bad.write_text("epochs: three\n")
+    with pytest.raises(ValueError, match="epochs 'three' is not a int"):
+        config.load(["--config", str(bad), *REQUIRED])
+    with pytest.raises(ValueError, match="--deepspeed_config nothing.json: cannot read it as JSON"):
+        config.read_ds_config("nothing.json")
+
+
+def test_wandb_mode_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert wandb_mode(None) == "offline" and wandb_mode("disabled") == "disabled"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert wandb_mode(None) == "online"
+
+
+def test_grad_accum_from_world_size():
+    ds = json.loads((DS_CONFIGS / "bs8k.json").read_text())
+    assert [engine.grad_accum(ds, "bs8k.json", w) for w in (1, 8, 64, 256)] == [256, 32, 4, 1]
+    with pytest.raises(ValueError, match="bs8k.json: train_batch_size 8192 is not a multiple of micro-batch 32 x 3"):
+        engine.grad_accum(ds, "bs8k.json", 3)
+
+
+def test_fp16_on_a_cpu_host_becomes_announced_bf16():
+    ds = json.loads((DS_CONFIGS / "bs256.json").read_text())
+    fitted, notes = engine.fit(ds, "bs256.json", 2, cuda=False)
+    assert engine.precision(fitted) == "bf16" and fitted["data_types"]["buffer_dtype"] == "bf16"
+    assert "fused" not in fitted["optimizer"]["params"] and fitted["gradient_accumulation_steps"] == 4
+    assert any("fp16 needs a CUDA GPU; this CPU host trains in bf16" in n for n in notes)
+    on_gpu, notes = engine.fit(ds, "bs256.json", 8, cuda=True)
+    assert engine.precision(on_gpu) == "fp16" and on_gpu["optimizer"]["params"]["fused"] and notes == []
+    assert engine.precision(ds) == "fp16"  # the committed configuration is not changed
+
+
+def test_resnet_residual_gammas_start_at_zero():
+    model, zeroed = build_model("resnet50", 10)
+    bottlenecks = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert zeroed == len(bottlenecks) == 16
+    assert all(torch.all(b.bn3.weight == 0) for b in bottlenecks)
+    assert all(torch.all(b.bn1.weight == 1) for b in bottlenecks)
+    small, zeroed = build_model("resnet18", 3, channels_last=True)
+    assert zeroed == sum(isinstance(m, BasicBlock) for m in small.modules()) == 8
+    assert small.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert build_model("mobilenet_v3_small", 5)[1] == 0
+    with pytest.raises(ValueError, match="--arch resnet51: not a torchvision classification model; choose from"):
+        build_model("resnet51", 10)
+
+
+def test_no_weight_decay_on_batch_norm_and_biases():
+    model, _ = build_model("resnet18", 10)
+    decay, no_decay = param_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert bn | {id(model.fc.bias)} == {id(p) for p in no_decay["params"]}
+    convs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert {id(p) for p in decay["params"]} == convs | {id(model.fc.weight)}
