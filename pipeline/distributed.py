@@ -1,0 +1,59 @@
+"""Process-group set-up for the three ways a run starts: the deepspeed launcher, torchrun, or plain python."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a one-process rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """Plain `python pipeline/train.py`: set the rendezvous variables a launcher would (else DeepSpeed tries MPI)."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def share_cores() -> None:
+    """Give each rank on a host its share of the cores (the deepspeed launcher says LOCAL_SIZE, torchrun
+    LOCAL_WORLD_SIZE); without it every rank of a CPU host runs a thread per core and they thrash."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    os.environ["LOCAL_WORLD_SIZE"] = str(local)
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
+
+
+def init() -> tuple[int, int]:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) and pick this rank's GPU; returns (rank, world size)."""
+    import deepspeed
+
+    single_process_env()
+    share_cores()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sums over all ranks (float64, so counts stay exact). Note: a host-device sync point."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def close() -> None:
+    """Leave the process group."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

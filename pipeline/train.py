@@ -1,0 +1,250 @@
+"""Train an ImageNet classifier with DeepSpeed on DALI batches: the large-minibatch recipe of Goyal et al.
+
+    deepspeed [--hostfile hosts] [--num_gpus N] pipeline/train.py --deepspeed_config ds_configs/bs8k.json --data-dir DIR
+    torchrun --nproc_per_node N pipeline/train.py --deepspeed_config ds_configs/bs256.json --data-dir DIR
+    python pipeline/train.py --deepspeed_config ds_configs/cpu.json --data-dir DIR   (one process)
+
+Run options come from `--config run.yaml` and the flags (pipeline/config.py); outputs go to --out-dir.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and os.path.dirname(os.path.abspath(__file__)) == os.path.abspath(sys.path[0]):
+    # Run as a script: put the repository on the path instead of pipeline/, whose module names
+    # (config, data, model...) would otherwise shadow other packages' imports.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline import checkpoint, config, distributed, engine, schedule
+from pipeline.data import IGNORE, DataConfig, ImageNetData
+from pipeline.meters import StepMeter, accuracy_counts
+from pipeline.model import build_model, check_arch
+from pipeline.shards import DataError, open_shards
+from pipeline.tracking import Tracker, wandb_mode
+
+
+class Run:
+    """Everything a run is built from: options, data, schedule, engine, metric sinks, and where it starts."""
+
+    def __init__(self, run: config.RunConfig, ds_file: dict, rank: int, world: int):
+        self.opts, self.rank, self.world = run, rank, world
+        self.out = Path(run.out_dir)
+        self.cuda = torch.cuda.is_available()
+        ds, self.notes = engine.fit(ds_file, run.deepspeed_config, world, self.cuda)
+        self.precision = engine.precision(ds)
+        self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+        self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum)
+        self.schedule = schedule.derive(
+            run.schedule, ds["train_batch_size"], self.data.shards.splits["train"].images, run.epochs,
+            run.warmup_epochs,
+        )  # fmt: skip
+        self.ds = engine.with_schedule(ds, self.schedule)
+        # The same initial weights on every rank and in every session with this seed.
+        torch.manual_seed(run.seed)
+        model, self.zeroed = build_model(run.arch, self.data.num_classes, channels_last=self.cuda)
+        self.engine = engine.build(model, self.ds, self.schedule)
+        self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None}
+
+    def _data_config(self) -> DataConfig:
+        """The reader's settings: the micro-batch, the precision's dtype, channels-last on GPUs."""
+        o = self.opts
+        return DataConfig(
+            o.data_dir, batch_size=self.micro, crop_size=o.crop_size, val_resize=o.val_resize,
+            dtype=engine.DATA_DTYPES[self.precision], layout="NHWC" if self.cuda else "NCHW",
+            device=o.data_device, num_threads=o.data_threads, seed=o.seed, num_classes=o.num_classes,
+        )  # fmt: skip
+
+    def describe(self) -> dict:
+        """The run config, the DeepSpeed config it ended up with and the derived numbers, for the log and wandb."""
+        return {
+            "run": dataclasses.asdict(self.opts),
+            "deepspeed": self.ds,
+            "schedule": self.schedule.as_dict(),
+            "derived": {
+                "world_size": self.world, "grad_accum": self.accum, "precision": self.precision,
+                "train_images": self.data.shards.splits["train"].images,
+                "val_images": self.data.shards.splits["validation"].images,
+                "num_classes": self.data.num_classes, "zero_init_residual_blocks": self.zeroed,
+                "notes": self.notes,
+            },
+        }  # fmt: skip
+
+
+def loss_fn(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in fp32 (numerics: fp16 logits are upcast first), skipping padding labels."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=run.opts.label_smoothing, ignore_index=IGNORE)
+
+
+def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[StepMeter, bool]:
+    """One epoch of training from optimizer step `skip` on; returns its meter and whether --max-steps was reached."""
+    eng, o = run.engine, run.opts
+    meter = StepMeter(run.world * run.micro, eng.device)
+    batches = run.data.train_epoch(epoch)
+    # Resuming mid-epoch: an epoch's batches are the same in every session, so those already trained on are dropped.
+    for _ in range(skip * run.accum):
+        next(batches)
+    tracker.progress(run.schedule.steps_per_epoch, epoch, initial=skip)
+    eng.train()
+    for images, labels in batches:
+        boundary, lr = eng.is_gradient_accumulation_boundary(), engine.lr(eng)
+        loss = loss_fn(run, eng(images.to(eng.device, non_blocking=True)), labels.to(eng.device, non_blocking=True))
+        eng.backward(loss)
+        eng.step()
+        meter.micro_step(loss)
+        if not boundary:
+            continue
+        schedule.follow(eng)
+        meter.optimizer_step(eng.global_steps, lr, engine.loss_scale(eng), eng.skipped_steps)
+        if eng.global_steps % o.log_every == 0:
+            tracker.steps(meter.flush())
+        if o.save_every_steps and eng.global_steps % o.save_every_steps == 0:
+            save(run, epoch)
+        if o.max_steps and eng.global_steps >= o.max_steps:
+            break
+    tracker.steps(meter.flush())
+    return meter, bool(o.max_steps and eng.global_steps >= o.max_steps)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> tuple[float, float]:
+    """Top-1 and top-5 accuracy (percent) over the whole validation set, counted exactly across ranks."""
+    eng = run.engine
+    eng.eval()
+    counts = torch.zeros(3, dtype=torch.float64, device=eng.device)
+    for images, labels in run.data.validation():
+        counts += accuracy_counts(eng(images.to(eng.device)), labels.to(eng.device))
+    eng.train()
+    seen, top1, top5 = distributed.all_sum(counts.tolist(), eng.device)
+    return 100 * top1 / seen, 100 * top5 / seen
+
+
+def save(run: Run, epoch: int) -> None:
+    """Checkpoint with the position to continue from: the epoch and the optimizer steps done in it."""
+    done = run.engine.global_steps - epoch * run.schedule.steps_per_epoch
+    position = (epoch + 1, 0) if done >= run.schedule.steps_per_epoch else (epoch, done)
+    state = {**run.start, "epoch": position[0], "step_in_epoch": position[1], "schedule": run.schedule.as_dict(),
+             "run": dataclasses.asdict(run.opts)}  # fmt: skip
+    checkpoint.save(run.engine, run.out / "checkpoints", state, run.opts.keep_checkpoints)
+
+
+def resume(run: Run) -> None:
+    """Continue from --resume's checkpoint, if any, refusing one made with a different schedule."""
+    if not run.opts.resume:
+        return
+    path = checkpoint.find(run.opts.resume, run.out / "checkpoints")
+    if path is None:
+        if run.rank == 0:
+            print(f"--resume auto: no complete checkpoint in {run.out / 'checkpoints'} yet; starting afresh")
+        return
+    state = checkpoint.load(run.engine, path)
+    if state.get("schedule") != run.schedule.as_dict():
+        raise ValueError(
+            f"--resume {path}: it was trained on schedule {state.get('schedule')}, this run derives "
+            f"{run.schedule.as_dict()}; resume with its --epochs, --schedule and DeepSpeed config, or a new --out-dir"
+        )
+    run.start.update({k: state[k] for k in run.start})
+    schedule.follow(run.engine)
+
+
+def fit(run: Run, tracker: Tracker) -> dict:
+    """The epoch loop: train, validate, record, checkpoint; returns the summary line."""
+    o, eng, last = run.opts, run.engine, None
+    for epoch in range(run.start["epoch"], o.epochs):
+        skip = run.start["step_in_epoch"] if epoch == run.start["epoch"] else 0
+        meter, stop = train_epoch(run, epoch, skip, tracker)
+        seconds = meter.elapsed()
+        loss_sum, micro = distributed.all_sum([meter.loss_sum.item(), meter.micro_steps], eng.device)
+        top1, top5 = evaluate(run) if stop or (epoch + 1) % o.eval_every == 0 or epoch + 1 == o.epochs else (None, None)
+        if top1 is not None and (run.start["best_top1"] is None or top1 > run.start["best_top1"]):
+            run.start.update(best_top1=top1, best_epoch=epoch)
+        last = dict(epoch=epoch, train_loss=loss_sum / max(micro, 1), val_top1=top1, val_top5=top5, lr=engine.lr(eng),
+                    images_per_sec=meter.micro_steps * run.world * run.micro / seconds, skipped_steps=eng.skipped_steps,
+                    step=eng.global_steps)  # fmt: skip
+        tracker.epoch(last, eng.global_steps)
+        save(run, epoch)
+        if stop:
+            break
+    best = {k: run.start[k] for k in ("best_top1", "best_epoch")}
+    last_top1 = last["val_top1"] if last else None
+    return dict(summary=True, **best, last_top1=last_top1, steps=eng.global_steps, skipped_steps=eng.skipped_steps)
+
+
+def done_line(summary: dict, out: Path, wandb: bool) -> str:
+    """The run's last line: accuracy, and where its files are."""
+    top1, best = summary["last_top1"], summary["best_top1"]
+    result = f"val top-1 {top1:.1f}%" if top1 is not None else "no validation in this session"
+    if best is not None:
+        result += f" (best {best:.1f}% at epoch {summary['best_epoch']})"
+    where = f"run folder {out} (config.yaml, metrics.jsonl, checkpoints/)"
+    if wandb:
+        where += f"; wandb files in {out / 'wandb'}"
+    return f"done: {result} after {summary['steps']} steps; {where}"
+
+
+def start(argv: list[str] | None = None) -> Run | int:
+    """Validate everything cheap first, then join the process group and build the run; an int is an exit status."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        opts = config.load(argv)
+        ds = config.read_ds_config(opts.deepspeed_config)
+        check_arch(opts.arch)
+        # Before the process group forms, so a bad batch/world pair or data folder fails fast on every rank.
+        engine.grad_accum(ds, opts.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
+        open_shards(opts.data_dir, num_classes=opts.num_classes)
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rank, world = distributed.init()
+    try:
+        run = Run(opts, ds, rank, world)
+        run.out.mkdir(parents=True, exist_ok=True)
+        resume(run)
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.close()
+        return 2
+    if rank == 0:
+        opts.dump(run.out / "config.yaml", **{k: v for k, v in run.describe().items() if k != "run"})
+        for note in run.notes:
+            print(f"note: {note}")
+        batch = f"B={run.ds['train_batch_size']} = {world} ranks x {run.micro} x {run.accum} accumulation"
+        print(f"schedule {run.schedule.describe()}; {batch}; {run.precision}; {run.zeroed} residual BN gammas zeroed")
+    return run
+
+
+def open_tracker(run: Run) -> Tracker:
+    """Metric sinks: active on rank 0 only."""
+    o = run.opts
+    return Tracker(run.out, run.rank == 0, wandb_mode(o.wandb_mode), o.wandb_project, o.wandb_group, run.describe())
+
+
+def finish(run: Run, tracker: Tracker, summary: dict) -> None:
+    """Write the summary, close wandb and the process group, and say where everything is."""
+    tracker.summary(summary)
+    tracker.close()
+    if run.rank == 0:
+        print(done_line(summary, run.out, tracker.run is not None), flush=True)
+    distributed.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build, train, close; bad input ends with a one-line error and exit status 2."""
+    run = start(argv)
+    if isinstance(run, int):
+        return run
+    tracker = open_tracker(run)
+    finish(run, tracker, fit(run, tracker))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""pipeline/train.py end to end on the CPU: one process that learns, two ranks through the deepspeed
+launcher, resume equivalence, and the errors a user can hit."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline import checkpoint, scaling, train
+from pipeline.schedule import Schedule, lr_at
+from pipeline.shards import shard_bounds
+from tests.shardsets import labelled_set
+from tests.wandb_files import logged
+
+ROOT = Path(__file__).parent.parent
+TRAIN = str(ROOT / "pipeline" / "train.py")
+SMALL = ["--arch", "resnet18", "--crop-size", "32", "--val-resize", "36", "--data-threads", "1"]
+
+
+def train_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python pipeline/train.py args` as a user would (one process, no launcher variables)."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=600, env={**clean, **(env or {})}
+    )
+    return proc
+
+
+def ok(proc: subprocess.CompletedProcess) -> str:
+    """stdout of a run that must have succeeded."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def metrics(out: Path) -> tuple[list[dict], dict]:
+    """The epoch lines and the summary line of metrics.jsonl."""
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if "summary" not in x], lines[-1]
+
+
+def ds_file(folder: Path, batch: int, micro: int, precision: str) -> str:
+    """A DeepSpeed configuration from the linear scaling rule, for small test batches."""
+    path = folder / f"b{batch}-{micro}-{precision}.json"
+    path.write_text(scaling.render(scaling.ds_config(scaling.Recipe(batch, micro, precision, fused=False))))
+    return str(path)
+
+
+def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "--data-dir", str(prepared), *SMALL, "--epochs", "3", "--warmup-epochs", "1", "--log-every", "2",
+        "--keep-checkpoints", "2", "--save-every-steps", "3", "--out-dir", str(out), "--wandb-mode", "offline",
+    ]  # fmt: skip
+    stdout = ok(train_cli("--deepspeed_config", str(ROOT / "ds_configs" / "cpu.json"), *args))
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    images, classes = manifest["splits"]["train"]["images"], manifest["num_classes"]
+    per_epoch = math.ceil(images / 64)
+    assert f"{3 * per_epoch} steps ({per_epoch} per epoch)" in stdout and "1 ranks x 32 x 2 accumulation" in stdout
+    assert f"saved checkpoint {out / 'checkpoints' / checkpoint.tag(per_epoch)} at step {per_epoch}" in stdout
+
+    epochs, summary = metrics(out)
+    assert [e["epoch"] for e in epochs] == [0, 1, 2]
+    assert {"epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_sec", "skipped_steps"} <= set(epochs[0])
+    # It learns: the loss falls and validation accuracy ends far above chance.
+    assert epochs[-1]["train_loss"] < 0.7 * epochs[0]["train_loss"]
+    assert epochs[-1]["val_top1"] > 3 * 100 / classes and epochs[-1]["val_top5"] >= epochs[-1]["val_top1"]
+    assert summary["best_top1"] == max(e["val_top1"] for e in epochs) and summary["steps"] == 3 * per_epoch
+    assert f"done: val top-1 {epochs[-1]['val_top1']:.1f}%" in stdout and str(out / "wandb") in stdout
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["run"]["arch"] == "resnet18" and saved["derived"]["train_images"] == images
+    assert saved["schedule"]["total_steps"] == 3 * per_epoch and saved["deepspeed"]["gradient_accumulation_steps"] == 2
+    # Every 3 steps and at each epoch's end (the last step is both); the 2 newest complete ones are kept.
+    assert "at step 3\n" in stdout and stdout.count(f"at step {3 * per_epoch}\n") == 2
+    saves = sorted({*range(3, 3 * per_epoch + 1, 3), *range(per_epoch, 3 * per_epoch + 1, per_epoch)})
+    assert [p.name for p in checkpoint.complete(out / "checkpoints")] == [checkpoint.tag(s) for s in saves[-2:]]
+
+    # wandb (offline) wrote the run config, one history row per optimizer step, and the summary.
+    run = logged(out)
+    assert run["config"]["schedule"] == saved["schedule"] and run["config"]["derived"]["num_classes"] == classes
+    steps = {h["_step"]: h for h in run["history"] if "train/loss" in h}
+    assert sorted(steps) == list(range(1, 3 * per_epoch + 1))
+    schedule = Schedule(**{**saved["schedule"], "milestones": tuple(saved["schedule"]["milestones"])})
+    assert all(h["train/lr"] == pytest.approx(lr_at(schedule, s - 1)) for s, h in steps.items())
+    assert [h["epoch/val_top1"] for h in run["history"] if "epoch/val_top1" in h] == [e["val_top1"] for e in epochs]
+    assert run["summary"]["best_top1"] == summary["best_top1"]
+
+
+def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    """The model state DeepSpeed saved at `step`."""
+    states = torch.load(out / "checkpoints" / checkpoint.tag(step) / "mp_rank_00_model_states.pt", weights_only=False)
+    return states["module"]
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
+    ds = ds_file(tmp_path, 32, 16, "fp32")
+    common = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "1",
+              "--schedule", "goyal_steps", "--wandb-mode", "disabled"]  # fmt: skip
+    images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
+    per_epoch = math.ceil(images / 32)
+    ok(train_cli(*common, "--out-dir", str(tmp_path / "straight")))
+    # Stop two steps into the second epoch, then continue in a new process.
+    first = ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--max-steps", str(per_epoch + 2)))
+    assert f"at step {per_epoch + 2}" in first
+    second = ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--resume", "auto"))
+    assert f"resumed from {tmp_path / 'split' / 'checkpoints' / checkpoint.tag(per_epoch + 2)} at step" in second
+    straight, split = weights(tmp_path / "straight", 2 * per_epoch), weights(tmp_path / "split", 2 * per_epoch)
+    assert straight.keys() == split.keys()
+    for name in straight:
+        assert torch.allclose(straight[name].float(), split[name].float(), rtol=1e-5, atol=1e-6), name
+    a, b = metrics(tmp_path / "straight")[1], metrics(tmp_path / "split")[1]
+    assert a["steps"] == b["steps"] == 2 * per_epoch and a["last_top1"] == pytest.approx(b["last_top1"])
+
+
+def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
+    """Ranks see disjoint slices of each epoch and end with identical weights (BN statistics stay per rank)."""
+    data = labelled_set(tmp_path / "data", train=45, val=21)
+    report = tmp_path / "ranks.json"
+    ds = ds_file(tmp_path, 16, 4, "bf16")
+    launcher = Path(sys.executable).parent / "deepspeed"
+    from pipeline.distributed import free_port
+
+    proc = subprocess.run(
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests" / "train_ranks.py"),
+         "--deepspeed_config", ds, "--data-dir", str(data), *SMALL, "--epochs", "2",
+         "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "RANKS_REPORT": str(report)},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = json.loads(report.read_text())["ranks"]
+    for epoch in ("0", "1"):
+        slices = []
+        for rank, seen in enumerate(ranks):
+            start, end = shard_bounds(45, rank, 2)
+            # Each rank: 3 optimizer steps x 2 micro-batches x 4 images; its first `end - start` are its slice.
+            assert len(seen["seen"][epoch]) == 24
+            slices.append(set(seen["seen"][epoch][: end - start]))
+            assert len(slices[-1]) == end - start
+        assert not slices[0] & slices[1] and slices[0] | slices[1] == set(range(45))
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert ranks[0]["bn_means"] != ranks[1]["bn_means"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data-dir", "/nonexistent"], "/nonexistent"),
+        (["--arch", "resnet51"], "--arch resnet51: not a torchvision classification model"),
+        (["--deepspeed_config", "missing.json"], "--deepspeed_config missing.json: cannot read it as JSON"),
+        (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3.0: must lie in [0, --epochs 2)"),
+    ],
+)
+def test_bad_input_fails_before_any_heavy_work(prepared, capsys, args, message):
+    base = {"--deepspeed_config": str(ROOT / "ds_configs" / "cpu.json"), "--data-dir": str(prepared)}
+    argv = [x for k, v in base.items() if k not in args for x in (k, v)] + args
+    assert train.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_batch_that_does_not_split_over_the_ranks(prepared, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    bs8k = str(ROOT / "ds_configs" / "bs8k.json")
+    assert train.main(["--deepspeed_config", bs8k, "--data-dir", str(prepared)]) == 2
+    assert "train_batch_size 8192 is not a multiple of micro-batch 32 x 3 ranks" in capsys.readouterr().err
+
+
+def test_resume_from_an_incomplete_checkpoint_is_refused(prepared, tmp_path):
+    broken = tmp_path / "run" / "checkpoints" / checkpoint.tag(5)
+    broken.mkdir(parents=True)
+    proc = train_cli("--deepspeed_config", str(ROOT / "ds_configs" / "cpu.json"), "--data-dir", str(prepared), *SMALL,
+                     "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
+                     "--resume", str(broken), "--wandb-mode", "disabled")  # fmt: skip
+    assert proc.returncode == 2 and f"--resume {broken}: not a complete checkpoint" in proc.stderr
