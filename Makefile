@@ -12,7 +12,7 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install test lint demo bench bench-prep bench-data prep-imagenet clean
+.PHONY: install test lint demo bench bench-prep bench-data bench-train prep-imagenet clean
 
 install: $(STAMP)
 
@@ -37,8 +37,12 @@ demo: install
 	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split train --num 16 --out $(DEMO_DIR)/preview-train.png
 	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split validation --num 16 \
 		--out $(DEMO_DIR)/preview-validation.png
+	@# A fresh run each time: ResNet-18 at 128 px, 8 epochs, on the GPU when there is one (a few minutes on 2 CPU cores).
+	rm -rf $(DEMO_DIR)/run
+	$(PY) pipeline/train.py --deepspeed_config ds_configs/cpu.json --data-dir $(DEMO_DIR)/shards --arch resnet18 \
+		--crop-size 128 --val-resize 146 --epochs 8 --warmup-epochs 1 --out-dir $(DEMO_DIR)/run
 
-bench: bench-prep bench-data
+bench: bench-prep bench-data bench-train
 
 bench-prep: install
 	$(PY) bench/prep_bench.py
@@ -46,6 +50,10 @@ bench-prep: install
 # The training input pipeline alone, DALI next to torchvision (on the GPU when there is one).
 bench-data: install
 	$(PY) bench/data_bench.py
+
+# Training end to end (DALI into DeepSpeed): ResNet-50 fp16 on a GPU, ResNet-18 bf16 on a CPU.
+bench-train: install
+	$(PY) bench/train_bench.py
 
 prep-imagenet: install
 	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/)"; exit 2; }
