@@ -101,15 +101,25 @@ def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
 def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
     ds = ds_file(tmp_path, 32, 16, "fp32")
     common = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "1",
-              "--schedule", "goyal_steps", "--wandb-mode", "disabled"]  # fmt: skip
+              "--schedule", "goyal_steps"]  # fmt: skip
     images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
     per_epoch = math.ceil(images / 32)
-    ok(train_cli(*common, "--out-dir", str(tmp_path / "straight")))
+    ok(train_cli(*common, "--out-dir", str(tmp_path / "straight"), "--wandb-mode", "disabled"))
     # Stop two steps into the second epoch, then continue in a new process.
-    first = ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--max-steps", str(per_epoch + 2)))
+    first = ok(
+        train_cli(
+            *common, "--out-dir", str(tmp_path / "split"), "--max-steps", str(per_epoch + 2), "--wandb-mode", "disabled"
+        )
+    )
     assert f"at step {per_epoch + 2}" in first
-    second = ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--resume", "auto"))
+    second = ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--resume", "auto", "--wandb-mode", "offline"))
     assert f"resumed from {tmp_path / 'split' / 'checkpoints' / checkpoint.tag(per_epoch + 2)} at step" in second
+    # After the resume the lr is still the pure function of the step (goyal_steps over 2 epochs drops it at epoch 1).
+    saved = yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["schedule"]
+    schedule = Schedule(**{**saved, "milestones": tuple(saved["milestones"])})
+    lrs = {h["_step"]: h["train/lr"] for h in logged(tmp_path / "split")["history"] if "train/lr" in h}
+    assert sorted(lrs) == list(range(per_epoch + 3, 2 * per_epoch + 1))
+    assert all(lr == pytest.approx(lr_at(schedule, step - 1)) for step, lr in lrs.items())
     straight, split = weights(tmp_path / "straight", 2 * per_epoch), weights(tmp_path / "split", 2 * per_epoch)
     assert straight.keys() == split.keys()
     for name in straight:
