@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import torch
 from torch import nn
 
 from pipeline.model import param_groups
@@ -88,8 +87,3 @@ def loss_scale(engine) -> float:
 def lr(engine) -> float:
     """The learning rate the next optimizer step will use."""
     return engine.lr_scheduler.get_last_lr()[0]
-
-
-def input_dtype(engine) -> torch.dtype:
-    """What the model's first weights are stored as, hence what images must be."""
-    return next(engine.module.parameters()).dtype

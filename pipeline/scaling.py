@@ -64,7 +64,7 @@ class Recipe:
 
     @property
     def base_lr(self) -> float:
-        """Where warmup starts and WarmupDecayLR ends: the reference lr (or the peak, for batches under 256)."""
+        """Where warmup starts and WarmupDecayLR ends: the reference lr, or the peak for batches under 256."""
         return min(REFERENCE_LR, self.peak_lr)
 
     @property

@@ -12,10 +12,9 @@ global step (which counts skipped steps too) after every optimizer step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
-from pipeline.scaling import REFERENCE_BATCH, REFERENCE_LR
+from pipeline.scaling import Recipe
 
 SCHEDULES = ("warmup_decay", "goyal_steps")
 # Goyal et al.: the learning rate drops x0.1 at these epochs of a 90-epoch run.
@@ -51,22 +50,20 @@ class Schedule:
         return asdict(self)
 
 
-def derive(kind: str, batch_size: int, train_images: int, epochs: int, warmup_epochs: float) -> Schedule:
-    """The schedule of a run from its global batch, its real training-set size and its epochs."""
+def derive(kind: str, recipe: Recipe) -> Schedule:
+    """The schedule of a run from its recipe: global batch, real training-set size, epochs and warmup."""
     if kind not in SCHEDULES:
         raise ValueError(f"schedule {kind!r}: use one of {', '.join(SCHEDULES)}")
-    per_epoch = math.ceil(train_images / batch_size)
+    per_epoch = recipe.steps_per_epoch
     milestones = ()
     if kind == "goyal_steps":
-        milestones = tuple(round(m * epochs / GOYAL_EPOCHS) * per_epoch for m in GOYAL_MILESTONES)
-    peak = REFERENCE_LR * batch_size / REFERENCE_BATCH
+        milestones = tuple(round(m * recipe.epochs / GOYAL_EPOCHS) * per_epoch for m in GOYAL_MILESTONES)
     return Schedule(
         kind=kind,
-        # Below B = 256 the peak is under the reference lr: nothing to warm up from.
-        base_lr=min(REFERENCE_LR, peak),
-        peak_lr=peak,
-        warmup_steps=round(warmup_epochs * per_epoch),
-        total_steps=epochs * per_epoch,
+        base_lr=recipe.base_lr,
+        peak_lr=recipe.peak_lr,
+        warmup_steps=recipe.warmup_steps,
+        total_steps=recipe.total_steps,
         steps_per_epoch=per_epoch,
         milestones=milestones,
     )
@@ -125,7 +122,6 @@ class StepLR:
         self.step(state["last_batch_iteration"])
 
 
-def follow(engine) -> float:
+def follow(engine) -> None:
     """Set the lr of the next optimizer step from the engine's global step, skipped steps included."""
     engine.lr_scheduler.step(engine.global_steps)
-    return engine.lr_scheduler.get_last_lr()[0]

@@ -28,6 +28,7 @@ from pipeline import checkpoint, config, distributed, engine, schedule
 from pipeline.data import IGNORE, DataConfig, ImageNetData
 from pipeline.meters import StepMeter, accuracy_counts
 from pipeline.model import build_model, check_arch
+from pipeline.scaling import Recipe
 from pipeline.shards import DataError, open_shards
 from pipeline.tracking import Tracker, wandb_mode
 
@@ -43,10 +44,10 @@ class Run:
         self.precision = engine.precision(ds)
         self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
         self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum)
-        self.schedule = schedule.derive(
-            run.schedule, ds["train_batch_size"], self.data.shards.splits["train"].images, run.epochs,
-            run.warmup_epochs,
-        )  # fmt: skip
+        images = self.data.shards.splits["train"].images
+        recipe = Recipe(ds["train_batch_size"], self.micro, epochs=run.epochs, warmup_epochs=run.warmup_epochs,
+                        train_images=images)  # fmt: skip
+        self.schedule = schedule.derive(run.schedule, recipe)
         self.ds = engine.with_schedule(ds, self.schedule)
         # The same initial weights on every rank and in every session with this seed.
         torch.manual_seed(run.seed)

@@ -8,20 +8,25 @@ from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from pipeline import engine, schedule
 from pipeline.distributed import free_port
+from pipeline.scaling import Recipe
 from pipeline.schedule import Schedule, StepLR, derive, lr_at
 
-# B = 8192 on ImageNet, 90 epochs: 157 steps per epoch.
-BS8K = dict(batch_size=8192, train_images=1_281_167, epochs=90, warmup_epochs=5)
+# B = 8192 on ImageNet, 90 epochs, 5 of warmup: 157 steps per epoch.
+BS8K = Recipe(8192)
 
 
 def test_derived_numbers():
-    s = derive("warmup_decay", **BS8K)
+    s = derive("warmup_decay", BS8K)
     assert (s.base_lr, s.peak_lr, s.steps_per_epoch, s.warmup_steps, s.total_steps) == (0.1, 3.2, 157, 785, 14130)
-    g = derive("goyal_steps", **BS8K)
+    g = derive("goyal_steps", BS8K)
     assert g.milestones == (30 * 157, 60 * 157, 80 * 157)
     # Scaled to a shorter run: epochs 30/60/80 of 90 become 6/12/16 of 18 (rounded), in steps of this data.
-    assert derive("goyal_steps", 256, 10_000, 18, 1).milestones == (6 * 40, 12 * 40, 16 * 40)
-    small = derive("warmup_decay", 64, 1000, 10, 1)
+    assert derive("goyal_steps", Recipe(256, train_images=10_000, epochs=18, warmup_epochs=1)).milestones == (
+        6 * 40,
+        12 * 40,
+        16 * 40,
+    )
+    small = derive("warmup_decay", Recipe(64, train_images=1000, epochs=10, warmup_epochs=1))
     assert small.base_lr == small.peak_lr == 0.025
 
 
@@ -37,20 +42,20 @@ def test_derived_numbers():
     ],
 )  # fmt: skip
 def test_boundary_steps(kind, expected):
-    s = derive(kind, **BS8K)
+    s = derive(kind, BS8K)
     for step, lr in expected.items():
         assert lr_at(s, step) == pytest.approx(lr, rel=1e-12), f"{kind} step {step}"
 
 
 def test_warmup_adds_a_constant_every_step():
-    s = derive("goyal_steps", **BS8K)
+    s = derive("goyal_steps", BS8K)
     steps = [lr_at(s, i + 1) - lr_at(s, i) for i in range(s.warmup_steps)]
     assert max(steps) == pytest.approx(min(steps)) == pytest.approx((3.2 - 0.1) / 785)
 
 
 @pytest.mark.parametrize("warmup_epochs", [0, 1, 2.5])
 def test_equals_deepspeed_warmup_decay_at_every_step(warmup_epochs):
-    s = derive("warmup_decay", 1024, 5000, 6, warmup_epochs)
+    s = derive("warmup_decay", Recipe(1024, train_images=5000, epochs=6, warmup_epochs=warmup_epochs))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     ds = WarmupDecayLR(opt, **schedule.deepspeed_params(s))
     for step in range(s.total_steps + 3):
@@ -59,7 +64,7 @@ def test_equals_deepspeed_warmup_decay_at_every_step(warmup_epochs):
 
 
 def test_step_lr_state_round_trip():
-    s = derive("goyal_steps", 512, 20_000, 9, 1)
+    s = derive("goyal_steps", Recipe(512, train_images=20_000, epochs=9, warmup_epochs=1))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     first = StepLR(opt, s)
     assert first.get_last_lr() == [lr_at(s, 0)]

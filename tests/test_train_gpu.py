@@ -48,17 +48,18 @@ def test_fp16_resnet50_trains_with_dynamic_loss_scaling(tmp_path):
 def test_engine_keeps_fp32_master_weights_and_channels_last(tmp_path):
     from pipeline import distributed
     from pipeline.model import build_model
+    from pipeline.scaling import Recipe
     from pipeline.schedule import derive
 
     distributed.init()  # a one-process NCCL group (sets the rendezvous variables when no launcher did)
 
     ds = json.loads((ROOT / "ds_configs" / "bs256.json").read_text())
     ds, notes = engine.fit({**ds, "train_batch_size": 32}, "bs256.json", 1, cuda=True)
-    s = derive("warmup_decay", 32, 1000, 2, 1)
+    s = derive("warmup_decay", Recipe(32, train_images=1000, epochs=2, warmup_epochs=1))
     model, _ = build_model("resnet50", 10, channels_last=True)
     eng = engine.build(model, engine.with_schedule(ds, s), s)
-    assert engine.input_dtype(eng) == torch.float16 and engine.loss_scale(eng) == 2.0**16
+    assert next(eng.module.parameters()).dtype == torch.float16 and engine.loss_scale(eng) == 2.0**16
     assert eng.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    masters = [p for group in eng.optimizer.fp32_groups_flat for p in [group]] if hasattr(
-        eng.optimizer, "fp32_groups_flat") else [p for g in eng.optimizer.fp32_groups for p in g]  # fmt: skip
+    # DeepSpeed's fused fp16 optimizer keeps flat fp32 copies, the unfused one per-parameter copies.
+    masters = getattr(eng.optimizer, "fp32_groups_flat", None) or [p for g in eng.optimizer.fp32_groups for p in g]
     assert masters and all(p.dtype == torch.float32 for p in masters)
