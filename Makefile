@@ -12,7 +12,7 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install test lint demo bench bench-prep bench-data bench-train prep-imagenet clean
+.PHONY: install test lint demo demo-data scaling-study bench bench-prep bench-data bench-train prep-imagenet clean
 
 install: $(STAMP)
 
@@ -29,11 +29,14 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-demo: install
+# The built-in dataset, prepared and verified (idempotent: a second call only re-checks).
+demo-data: install
 	@test -d $(DEMO_DIR)/raw/train || $(PY) -m data_prep.synthetic --out $(DEMO_DIR)/raw --quirks
 	$(PY) -m data_prep.imagenet --src $(DEMO_DIR)/raw --out $(DEMO_DIR)/shards --train-shards 8 --val-shards 4 \
 		--workers $(WORKERS)
 	$(PY) -m data_prep.verify $(DEMO_DIR)/shards --full
+
+demo: demo-data
 	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split train --num 16 --out $(DEMO_DIR)/preview-train.png
 	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split validation --num 16 \
 		--out $(DEMO_DIR)/preview-validation.png
@@ -41,6 +44,12 @@ demo: install
 	rm -rf $(DEMO_DIR)/run
 	$(PY) pipeline/train.py --deepspeed_config ds_configs/cpu.json --data-dir $(DEMO_DIR)/shards --arch resnet18 \
 		--crop-size 128 --val-resize 146 --epochs 8 --warmup-epochs 1 --out-dir $(DEMO_DIR)/run
+
+# Goyal et al.'s figure on the built-in dataset: B=32 against 256 and 1024 (rule+warmup, rule, no-rule, LARS).
+STUDY_DIR ?= $(DEMO_DIR)/scaling-study
+scaling-study: demo-data
+	$(PY) -m pipeline.scaling_study --data-dir $(DEMO_DIR)/shards --base-batch 32 --batch-sizes 32,256,1024 \
+		--epochs 16 --warmup-epochs 2 --crop-size 64 --val-resize 73 --lars --out $(STUDY_DIR)
 
 bench: bench-prep bench-data bench-train
 

@@ -16,6 +16,7 @@ import yaml
 from pipeline.schedule import SCHEDULES
 
 WANDB_MODES = ("online", "offline", "disabled")
+OPTIMIZERS = ("sgd", "lars")
 
 
 @dataclass(frozen=True)
@@ -42,11 +43,20 @@ class RunConfig:
     schedule: str = "warmup_decay"
     # Epochs of linear warmup from 0.1 to 0.1*B/256.
     warmup_epochs: float = 5.0
+    # The linear scaling rule's anchor: lr = reference_lr * B / reference_batch (0.1 at 256 in the paper).
+    reference_batch: int = 256
+    reference_lr: float = 0.1
+    # sgd (Nesterov, the paper's) or lars (layer-wise trust ratio on conv/linear weights, Nesterov; beyond 8k).
+    optimizer: str = "sgd"
+    # LARS: a layer's lr is min(lr, lars_trust * |w| / (|g| + wd |w|)) (LARC's clipped form, as in NVIDIA apex).
+    lars_trust: float = 0.02
     # Run folder: config, metrics.jsonl, checkpoints/, wandb/.
     out_dir: str = "runs/default"
     # Validate every this many epochs (and always after the last).
     eval_every: int = 1
-    # Also checkpoint every this many optimizer steps (0: only at the end of each epoch).
+    # Checkpoint at the end of every this many epochs (and always after the last).
+    save_every_epochs: int = 1
+    # Also checkpoint every this many optimizer steps (0: only at epoch ends).
     save_every_steps: int = 0
     # Complete checkpoints kept; older ones are deleted once a newer one is complete.
     keep_checkpoints: int = 3
@@ -72,6 +82,13 @@ class RunConfig:
             raise ValueError("--data-dir is required: the folder of train-*/validation-* shards")
         if not self.deepspeed_config:
             raise ValueError("--deepspeed_config is required: one of ds_configs/*.json (cpu.json on a CPU host)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+        if self.reference_batch < 1 or self.reference_lr <= 0 or self.lars_trust <= 0:
+            raise ValueError(
+                f"--reference-batch {self.reference_batch}, --reference-lr {self.reference_lr}, --lars-trust "
+                f"{self.lars_trust}: all must be positive"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
@@ -80,7 +97,7 @@ class RunConfig:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
-        for name in ("crop_size", "eval_every", "log_every", "keep_checkpoints"):
+        for name in ("crop_size", "eval_every", "save_every_epochs", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         for name in ("save_every_steps", "max_steps", "seed", "data_threads"):

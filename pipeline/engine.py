@@ -42,6 +42,10 @@ def fit(ds: dict, path: str, world_size: int, cuda: bool) -> tuple[dict, list[st
     """The configuration fitted to this world and host, and one line per change made to the committed file."""
     ds, notes = copy.deepcopy(ds), []
     ds["gradient_accumulation_steps"] = grad_accum(ds, path, world_size)
+    if "gradient_clipping" not in ds:
+        # Numerics: DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the recipe does not clip.
+        ds["gradient_clipping"] = 0.0
+        notes.append(f"{path}: no gradient_clipping given; not clipping (DeepSpeed's default would clip at 1.0)")
     if precision(ds) == "fp16" and not cuda:
         # Decision: fp16 on a CPU host trains in bf16 (announced here and in the run config), because
         # DeepSpeed refuses fp16 without a GPU and bf16 keeps the same fp32 master weights.
@@ -66,14 +70,29 @@ def with_schedule(ds: dict, schedule: Schedule) -> dict:
     return ds
 
 
-def build(model: nn.Module, ds: dict, schedule: Schedule):
-    """A DeepSpeed engine over `model` with Nesterov SGD from `ds` and the run's schedule."""
+def lars(groups: list[dict], sgd: dict, trust: float):
+    """LARS with Nesterov momentum (timm's), with SGD's lr, momentum and weight decay; BN and biases (the
+    groups without weight decay) keep the plain lr. Clipped (LARC): a layer never gets more than the lr."""
+    from timm.optim import Lars
+
+    return Lars(groups, lr=sgd["lr"], momentum=sgd.get("momentum", 0.9), nesterov=True, trust_coeff=trust,
+                weight_decay=sgd.get("weight_decay", 0.0), trust_clip=True)  # fmt: skip
+
+
+def build(model: nn.Module, ds: dict, schedule: Schedule, optimizer: str = "sgd", lars_trust: float = 0.02):
+    """A DeepSpeed engine over `model` with Nesterov SGD from `ds` (or LARS) and the run's schedule."""
     import deepspeed
 
-    decay = ds["optimizer"]["params"].get("weight_decay", 0.0)
+    sgd = ds["optimizer"]["params"]
+    groups = param_groups(model, sgd.get("weight_decay", 0.0))
+    client_optimizer = None
+    if optimizer == "lars":
+        # A client optimizer replaces the configuration's; DeepSpeed still wraps it for fp16/bf16 and fp32 masters.
+        ds = {k: v for k, v in ds.items() if k != "optimizer"}
+        client_optimizer = lars(groups, sgd, lars_trust)
     client_scheduler = None if schedule.kind == "warmup_decay" else (lambda opt: StepLR(opt, schedule))
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, decay), config=ds, lr_scheduler=client_scheduler
+        model=model, model_parameters=groups, optimizer=client_optimizer, config=ds, lr_scheduler=client_scheduler
     )
     return engine
 

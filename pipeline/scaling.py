@@ -46,6 +46,9 @@ class Recipe:
     weight_decay: float = 1e-4
     # torch's fused SGD kernels (CUDA); off for CPU configurations.
     fused: bool = True
+    # The rule's anchor: lr `reference_lr` at batch `reference_batch` (0.1 at 256 in the paper).
+    reference_batch: int = REFERENCE_BATCH
+    reference_lr: float = REFERENCE_LR
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -56,16 +59,18 @@ class Recipe:
             )
         if self.epochs < 1 or not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs {self.warmup_epochs} must lie in [0, epochs={self.epochs})")
+        if self.reference_batch < 1 or self.reference_lr <= 0:
+            raise ValueError(f"reference lr {self.reference_lr} at batch {self.reference_batch}: both must be positive")
 
     @property
     def peak_lr(self) -> float:
-        """The linear scaling rule: 0.1 per 256 images of batch."""
-        return REFERENCE_LR * self.batch_size / REFERENCE_BATCH
+        """The linear scaling rule: 0.1 per 256 images of batch (reference_lr per reference_batch)."""
+        return self.reference_lr * self.batch_size / self.reference_batch
 
     @property
     def base_lr(self) -> float:
-        """Where warmup starts and WarmupDecayLR ends: the reference lr, or the peak for batches under 256."""
-        return min(REFERENCE_LR, self.peak_lr)
+        """Where warmup starts and WarmupDecayLR ends: the reference lr, or the peak for batches under the reference."""
+        return min(self.reference_lr, self.peak_lr)
 
     @property
     def steps_per_epoch(self) -> int:

@@ -1,4 +1,5 @@
-"""Where metrics go on rank 0: metrics.jsonl (one line per epoch), wandb, and the progress bar.
+"""Where metrics go on rank 0: metrics.jsonl (one line per epoch), steps.jsonl (one per optimizer step), wandb,
+and the progress bar.
 
 Other ranks get a Tracker that does nothing, so the training loop never asks which rank it is on.
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-METRICS = "metrics.jsonl"
+METRICS, STEPS = "metrics.jsonl", "steps.jsonl"
 
 
 def wandb_mode(requested: str | None) -> str:
@@ -51,9 +52,11 @@ class Tracker:
             self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True)
 
     def steps(self, rows: list[dict]) -> None:
-        """Per-step metrics (each row holds its `step`); the bar shows the last row and moves one per row."""
+        """Per-step metrics (each row holds its `step`) to steps.jsonl and wandb; the bar shows the last row."""
         if not self.active or not rows:
             return
+        with open(self.out_dir / STEPS, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
         if self.run is not None:
             for row in rows:
                 self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])

@@ -46,13 +46,14 @@ class Run:
         self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum)
         images = self.data.shards.splits["train"].images
         recipe = Recipe(ds["train_batch_size"], self.micro, epochs=run.epochs, warmup_epochs=run.warmup_epochs,
-                        train_images=images)  # fmt: skip
+                        train_images=images, reference_batch=run.reference_batch,
+                        reference_lr=run.reference_lr)  # fmt: skip
         self.schedule = schedule.derive(run.schedule, recipe)
         self.ds = engine.with_schedule(ds, self.schedule)
         # The same initial weights on every rank and in every session with this seed.
         torch.manual_seed(run.seed)
         model, self.zeroed = build_model(run.arch, self.data.num_classes, channels_last=self.cuda)
-        self.engine = engine.build(model, self.ds, self.schedule)
+        self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust)
         self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None}
 
     def _data_config(self) -> DataConfig:
@@ -88,7 +89,7 @@ def loss_fn(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[StepMeter, bool]:
     """One epoch of training from optimizer step `skip` on; returns its meter and whether --max-steps was reached."""
     eng, o = run.engine, run.opts
-    meter = StepMeter(run.world * run.micro, eng.device)
+    meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, eng.device)
     batches = run.data.train_epoch(epoch)
     # Resuming mid-epoch: an epoch's batches are the same in every session, so those already trained on are dropped.
     for _ in range(skip * run.accum):
@@ -97,10 +98,12 @@ def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[Step
     eng.train()
     for images, labels in batches:
         boundary, lr = eng.is_gradient_accumulation_boundary(), engine.lr(eng)
-        loss = loss_fn(run, eng(images.to(eng.device, non_blocking=True)), labels.to(eng.device, non_blocking=True))
+        labels = labels.to(eng.device, non_blocking=True)
+        logits = eng(images.to(eng.device, non_blocking=True))
+        loss = loss_fn(run, logits, labels)
         eng.backward(loss)
         eng.step()
-        meter.micro_step(loss)
+        meter.micro_step(loss, logits, labels)
         if not boundary:
             continue
         schedule.follow(eng)
@@ -171,7 +174,8 @@ def fit(run: Run, tracker: Tracker) -> dict:
                     images_per_sec=meter.micro_steps * run.world * run.micro / seconds, skipped_steps=eng.skipped_steps,
                     step=eng.global_steps)  # fmt: skip
         tracker.epoch(last, eng.global_steps)
-        save(run, epoch)
+        if stop or (epoch + 1) % o.save_every_epochs == 0 or epoch + 1 == o.epochs:
+            save(run, epoch)
         if stop:
             break
     best = {k: run.start[k] for k in ("best_top1", "best_epoch")}

@@ -54,6 +54,21 @@ def prepared(quirky_tree, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def process_group():
+    """A one-process gloo group for real DeepSpeed engines inside the test process; its variables are undone after."""
+    import deepspeed
+
+    from pipeline.distributed import free_port
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():
+            env.setenv(name, value)
+        env.setenv("MASTER_PORT", str(free_port()))
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+
+
 def pytest_collection_modifyitems(config, items):
     """Skip tests marked `gpu` where torch sees no CUDA device."""
     import torch

@@ -82,6 +82,12 @@ def test_fp16_on_a_cpu_host_becomes_announced_bf16():
     on_gpu, notes = engine.fit(ds, "bs256.json", 8, cuda=True)
     assert engine.precision(on_gpu) == "fp16" and on_gpu["optimizer"]["params"]["fused"] and notes == []
     assert engine.precision(ds) == "fp16"  # the committed configuration is not changed
+    # DeepSpeed clips at 1.0 when a configuration says nothing; the recipe does not clip.
+    assert fitted["gradient_clipping"] == 0.0
+    bare = {k: v for k, v in ds.items() if k != "gradient_clipping"}
+    fitted, notes = engine.fit(bare, "mine.json", 1, cuda=True)
+    assert fitted["gradient_clipping"] == 0.0 and any("no gradient_clipping given; not clipping" in n for n in notes)
+    assert engine.fit({**ds, "gradient_clipping": 2.0}, "x.json", 1, cuda=True)[0]["gradient_clipping"] == 2.0
 
 
 def test_resnet_residual_gammas_start_at_zero():

@@ -1,13 +1,10 @@
 """The learning-rate schedule: a pure function of the step, equal to DeepSpeed's, and tied to the global step."""
 
-import os
-
 import pytest
 import torch
 from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from pipeline import engine, schedule
-from pipeline.distributed import free_port
 from pipeline.scaling import Recipe
 from pipeline.schedule import Schedule, StepLR, derive, lr_at
 
@@ -72,15 +69,6 @@ def test_step_lr_state_round_trip():
     again = StepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), s)
     again.load_state_dict(first.state_dict())
     assert again.get_last_lr() == [lr_at(s, 123)] and again.last_batch_iteration == 123
-
-
-@pytest.fixture(scope="module")
-def process_group():
-    """A one-process gloo group for real DeepSpeed engines in this test process."""
-    import deepspeed
-
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    deepspeed.init_distributed(dist_backend="gloo")
 
 
 @pytest.mark.parametrize("kind", ["warmup_decay", "goyal_steps"])

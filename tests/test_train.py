@@ -81,6 +81,13 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     saves = sorted({*range(3, 3 * per_epoch + 1, 3), *range(per_epoch, 3 * per_epoch + 1, per_epoch)})
     assert [p.name for p in checkpoint.complete(out / "checkpoints")] == [checkpoint.tag(s) for s in saves[-2:]]
 
+    # steps.jsonl: one row per optimizer step, over all ranks' images, with the training top-1 error.
+    rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 3 * per_epoch + 1))
+    assert all(r["epoch"] == pytest.approx(r["step"] / per_epoch) and 0 <= r["error"] <= 100 for r in rows)
+    first, last = rows[:per_epoch], rows[-per_epoch:]
+    assert sum(r["error"] for r in last) < sum(r["error"] for r in first)
+
     # wandb (offline) wrote the run config, one history row per optimizer step, and the summary.
     run = logged(out)
     assert run["config"]["schedule"] == saved["schedule"] and run["config"]["derived"]["num_classes"] == classes

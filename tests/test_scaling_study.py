@@ -1,0 +1,83 @@
+"""The scaling study: each variant's lr and warmup follow the rule, and a tiny study gives a well-formed result."""
+
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from pipeline import scaling_study
+from pipeline.scaling import Recipe
+from pipeline.scaling_study import VARIANTS, plan
+from tests.conftest import run_module
+from tests.wandb_files import logged
+
+
+def test_each_variant_gets_the_lr_and_warmup_the_rule_gives():
+    runs = {r.name: r for r in plan(32, [32, 256, 1024], list(VARIANTS), lr0=0.0125, warmup=2, lars=True)}
+    assert list(runs) == [
+        "b32-baseline", "b256-rule+warmup", "b256-rule", "b256-no-rule",
+        "b1024-rule+warmup", "b1024-rule", "b1024-no-rule", "b1024-rule+warmup-lars",
+    ]  # fmt: skip
+    expected = {  # name: (peak lr, warmup epochs)
+        "b32-baseline": (0.0125, 0), "b256-rule+warmup": (0.1, 2), "b256-rule": (0.1, 0), "b256-no-rule": (0.0125, 0),
+        "b1024-rule+warmup": (0.4, 2), "b1024-rule": (0.4, 0), "b1024-no-rule": (0.0125, 0),
+        "b1024-rule+warmup-lars": (0.4, 2),
+    }  # fmt: skip
+    for name, (lr, warmup) in expected.items():
+        run = runs[name]
+        assert (run.lr, run.warmup_epochs) == pytest.approx((lr, warmup)), name
+        # What train.py derives from the reference it is given: the same peak, warmup starting at lr0.
+        recipe = Recipe(run.batch_size, 32, epochs=10, warmup_epochs=run.warmup_epochs,
+                        reference_batch=run.reference_batch, reference_lr=0.0125)  # fmt: skip
+        assert (recipe.peak_lr, recipe.base_lr) == pytest.approx((lr, 0.0125)), name
+    assert runs["b1024-rule+warmup-lars"].optimizer == "lars" and runs["b256-rule"].optimizer == "sgd"
+
+
+def test_a_tiny_study_end_to_end(prepared, tmp_path):
+    out = tmp_path / "study"
+    proc = run_module(
+        "pipeline.scaling_study", "--data-dir", str(prepared), "--base-batch", "32", "--batch-sizes", "32,64",
+        "--epochs", "2", "--warmup-epochs", "1", "--out", str(out), "--arch", "resnet18", "--crop-size", "32",
+        "--val-resize", "36", "--lars", "--wandb-mode", "offline",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    runs = summary["runs"]
+    assert [r["name"] for r in runs] == ["b32-baseline", "b64-rule+warmup", "b64-rule", "b64-no-rule",
+                                         "b64-rule+warmup-lars"]  # fmt: skip
+    images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
+    for r in runs:
+        assert 0 <= r["final_val_top1"] <= 100
+        xs = [x for x, _ in r["train_error_curve"]]
+        assert xs == sorted(xs) and xs[-1] == 2 and all(x * 4 == int(x * 4) for x in xs)
+        assert all(0 <= y <= 100 for _, y in r["train_error_curve"])
+        # train.py ran with the lr and warmup of the plan: its derived schedule says so.
+        saved = yaml.safe_load((out / "runs" / r["name"] / "config.yaml").read_text())
+        per_epoch = -(-images // r["batch_size"])
+        assert saved["schedule"]["peak_lr"] == pytest.approx(r["lr"])
+        assert saved["schedule"]["base_lr"] == pytest.approx(summary["base_lr"])
+        assert saved["schedule"]["warmup_steps"] == round(r["warmup_epochs"] * per_epoch)
+        assert saved["run"]["optimizer"] == r["optimizer"] and saved["run"]["wandb_group"] == "scaling-study-study"
+    assert runs[0]["gap_to_baseline"] == {"final_top1": 0, "mean_abs_curve_gap_after_warmup": 0}
+    assert runs[1]["gap_to_baseline"]["final_top1"] == pytest.approx(
+        runs[1]["final_val_top1"] - runs[0]["final_val_top1"]
+    )
+    table = (out / "summary.md").read_text()
+    assert table.count("\n") == 2 + len(runs) and "| 64 | rule+warmup | lars | 0.025 | 1 |" in table
+    with Image.open(out / "curves.png") as png:
+        assert png.size[0] > 400 and png.size[1] > 300
+    study = logged(out)
+    logged_row = study["history"][0]
+    assert logged_row["curves/_type"] == "image-file" and logged_row["summary/_type"] == "table-file"
+    assert logged_row["summary/nrows"] == len(runs) and study["config"]["base_batch"] == 32
+
+
+def test_bad_study_input_is_one_line(capsys):
+    base = ["--data-dir", "d", "--epochs", "4", "--out", "o", "--base-batch", "32"]
+    assert scaling_study.main([*base, "--batch-sizes", "32,48"]) == 2
+    assert "batch size 48 is not a positive multiple of --micro-batch 32" in capsys.readouterr().err
+    assert scaling_study.main([*base, "--batch-sizes", "64,128"]) == 2
+    assert "include --base-batch 32 and a larger one" in capsys.readouterr().err
+    assert scaling_study.main([*base, "--batch-sizes", "32,64", "--variants", "rule,lars"]) == 2
+    assert "--variants rule,lars: choose from" in capsys.readouterr().err
