@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.scaling import REFERENCE_BATCH, REFERENCE_LR
 from pipeline.schedule import SCHEDULES
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -44,8 +45,8 @@ class RunConfig:
     # Epochs of linear warmup from 0.1 to 0.1*B/256.
     warmup_epochs: float = 5.0
     # The linear scaling rule's anchor: lr = reference_lr * B / reference_batch (0.1 at 256 in the paper).
-    reference_batch: int = 256
-    reference_lr: float = 0.1
+    reference_batch: int = REFERENCE_BATCH
+    reference_lr: float = REFERENCE_LR
     # sgd (Nesterov, the paper's) or lars (layer-wise trust ratio on conv/linear weights, Nesterov; beyond 8k).
     optimizer: str = "sgd"
     # LARS: a layer's lr is min(lr, lars_trust * |w| / (|g| + wd |w|)) (LARC's clipped form, as in NVIDIA apex).
