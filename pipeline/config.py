@@ -67,6 +67,11 @@ class RunConfig:
     seed: int = 0
     # Stop after this many optimizer steps in all (0: run every epoch); the schedule is unchanged.
     max_steps: int = 0
+    # Stop after this many optimizer steps in a row skipped for overflow (0: never; fp16 also stops when
+    # an overflow happens at the minimum loss scale).
+    max_skipped_steps: int = 25
+    # Seconds a rank waits in a collective for its peers before giving up (a dead rank ends the others).
+    dist_timeout: int = 600
     # Where decoding runs: auto (the GPU when there is one), gpu or cpu.
     data_device: str = "auto"
     # DALI CPU threads per rank (0: this host's cores divided by its ranks).
@@ -98,10 +103,10 @@ class RunConfig:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
-        for name in ("crop_size", "eval_every", "save_every_epochs", "log_every", "keep_checkpoints"):
+        for name in ("crop_size", "eval_every", "save_every_epochs", "log_every", "keep_checkpoints", "dist_timeout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        for name in ("save_every_steps", "max_steps", "seed", "data_threads"):
+        for name in ("save_every_steps", "max_steps", "seed", "data_threads", "max_skipped_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must not be negative")
         if self.val_resize < self.crop_size:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -34,15 +35,18 @@ def share_cores() -> None:
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local))
 
 
-def init() -> tuple[int, int]:
-    """Join the process group (NCCL on GPUs, gloo on CPUs) and pick this rank's GPU; returns (rank, world size)."""
+def init(timeout_s: int = 600) -> tuple[int, int]:
+    """Join the process group (NCCL on GPUs, gloo on CPUs) and pick this rank's GPU; returns (rank, world size).
+    A collective that waits `timeout_s` for a peer (a rank died) fails instead of hanging forever."""
     import deepspeed
 
     single_process_env()
     share_cores()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+    )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -90,6 +90,9 @@ class Tracker:
             self.run.summary.update(row)
 
     def close(self) -> None:
-        """Flush and finish the wandb run."""
+        """Close an open progress bar (a run cut short leaves one) and finish the wandb run."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
         if self.run is not None:
             self.run.finish()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from pipeline import checkpoint, config, distributed, engine, schedule
 from pipeline.data import IGNORE, DataConfig, ImageNetData
+from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, accuracy_counts
 from pipeline.model import build_model, check_arch
 from pipeline.scaling import Recipe
@@ -55,6 +56,8 @@ class Run:
         model, self.zeroed = build_model(run.arch, self.data.num_classes, channels_last=self.cuda)
         self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust)
         self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None}
+        min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
+        self.guard = Guard(self.precision, run.max_skipped_steps, min_scale)
 
     def _data_config(self) -> DataConfig:
         """The reader's settings: the micro-batch, the precision's dtype, channels-last on GPUs."""
@@ -107,15 +110,27 @@ def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[Step
         if not boundary:
             continue
         schedule.follow(eng)
-        meter.optimizer_step(eng.global_steps, lr, engine.loss_scale(eng), eng.skipped_steps)
-        if eng.global_steps % o.log_every == 0:
-            tracker.steps(meter.flush())
-        if o.save_every_steps and eng.global_steps % o.save_every_steps == 0:
+        scale = engine.loss_scale(eng)
+        meter.optimizer_step(eng.global_steps, lr, scale, eng.skipped_steps)
+        fault = run.guard.step(eng.global_steps, eng.skipped_steps, scale)
+        saving = o.save_every_steps and eng.global_steps % o.save_every_steps == 0
+        if fault or saving or eng.global_steps % o.log_every == 0:
+            report(run, meter, tracker)
+        if fault:
+            run.guard.stop()
+        if saving:
             save(run, epoch)
         if o.max_steps and eng.global_steps >= o.max_steps:
             break
-    tracker.steps(meter.flush())
+    report(run, meter, tracker)
     return meter, bool(o.max_steps and eng.global_steps >= o.max_steps)
+
+
+def report(run: Run, meter: StepMeter, tracker: Tracker) -> None:
+    """Read the steps since the last report (a sync point), stop on a numeric fault, then log them."""
+    rows = meter.flush()
+    run.guard.rows(rows)
+    tracker.steps(rows)
 
 
 @torch.no_grad()
@@ -156,6 +171,7 @@ def resume(run: Run) -> None:
             f"{run.schedule.as_dict()}; resume with its --epochs, --schedule and DeepSpeed config, or a new --out-dir"
         )
     run.start.update({k: state[k] for k in run.start})
+    run.guard.skipped = run.engine.skipped_steps
     schedule.follow(run.engine)
 
 
@@ -208,7 +224,7 @@ def start(argv: list[str] | None = None) -> Run | int:
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, world = distributed.init()
+    rank, world = distributed.init(opts.dist_timeout)
     try:
         run = Run(opts, ds, rank, world)
         run.out.mkdir(parents=True, exist_ok=True)
@@ -241,14 +257,25 @@ def finish(run: Run, tracker: Tracker, summary: dict) -> None:
     distributed.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, build, train, close; bad input ends with a one-line error and exit status 2."""
-    run = start(argv)
-    if isinstance(run, int):
-        return run
+def train_to_end(run: Run) -> int:
+    """Train and close; a numeric fault ends the run with a one-line error and exit status 3, bad data with 2."""
     tracker = open_tracker(run)
-    finish(run, tracker, fit(run, tracker))
+    try:
+        summary = fit(run, tracker)
+    except (NumericFault, DataError) as e:
+        tracker.summary({"fault": str(e)})
+        tracker.close()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        distributed.close()
+        return 3 if isinstance(e, NumericFault) else 2
+    finish(run, tracker, summary)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build, train, close; bad input ends with a one-line error and exit status 2, a numeric fault 3."""
+    run = start(argv)
+    return run if isinstance(run, int) else train_to_end(run)
 
 
 if __name__ == "__main__":
