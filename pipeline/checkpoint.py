@@ -1,8 +1,9 @@
 """DeepSpeed checkpoints that are only trusted once every rank has finished writing them.
 
 Layout: `<out_dir>/checkpoints/step00001234/` holds DeepSpeed's files plus `complete.json`, which
-rank 0 writes after a barrier. A folder without it (a crash mid-save) is never resumed from and
-never counts towards the checkpoints kept.
+rank 0 writes (atomically, after fsync) once a barrier shows every rank has written its part. A
+folder without it (a crash mid-save) is never resumed from, never counts towards the checkpoints
+kept, and is deleted once a later checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -23,10 +24,23 @@ def tag(step: int) -> str:
     return f"step{step:08d}"
 
 
+def _step(path: Path) -> int | None:
+    """The step a checkpoint folder's complete.json records; None if there is none (or it was just pruned)."""
+    try:
+        return json.loads((path / COMPLETE).read_text())["step"]
+    except FileNotFoundError:
+        return None
+
+
 def complete(folder: Path) -> list[Path]:
     """Complete checkpoints under `folder`, oldest first."""
-    found = [p for p in folder.glob("step*") if (p / COMPLETE).is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: json.loads((p / COMPLETE).read_text())["step"])
+    steps = {p: _step(p) for p in folder.glob("step*")} if folder.is_dir() else {}
+    return sorted((p for p, step in steps.items() if step is not None), key=steps.get)
+
+
+def incomplete(folder: Path, before: int) -> list[Path]:
+    """Checkpoint folders of steps before `before` that never got `complete.json` (a crash mid-save)."""
+    return [p for p in folder.glob("step*") if not (p / COMPLETE).is_file() and p.name < tag(before)]
 
 
 def save(engine, folder: Path, state: dict, keep: int) -> Path:
@@ -40,7 +54,7 @@ def save(engine, folder: Path, state: dict, keep: int) -> Path:
     dist.barrier()
     if dist.get_rank() == 0:
         write_atomic(path / COMPLETE, json.dumps({"step": engine.global_steps, **state}).encode())
-        for old in complete(folder)[:-keep]:
+        for old in complete(folder)[:-keep] + incomplete(folder, before=engine.global_steps):
             shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint {path} at step {engine.global_steps}", flush=True)
     dist.barrier()

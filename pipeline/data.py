@@ -131,6 +131,8 @@ class ImageNetData:
         )
         self.device = torch.device("cuda", self.device_id) if self.gpu else torch.device("cpu")
         self._val_iter, self._val_clean = None, False
+        # The shard files each split's current pipeline reads for this rank, first to last.
+        self._reading: dict[str, list[str]] = {}
 
     @property
     def num_classes(self) -> int:
@@ -143,6 +145,13 @@ class ImageNetData:
         return train_steps_per_epoch(
             self.shards.splits["train"].images, self.world_size, self.config.batch_size, self.grad_accum
         )
+
+    def _slice_files(self, files: list[str], counts: list[int]) -> list[str]:
+        """The files holding this rank's contiguous slice of records (in this order), then the rest."""
+        start, end = shard_bounds(sum(counts), self.rank, self.world_size)
+        ends = np.cumsum(counts)
+        mine = [f for f, e, n in zip(files, ends, counts, strict=True) if e > start and e - n < end]
+        return mine + [f for f in files if f not in mine]
 
     def _val_slice(self, rank: int) -> int:
         """Validation images in a rank's slice."""
@@ -182,6 +191,7 @@ class ImageNetData:
         split = self.shards.splits["train"]
         # The same file order on every rank, so the ranks' contiguous slices stay disjoint.
         order = np.random.default_rng(epoch_seed(self.config.seed, epoch)).permutation(len(split.files))
+        self._reading["train"] = self._slice_files([split.files[i] for i in order], [split.counts[i] for i in order])
         pipe = augment.train_graph(
             files=[split.files[i] for i in order],
             indexes=[split.indexes[i] for i in order],
@@ -202,6 +212,7 @@ class ImageNetData:
         """The validation pipeline, built once and reused every epoch (rebuilt if a pass was cut short)."""
         if self._val_iter is None or not self._val_clean:
             split = self.shards.splits["validation"]
+            self._reading["validation"] = self._slice_files(list(split.files), list(split.counts))
             pipe = augment.val_graph(
                 files=split.files,
                 indexes=split.indexes,
@@ -243,13 +254,28 @@ class ImageNetData:
         try:
             yield
         except RuntimeError as e:
-            # DALI says which operator failed, then "encountered:", then the cause.
+            # DALI says which operator failed, then "encountered:", then the cause, but not which record.
             cause = str(e).split("encountered:")[-1].strip().splitlines()[0]
             root = self.shards.root
+            where = self._locate(split)
+            if where:
+                raise DataError(f"{where}; DALI: {cause}; rebuild or remove that shard") from e
             raise DataError(
                 f"{root}: a {split} record failed in DALI ({cause}); find it with "
                 f"python -m data_prep.verify {root} --full, then rebuild or remove its shard"
             ) from e
+
+    def _locate(self, split: str) -> str | None:
+        """The first damaged record in the shards this rank was reading (the record DALI failed on), or None."""
+        from data_prep.verify import check_shard
+
+        files = self._reading.get(split, self.shards.splits[split].files)
+        print(f"locating the {split} record DALI could not read in {len(files)} shards...", file=sys.stderr)
+        for path in files:
+            problems = check_shard((path, True)).problems
+            if problems:
+                return problems[0]
+        return None
 
     def _batch(self, data: dict, split: str, real: int | None = None) -> Batch:
         """Check the labels on the host, mask padding, and give the images the configured layout and dtype."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -323,8 +324,9 @@ def test_an_image_that_does_not_decode_is_a_one_line_error_with_the_way_to_find_
         with pytest.raises(DataError) as failure:
             list(run(loader(tmp_path, num_classes=1)))
         message = str(failure.value)
-        assert "\n" not in message and f"a {split} record failed in DALI" in message
-        assert f"python -m data_prep.verify {tmp_path} --full" in message
-    # The command it names finds the damaged records.
+        # The record is located: the shard, its offset, and why, on one line.
+        assert "\n" not in message and re.match(rf"{tmp_path}/{split}-0000\d-of-00002: record at offset \d+: ", message)
+        assert "; DALI: " in message and message.endswith("rebuild or remove that shard")
+    # data_prep.verify finds the damaged records too.
     found = run_module("data_prep.verify", str(tmp_path), "--full")
     assert found.returncode == 1 and "validation-00001-of-00002: record at offset" in found.stdout
