@@ -131,6 +131,13 @@ def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
     assert straight.keys() == split.keys()
     for name in straight:
         assert torch.allclose(straight[name].float(), split[name].float(), rtol=1e-5, atol=1e-6), name
+    # Exact mid-epoch resume: every step's loss (over the same images) equals the uninterrupted run's.
+    losses = [
+        {r["step"]: r["loss"] for r in map(json.loads, (tmp_path / run / "steps.jsonl").read_text().splitlines())}
+        for run in ("straight", "split")
+    ]
+    assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, 2 * per_epoch + 1))
+    assert all(losses[1][step] == pytest.approx(loss, rel=1e-5) for step, loss in losses[0].items())
     a, b = metrics(tmp_path / "straight")[1], metrics(tmp_path / "split")[1]
     assert a["steps"] == b["steps"] == 2 * per_epoch and a["last_top1"] == pytest.approx(b["last_top1"])
 

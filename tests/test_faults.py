@@ -1,0 +1,149 @@
+"""Faults a long run must survive or stop on cleanly: NaN and overflow, a dead rank, kill -9 during a checkpoint."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import checkpoint, engine
+from pipeline.distributed import free_port
+from pipeline.faults import Guard, NumericFault
+from pipeline.schedule import Schedule
+from tests.shardsets import jpeg, write_shards
+from tests.test_train import ROOT, SMALL, ds_file, ok, train_cli
+
+FAULTY = str(ROOT / "tests" / "train_faulty.py")
+
+
+def faulty(fault: str, *args: str) -> subprocess.CompletedProcess:
+    """pipeline/train.py with FAULT injected into its images (tests/train_faulty.py), one process."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return subprocess.run([sys.executable, FAULTY, *args], capture_output=True, text=True, timeout=600,
+                          env={**env, "FAULT": fault})  # fmt: skip
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error:` line a failed run printed."""
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    return line
+
+
+def test_nan_loss_in_fp32_stops_at_its_step_and_no_checkpoint_holds_it(prepared, tmp_path):
+    out = tmp_path / "run"
+    proc = faulty("nan@3", "--deepspeed_config", ds_file(tmp_path, 32, 16, "fp32"), "--data-dir", str(prepared), *SMALL,
+                  "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled",
+                  "--save-every-steps", "2", "--log-every", "5")  # fmt: skip
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert error_line(proc).startswith("error: step 3: the training loss is nan in fp32; last finite loss ")
+    assert "at step 2;" in error_line(proc)
+    # The save at step 4 never happened: the fault was found first. Step 2's checkpoint is the newest.
+    assert [p.name for p in checkpoint.complete(out / "checkpoints")] == [checkpoint.tag(2)]
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["fault"].startswith("step 3:")
+
+
+def test_nan_loss_in_bf16_stops_at_its_step(prepared, tmp_path):
+    proc = faulty("inf@2+", "--deepspeed_config", ds_file(tmp_path, 32, 16, "bf16"), "--data-dir", str(prepared),
+                  *SMALL, "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
+                  "--wandb-mode", "disabled", "--log-every", "100")  # fmt: skip
+    assert proc.returncode == 3
+    assert error_line(proc).startswith("error: step 2: the training loss is nan in bf16; last finite loss")
+
+
+def test_overflow_skips_in_a_row_stop_a_real_engine(process_group):
+    """DeepSpeed skips bf16 steps with non-finite gradients; the guard counts them and stops at the limit."""
+    s = Schedule("warmup_decay", 0.1, 0.1, warmup_steps=0, total_steps=20, steps_per_epoch=5)
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+          "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}  # fmt: skip
+    eng = engine.build(torch.nn.Linear(4, 3), engine.with_schedule(ds, s), s)
+    guard, x = Guard("bf16", max_skipped_steps=3, min_loss_scale=1.0), torch.randn(2, 4, dtype=torch.bfloat16)
+    for step in range(1, 9):
+        eng.backward(eng(x).float().sum() * (float("inf") if step in (2, 4, 5, 6, 7) else 1.0))
+        eng.step()
+        if guard.step(eng.global_steps, eng.skipped_steps, engine.loss_scale(eng)):
+            break
+    # Skips at steps 2, 4, 5 and 6: the finite step 3 resets the count, which reaches 3 at step 6.
+    assert (step, eng.global_steps, eng.skipped_steps) == (6, 6, 4)
+    with pytest.raises(NumericFault, match=r"step 6: 3 optimizer steps in a row skipped for overflow \(loss scale 1\)"):
+        guard.stop()
+
+
+def test_fp16_overflow_at_the_minimum_loss_scale_stops():
+    guard = Guard("fp16", max_skipped_steps=0, min_loss_scale=1.0)
+    guard.rows([{"step": 1, "loss": 2.5}])
+    assert not guard.step(1, 0, 65536.0) and not guard.step(2, 1, 32768.0)  # an ordinary skip: scale halves
+    assert guard.step(3, 2, 1.0)
+    with pytest.raises(
+        NumericFault, match="step 3: fp16 overflow with the loss scale at its minimum 1; last finite loss 2.5 at step 1"
+    ):
+        guard.stop()
+    guard.rows([{"step": 4, "loss": float("nan")}])  # fp16: a NaN loss is a skipped step, not a fault
+
+
+def test_a_record_that_does_not_decode_stops_training_naming_it(tmp_path):
+    good = jpeg(np.full((40, 40, 3), 90, np.uint8))
+    write_shards(tmp_path / "data", "train", [(good, 1)] * 12 + [(good[:300], 1)] + [(good, 1)] * 3, 2)
+    write_shards(tmp_path / "data", "validation", [(good, 1)] * 4, 1)
+    proc = train_cli("--deepspeed_config", ds_file(tmp_path, 32, 16, "bf16"), "--data-dir", str(tmp_path / "data"),
+                     "--num-classes", "2", *SMALL, "--epochs", "2", "--warmup-epochs", "1",
+                     "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled")  # fmt: skip
+    assert proc.returncode == 2
+    assert re.match(rf"error: {tmp_path}/data/train-0000\d-of-00002: record at offset \d+: image does not decode",
+                    error_line(proc))  # fmt: skip
+
+
+def test_a_dead_rank_ends_the_others(prepared, tmp_path):
+    """Two ranks started by hand (as on two hosts, no launcher to clean up); rank 1 is killed mid-training."""
+    port, ds = str(free_port()), ds_file(tmp_path, 32, 16, "bf16")
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        args = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "50", "--warmup-epochs",
+                "1", "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled", "--log-every", "1",
+                "--dist-timeout", "30"]  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "train.py"), *args], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    steps = tmp_path / "run" / "steps.jsonl"
+    deadline = time.monotonic() + 300
+    while not (steps.exists() and steps.read_text().count("\n") >= 3):
+        assert time.monotonic() < deadline and procs[0].poll() is None, "training did not start"
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    procs[0].wait(timeout=120)
+    assert procs[0].returncode != 0 and time.monotonic() - killed < 60
+
+
+def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
+    """kill -9 while a checkpoint folder exists without complete.json; --resume auto takes the one before."""
+    out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = ["--deepspeed_config", ds_file(tmp_path, 32, 16, "fp32"), "--data-dir", str(prepared), *SMALL,
+            "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled",
+            "--save-every-steps", "1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "train.py"), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline, caught = time.monotonic() + 300, None
+    while caught is None:
+        assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint write was caught in progress"
+        done = checkpoint.complete(ckpts)
+        # A folder newer than every complete one and without complete.json is being written (older ones
+        # without it are being pruned).
+        writing = [p for p in ckpts.glob("step*") if done and p.name > done[-1].name]
+        caught = next((p for p in writing if not (p / checkpoint.COMPLETE).exists()), None)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    newest = checkpoint.complete(ckpts)[-1]
+    assert newest.name < caught.name and not (caught / checkpoint.COMPLETE).exists()
+    step = json.loads((newest / checkpoint.COMPLETE).read_text())["step"]
+    stdout = ok(train_cli(*args, "--resume", "auto"))
+    assert f"resumed from {newest} at step {step}" in stdout and "done: val top-1" in stdout
+    # The torn folder was rewritten by the resumed run or deleted once a later checkpoint was complete.
+    assert all((p / checkpoint.COMPLETE).exists() for p in ckpts.glob("step*"))
