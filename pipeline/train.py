@@ -265,7 +265,9 @@ def train_to_end(run: Run) -> int:
     except (NumericFault, DataError) as e:
         tracker.summary({"fault": str(e)})
         tracker.close()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        # A numeric fault is the same on every rank (its values are all-reduced); bad data is this rank's own.
+        if run.rank == 0 or isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
         distributed.close()
         return 3 if isinstance(e, NumericFault) else 2
     finish(run, tracker, summary)
