@@ -17,6 +17,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What launchers set for a process to join their group.
+LAUNCHER_VARIABLES = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "LOCAL_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def without_launcher(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the launcher variables, for a child process that must form its own process group."""
+    return {k: v for k, v in env.items() if k not in LAUNCHER_VARIABLES}
+
+
 def single_process_env() -> None:
     """Plain `python pipeline/train.py`: set the rendezvous variables a launcher would (else DeepSpeed tries MPI)."""
     if "RANK" in os.environ:

@@ -28,20 +28,11 @@ from pathlib import Path
 import torch
 
 from pipeline import scaling
-from pipeline.distributed import free_port
+from pipeline.distributed import free_port, without_launcher
 from pipeline.tracking import METRICS, STEPS, wandb_mode
 
 VARIANTS = ("rule+warmup", "rule", "no-rule")
 TRAIN = Path(__file__).resolve().parent / "train.py"
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
 
 
 @dataclass(frozen=True)
@@ -266,8 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir(parents=True)
         print(f"[{i}/{len(runs)}] {run.name}: lr {run.lr:.4g}, warmup {run.warmup_epochs:g} epochs", flush=True)
         # Each run forms its own process group: rendezvous variables inherited from a launcher are not for it.
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
-        env["PYTHONPATH"] = str(TRAIN.parent.parent)
+        env = {**without_launcher(os.environ), "PYTHONPATH": str(TRAIN.parent.parent)}
         proc = subprocess.run(train_command(run, args, folder, group), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
         (folder / "train.log").write_text(proc.stdout)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pipeline import checkpoint, engine
-from pipeline.distributed import free_port
+from pipeline.distributed import free_port, without_launcher
 from pipeline.faults import Guard, NumericFault
 from pipeline.schedule import Schedule
 from tests.shardsets import jpeg, write_shards
@@ -24,9 +24,8 @@ FAULTY = str(ROOT / "tests" / "train_faulty.py")
 
 def faulty(fault: str, *args: str) -> subprocess.CompletedProcess:
     """pipeline/train.py with FAULT injected into its images (tests/train_faulty.py), one process."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     return subprocess.run([sys.executable, FAULTY, *args], capture_output=True, text=True, timeout=600,
-                          env={**env, "FAULT": fault})  # fmt: skip
+                          env={**without_launcher(os.environ), "FAULT": fault})  # fmt: skip
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -127,9 +126,9 @@ def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
     args = ["--deepspeed_config", ds_file(tmp_path, 32, 16, "fp32"), "--data-dir", str(prepared), *SMALL,
             "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled",
             "--save-every-steps", "1"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pipeline" / "train.py"), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [sys.executable, str(ROOT / "pipeline" / "train.py"), *args]
+    proc = subprocess.Popen(command, env=without_launcher(os.environ), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
     deadline, caught = time.monotonic() + 300, None
     while caught is None:
         assert time.monotonic() < deadline and proc.poll() is None, "no checkpoint write was caught in progress"

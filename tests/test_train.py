@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from pipeline import checkpoint, scaling, train
+from pipeline.distributed import without_launcher
 from pipeline.schedule import Schedule, lr_at
 from pipeline.shards import shard_bounds
 from tests.shardsets import labelled_set
@@ -25,7 +26,7 @@ SMALL = ["--arch", "resnet18", "--crop-size", "32", "--val-resize", "36", "--dat
 
 def train_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python pipeline/train.py args` as a user would (one process, no launcher variables)."""
-    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    clean = without_launcher(os.environ)
     proc = subprocess.run(
         [sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=600, env={**clean, **(env or {})}
     )
