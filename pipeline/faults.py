@@ -21,6 +21,8 @@ class Guard:
         self.precision, self.max_skipped, self.min_scale = precision, max_skipped_steps, min_loss_scale
         # The engine's skipped-step count so far (restored by a resume): a rise means this step was skipped.
         self.consecutive, self.skipped, self.at = 0, skipped_steps, (0, 1.0)
+        # Why the last step must stop the run: "in a row", "minimum" (fp16 loss scale) or None.
+        self.reason: str | None = None
         self.last_finite: tuple[int, float] | None = None
 
     def _last(self) -> str:
@@ -35,12 +37,14 @@ class Guard:
         self.consecutive = self.consecutive + 1 if skipped_now else 0
         self.at = (step, loss_scale)
         at_minimum = skipped_now and self.precision == "fp16" and loss_scale <= self.min_scale
-        return at_minimum or bool(self.max_skipped and self.consecutive >= self.max_skipped)
+        in_a_row = bool(self.max_skipped and self.consecutive >= self.max_skipped)
+        self.reason = "in a row" if in_a_row else "minimum" if at_minimum else None
+        return self.reason is not None
 
     def stop(self) -> None:
         """Raise the fault `step` reported, naming the last finite loss (flush the pending rows first)."""
         step, scale = self.at
-        if self.consecutive < self.max_skipped or not self.max_skipped:
+        if self.reason == "minimum":
             raise NumericFault(
                 f"step {step}: fp16 overflow with the loss scale at its minimum {scale:g}; {self._last()}; "
                 "lower the lr, check the data, or train in bf16 (ds_configs/bs8k-bf16.json)"
