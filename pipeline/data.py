@@ -119,9 +119,11 @@ class ImageNetData:
         grad_accum: int = 1,
         splits: tuple[str, ...] = SPLITS,
         device_id: int | None = None,
+        shards: ShardSet | None = None,
     ):
         self.config, self.rank, self.world_size, self.grad_accum = config, rank, world_size, grad_accum
-        self.shards: ShardSet = open_shards(config.data_dir, splits, config.num_classes, config.index_dir)
+        # `shards`: the folder already opened by the caller (with these splits), so it is not read twice.
+        self.shards: ShardSet = shards or open_shards(config.data_dir, splits, config.num_classes, config.index_dir)
         for split in self.shards.splits.values():
             if split.images < world_size:
                 raise DataError(f"{config.data_dir}: {split.images} {split.name} images for {world_size} ranks")

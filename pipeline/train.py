@@ -30,21 +30,21 @@ from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, accuracy_counts
 from pipeline.model import build_model, check_arch
 from pipeline.scaling import Recipe
-from pipeline.shards import DataError, open_shards
+from pipeline.shards import DataError, ShardSet, open_shards
 from pipeline.tracking import Tracker, wandb_mode
 
 
 class Run:
     """Everything a run is built from: options, data, schedule, engine, metric sinks, and where it starts."""
 
-    def __init__(self, run: config.RunConfig, ds_file: dict, rank: int, world: int):
+    def __init__(self, run: config.RunConfig, ds_file: dict, rank: int, world: int, shards: ShardSet):
         self.opts, self.rank, self.world = run, rank, world
         self.out = Path(run.out_dir)
         self.cuda = torch.cuda.is_available()
         ds, self.notes = engine.fit(ds_file, run.deepspeed_config, world, self.cuda)
         self.precision = engine.precision(ds)
         self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-        self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum)
+        self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum, shards=shards)
         images = self.data.shards.splits["train"].images
         recipe = Recipe(ds["train_batch_size"], self.micro, epochs=run.epochs, warmup_epochs=run.warmup_epochs,
                         train_images=images, reference_batch=run.reference_batch,
@@ -220,13 +220,13 @@ def start(argv: list[str] | None = None) -> Run | int:
         check_arch(opts.arch)
         # Before the process group forms, so a bad batch/world pair or data folder fails fast on every rank.
         engine.grad_accum(ds, opts.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
-        open_shards(opts.data_dir, num_classes=opts.num_classes)
+        shards = open_shards(opts.data_dir, num_classes=opts.num_classes)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rank, world = distributed.init(opts.dist_timeout)
     try:
-        run = Run(opts, ds, rank, world)
+        run = Run(opts, ds, rank, world, shards)
         run.out.mkdir(parents=True, exist_ok=True)
         resume(run)
     except (ValueError, DataError) as e:
