@@ -18,6 +18,9 @@ from pipeline.schedule import SCHEDULES
 
 WANDB_MODES = ("online", "offline", "disabled")
 OPTIMIZERS = ("sgd", "lars")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# torch.compile modes (DeepSpeed's engine.compile); reduce-overhead also captures CUDA graphs.
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,14 @@ class RunConfig:
     data_device: str = "auto"
     # DALI CPU threads per rank (0: this host's cores divided by its ranks).
     data_threads: int = 0
+    # Batches DALI prepares ahead of the model (its prefetch queue depth).
+    data_prefetch: int = 2
+    # Share of JPEGs for the GPU's hardware JPEG decoder, 0..1 (default: chosen per GPU model in augment.py).
+    hw_decoder_load: float | None = None
+    # Image and activation memory: auto (channels-last, NHWC, on GPUs; NCHW on CPUs), channels_last or contiguous.
+    memory_format: str = "auto"
+    # torch.compile the model through the engine: none, or a torch.compile mode (reduce-overhead: CUDA graphs).
+    compile: str = "none"
     # Steps between progress and wandb updates (each one is a host-device sync).
     log_every: int = 20
     # wandb: online, offline (default unless an API key is configured) or disabled.
@@ -103,7 +114,9 @@ class RunConfig:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
-        for name in ("crop_size", "eval_every", "save_every_epochs", "log_every", "keep_checkpoints", "dist_timeout"):
+        names = ("crop_size", "eval_every", "save_every_epochs", "log_every", "keep_checkpoints", "dist_timeout",
+                 "data_prefetch")  # fmt: skip
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
         for name in ("save_every_steps", "max_steps", "seed", "data_threads", "max_skipped_steps"):
@@ -113,6 +126,12 @@ class RunConfig:
             raise ValueError(f"--val-resize {self.val_resize} is smaller than --crop-size {self.crop_size}")
         if self.data_device not in ("auto", "gpu", "cpu"):
             raise ValueError(f"--data-device {self.data_device}: use auto, gpu or cpu")
+        if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"--hw-decoder-load {self.hw_decoder_load}: must lie in [0, 1]")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"--memory-format {self.memory_format}: use one of {', '.join(MEMORY_FORMATS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile {self.compile}: use one of {', '.join(COMPILE_MODES)}")
 
     def dump(self, path: Path, **extra) -> None:
         """Write the options (and extra sections such as the derived schedule) as YAML."""
@@ -137,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
 
 def _kind(f: dataclasses.Field) -> type:
     """The Python type of a field's values (annotations are strings here)."""
-    return {"int": int, "int | None": int, "float": float}.get(f.type, str)
+    return {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
 
 
 def _from_yaml(path: str) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 from pipeline.model import param_groups
@@ -79,8 +80,18 @@ def lars(groups: list[dict], sgd: dict, trust: float):
                 weight_decay=sgd.get("weight_decay", 0.0), trust_clip=True)  # fmt: skip
 
 
-def build(model: nn.Module, ds: dict, schedule: Schedule, optimizer: str = "sgd", lars_trust: float = 0.02):
-    """A DeepSpeed engine over `model` with Nesterov SGD from `ds` (or LARS) and the run's schedule."""
+def build(
+    model: nn.Module,
+    ds: dict,
+    schedule: Schedule,
+    optimizer: str = "sgd",
+    lars_trust: float = 0.02,
+    compile_mode: str = "none",
+    channels_last: bool = False,
+):
+    """A DeepSpeed engine over `model` (NCHW) with Nesterov SGD from `ds` (or LARS) and the run's schedule; its
+    weights then made channels-last if asked (see to_channels_last), and the model torch.compiled in `compile_mode`
+    unless that is "none"."""
     import deepspeed
 
     sgd = ds["optimizer"]["params"]
@@ -94,7 +105,30 @@ def build(model: nn.Module, ds: dict, schedule: Schedule, optimizer: str = "sgd"
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=groups, optimizer=client_optimizer, config=ds, lr_scheduler=client_scheduler
     )
+    if channels_last:
+        to_channels_last(engine)
+    if compile_mode != "none":
+        # Compiled in place (nn.Module.compile): checkpoints keep the plain parameter names. The first steps
+        # of a run (and of each new input shape) spend their time compiling.
+        engine.compile(compile_kwargs={} if compile_mode == "default" else {"mode": compile_mode})
     return engine
+
+
+def to_channels_last(engine) -> None:
+    """Put the 4-d weights, and the fp32 master copies DeepSpeed's mixed-precision optimizer keeps of them, in
+    channels-last (NHWC) memory. Only after deepspeed.initialize: its first weight broadcast views every parameter
+    as bytes, which channels-last strides refuse. Masters and weights must share a layout: fused SGD updates
+    them as flat memory, and refuses a mismatch."""
+    opt = engine.optimizer
+    if any(hasattr(opt, flat) for flat in ("fp16_groups_flat", "bf16_groups_flat")):
+        # These wrappers make the weights views into one flat buffer; a new layout would cut them off from it.
+        raise ValueError(f"--memory-format channels_last: not supported with {type(opt).__name__} (flat buffers); "
+                         "use --memory-format contiguous")  # fmt: skip
+    masters = [p for group in getattr(opt, "fp32_groups", []) for p in group]
+    for p in [*engine.module.parameters(), *masters]:
+        if p.dim() == 4:
+            # In place of the storage, not the Parameter: the optimizer's references stay valid.
+            p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
 def loss_scale(engine) -> float:

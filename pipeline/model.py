@@ -32,7 +32,8 @@ def zero_init_residual(model: nn.Module) -> int:
 
 
 def build_model(arch: str, num_classes: int, channels_last: bool = False) -> tuple[nn.Module, int]:
-    """A freshly initialised `arch` for `num_classes` classes, and the number of residual BNs zeroed."""
+    """A freshly initialised `arch` for `num_classes` classes, and the number of residual BNs zeroed. Channels-last
+    is for plain PyTorch; a DeepSpeed engine's model is converted after initialize (engine.to_channels_last)."""
     check_arch(arch)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     zeroed = zero_init_residual(model)

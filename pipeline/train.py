@@ -41,6 +41,12 @@ class Run:
         self.opts, self.rank, self.world = run, rank, world
         self.out = Path(run.out_dir)
         self.cuda = torch.cuda.is_available()
+        # NHWC from DALI through every convolution: the layout Tensor Cores read without transposes.
+        self.channels_last = run.memory_format == "channels_last" or (run.memory_format == "auto" and self.cuda)
+        if self.cuda:
+            # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest (numerics: the chosen
+            # convolution algorithms, and so the last bits of the results, may differ from run to run).
+            torch.backends.cudnn.benchmark = True
         ds, self.notes = engine.fit(ds_file, run.deepspeed_config, world, self.cuda)
         self.precision = engine.precision(ds)
         self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
@@ -53,19 +59,21 @@ class Run:
         self.ds = engine.with_schedule(ds, self.schedule)
         # The same initial weights on every rank and in every session with this seed.
         torch.manual_seed(run.seed)
-        model, self.zeroed = build_model(run.arch, self.data.num_classes, channels_last=self.cuda)
-        self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust)
+        model, self.zeroed = build_model(run.arch, self.data.num_classes)
+        self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust, run.compile,
+                                   channels_last=self.channels_last)  # fmt: skip
         self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None}
         min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
         self.guard = Guard(self.precision, run.max_skipped_steps, min_scale)
 
     def _data_config(self) -> DataConfig:
-        """The reader's settings: the micro-batch, the precision's dtype, channels-last on GPUs."""
+        """The reader's settings: the micro-batch, the precision's dtype, the model's memory layout."""
         o = self.opts
         return DataConfig(
             o.data_dir, batch_size=self.micro, crop_size=o.crop_size, val_resize=o.val_resize,
-            dtype=engine.DATA_DTYPES[self.precision], layout="NHWC" if self.cuda else "NCHW",
+            dtype=engine.DATA_DTYPES[self.precision], layout="NHWC" if self.channels_last else "NCHW",
             device=o.data_device, num_threads=o.data_threads, seed=o.seed, num_classes=o.num_classes,
+            prefetch=o.data_prefetch, hw_decoder_load=o.hw_decoder_load,
         )  # fmt: skip
 
     def describe(self) -> dict:
@@ -79,6 +87,7 @@ class Run:
                 "train_images": self.data.shards.splits["train"].images,
                 "val_images": self.data.shards.splits["validation"].images,
                 "num_classes": self.data.num_classes, "zero_init_residual_blocks": self.zeroed,
+                "channels_last": self.channels_last, "data": dataclasses.asdict(self.data.config),
                 "notes": self.notes,
             },
         }  # fmt: skip

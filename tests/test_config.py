@@ -39,6 +39,10 @@ def test_yaml_then_flags(tmp_path):
         ([*REQUIRED, "--wandb-mode", "cloud"], "--wandb-mode cloud"),
         ([*REQUIRED, "--eval-every", "0"], "--eval-every 0: must be at least 1"),
         ([*REQUIRED, "--label-smoothing", "1.5"], "--label-smoothing 1.5"),
+        ([*REQUIRED, "--memory-format", "nhwc"], "--memory-format nhwc: use one of auto, channels_last, contiguous"),
+        ([*REQUIRED, "--compile", "fast"], "--compile fast: use one of none, default"),
+        ([*REQUIRED, "--hw-decoder-load", "1.5"], "--hw-decoder-load 1.5: must lie in [0, 1]"),
+        ([*REQUIRED, "--data-prefetch", "0"], "--data-prefetch 0: must be at least 1"),
     ],
 )
 def test_bad_options_are_one_line_errors(argv, message):

@@ -131,3 +131,53 @@ def test_torch_sgd_needs_no_momentum_correction(nesterov):
         prev = lr
     assert torch.allclose(w.detach(), corrected, atol=1e-5)
     assert not torch.allclose(w.detach(), plain, atol=1e-2)
+
+
+def test_a_compiled_engine_trains_and_keeps_plain_parameter_names(process_group):
+    """--compile: torch.compile through DeepSpeed's engine.compile, in place, so checkpoints keep their names."""
+    s = Schedule("warmup_decay", 0.1, 0.1, warmup_steps=0, total_steps=4, steps_per_epoch=2)
+    ds = engine.with_schedule({"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2,
+                               "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}, s)  # fmt: skip
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    eng = engine.build(model, ds, s, compile_mode="default")
+    assert eng.is_compiled
+    x, before = torch.randn(2, 4), model[0].weight.detach().clone()
+    for _ in range(2):
+        eng.backward(eng(x).sum())
+        eng.step()
+    assert not torch.equal(model[0].weight, before)
+    assert set(eng.module.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+
+
+def small_convnet() -> torch.nn.Module:
+    """Conv, BN, ReLU, pooling and a linear layer: every parameter kind a ResNet has."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_channels_last_weights_train_like_contiguous_ones(process_group, fused):
+    """DeepSpeed's first broadcast refuses channels-last weights, so they are converted after initialize, fp32
+    master copies included (fused SGD updates weights, grads and momenta as flat memory of one layout)."""
+    s = Schedule("warmup_decay", 0.1, 0.1, warmup_steps=0, total_steps=8, steps_per_epoch=4)
+    ds = engine.with_schedule({"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
+                               "data_types": {"buffer_dtype": "bf16"}, "optimizer": {"type": "SGD", "params": {
+                                   "lr": 0.1, "momentum": 0.9, "nesterov": True, "fused": fused}}}, s)  # fmt: skip
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    masters = {}
+    for channels_last in (False, True):
+        eng = engine.build(small_convnet(), ds, s, channels_last=channels_last)
+        conv = eng.module[0].weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        images = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+        for _ in range(3):
+            eng.backward(eng(images).float().square().mean())
+            eng.step()
+        masters[channels_last] = [p.detach().clone() for g in eng.optimizer.fp32_groups for p in g]
+        assert masters[channels_last][0].is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert eng.global_steps == 3 and eng.skipped_steps == 0
+    for a, b in zip(masters[False], masters[True], strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

@@ -77,6 +77,10 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["run"]["arch"] == "resnet18" and saved["derived"]["train_images"] == images
     assert saved["schedule"]["total_steps"] == 3 * per_epoch and saved["deepspeed"]["gradient_accumulation_steps"] == 2
+    # On a CPU: NCHW batches and model, bf16 batches cast from DALI's float32, two batches prefetched.
+    assert not saved["derived"]["channels_last"]
+    assert {k: saved["derived"]["data"][k] for k in ("layout", "dtype", "prefetch", "batch_size")} == {
+        "layout": "NCHW", "dtype": "bfloat16", "prefetch": 2, "batch_size": 32}  # fmt: skip
     # Every 3 steps and at each epoch's end (the last step is both); the 2 newest complete ones are kept.
     assert "at step 3\n" in stdout and stdout.count(f"at step {3 * per_epoch}\n") == 2
     saves = sorted({*range(3, 3 * per_epoch + 1, 3), *range(per_epoch, 3 * per_epoch + 1, per_epoch)})
@@ -98,6 +102,21 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert all(h["train/lr"] == pytest.approx(lr_at(schedule, s - 1)) for s, h in steps.items())
     assert [h["epoch/val_top1"] for h in run["history"] if "epoch/val_top1" in h] == [e["val_top1"] for e in epochs]
     assert run["summary"]["best_top1"] == summary["best_top1"]
+
+
+def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
+    """The throughput levers as flags: channels-last on a CPU too, DALI's prefetch depth and hardware decoder share."""
+    out = tmp_path / "run"
+    args = ["--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "0", "--max-steps", "2",
+            "--memory-format", "channels_last", "--data-prefetch", "3", "--hw-decoder-load", "0.5",
+            "--out-dir", str(out), "--wandb-mode", "disabled"]  # fmt: skip
+    ok(train_cli("--deepspeed_config", str(ROOT / "ds_configs" / "cpu.json"), *args))
+    derived = yaml.safe_load((out / "config.yaml").read_text())["derived"]
+    assert derived["channels_last"]
+    assert {k: derived["data"][k] for k in ("layout", "prefetch", "hw_decoder_load")} == {
+        "layout": "NHWC", "prefetch": 3, "hw_decoder_load": 0.5}  # fmt: skip
+    conv = weights(out, 2)["conv1.weight"]
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
 def weights(out: Path, step: int) -> dict[str, torch.Tensor]:

@@ -56,10 +56,11 @@ def test_engine_keeps_fp32_master_weights_and_channels_last(tmp_path):
     ds = json.loads((ROOT / "ds_configs" / "bs256.json").read_text())
     ds, notes = engine.fit({**ds, "train_batch_size": 32}, "bs256.json", 1, cuda=True)
     s = derive("warmup_decay", Recipe(32, train_images=1000, epochs=2, warmup_epochs=1))
-    model, _ = build_model("resnet50", 10, channels_last=True)
-    eng = engine.build(model, engine.with_schedule(ds, s), s)
+    model, _ = build_model("resnet50", 10)
+    eng = engine.build(model, engine.with_schedule(ds, s), s, channels_last=True)
     assert next(eng.module.parameters()).dtype == torch.float16 and engine.loss_scale(eng) == 2.0**16
     assert eng.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     # DeepSpeed's fused fp16 optimizer keeps flat fp32 copies, the unfused one per-parameter copies.
     masters = getattr(eng.optimizer, "fp32_groups_flat", None) or [p for g in eng.optimizer.fp32_groups for p in g]
     assert masters and all(p.dtype == torch.float32 for p in masters)
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in masters if p.dim() == 4)
