@@ -12,7 +12,7 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install test lint demo demo-data scaling-study bench bench-prep bench-data bench-train prep-imagenet clean
+.PHONY: install test lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
 
 install: $(STAMP)
 
@@ -51,7 +51,7 @@ scaling-study: demo-data
 	$(PY) -m pipeline.scaling_study --data-dir $(DEMO_DIR)/shards --base-batch 32 --batch-sizes 32,256,1024 \
 		--epochs 16 --warmup-epochs 2 --crop-size 64 --val-resize 73 --lars --out $(STUDY_DIR)
 
-bench: bench-prep bench-data bench-train
+bench: bench-prep bench-data bench-throughput
 
 bench-prep: install
 	$(PY) bench/prep_bench.py
@@ -60,9 +60,10 @@ bench-prep: install
 bench-data: install
 	$(PY) bench/data_bench.py
 
-# Training end to end (DALI into DeepSpeed): ResNet-50 fp16 on a GPU, ResNet-18 bf16 on a CPU.
-bench-train: install
-	$(PY) bench/train_bench.py
+# Training throughput: DALI alone, synthetic input, end to end, plain PyTorch AMP, per micro-batch, and the
+# speed levers (ResNet-50 fp16 at 32/128/256 on a GPU; a small ResNet-18 bf16 setting on a CPU).
+bench-throughput: install
+	$(PY) bench/throughput.py
 
 prep-imagenet: install
 	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/)"; exit 2; }

@@ -20,16 +20,34 @@ BENCH = Path(__file__).resolve().parent
 TREE = dict(min_side=375, max_side=375, noise=32.0, aspects=(4 / 3,), quality=(95, 95))
 
 
+# Distinct photos generated at most (about 30 s on one core); larger trees repeat them under new names.
+UNIQUE_PHOTOS = 2100
+
+
 def bench_tree(images: int) -> Path:
-    """A generated ImageNet-layout tree of about `images` photos in 20 classes, cached under bench/work/."""
+    """A generated ImageNet-layout tree of about `images` photos in 20 classes, cached under bench/work/.
+    Beyond UNIQUE_PHOTOS the training photos are hard links to the generated ones (decoding costs the same)."""
     classes, val_per_class = 20, 5
     train_per_class = max(1, images // classes - val_per_class)
     root = BENCH / "work" / f"tree-{images}"
     if not (root / ".complete").exists():
         shutil.rmtree(root, ignore_errors=True)
-        generate(str(root), classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, **TREE)
+        if images <= UNIQUE_PHOTOS:
+            generate(str(root), classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, **TREE)
+        else:
+            _repeat(bench_tree(UNIQUE_PHOTOS), root, train_per_class)
         (root / ".complete").touch()
     return root
+
+
+def _repeat(base: Path, root: Path, train_per_class: int) -> None:
+    """A copy of `base` (hard links) with `train_per_class` training photos per class, cycling through its own."""
+    shutil.copytree(base / "val", root / "val", copy_function=os.link)
+    for folder in sorted((base / "train").iterdir()):
+        photos = sorted(folder.glob("*.JPEG"))
+        (root / "train" / folder.name).mkdir(parents=True)
+        for i in range(train_per_class):
+            os.link(photos[i % len(photos)], root / "train" / folder.name / f"{folder.name}_{i}.JPEG")
 
 
 def timed(fn) -> float:
