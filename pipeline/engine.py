@@ -117,8 +117,8 @@ def build(
 def to_channels_last(engine) -> None:
     """Put the 4-d weights, and the fp32 master copies DeepSpeed's mixed-precision optimizer keeps of them, in
     channels-last (NHWC) memory. Only after deepspeed.initialize: its first weight broadcast views every parameter
-    as bytes, which channels-last strides refuse. Masters and weights must share a layout: fused SGD updates
-    them as flat memory, and refuses a mismatch."""
+    as bytes, which channels-last strides refuse. Masters and weights (so gradients) must share a layout: fused
+    SGD walks them as flat memory, and a mismatch gives a wrong update without an error (torch 2.15, CPU)."""
     opt = engine.optimizer
     if any(hasattr(opt, flat) for flat in ("fp16_groups_flat", "bf16_groups_flat")):
         # These wrappers make the weights views into one flat buffer; a new layout would cut them off from it.

@@ -161,7 +161,8 @@ def small_convnet() -> torch.nn.Module:
 @pytest.mark.parametrize("fused", [False, True])
 def test_channels_last_weights_train_like_contiguous_ones(process_group, fused):
     """DeepSpeed's first broadcast refuses channels-last weights, so they are converted after initialize, fp32
-    master copies included (fused SGD updates weights, grads and momenta as flat memory of one layout)."""
+    master copies included: fused SGD walks masters, grads and momenta as flat memory, and silently misapplies
+    the update when their layouts differ."""
     s = Schedule("warmup_decay", 0.1, 0.1, warmup_steps=0, total_steps=8, steps_per_epoch=4)
     ds = engine.with_schedule({"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True},
                                "data_types": {"buffer_dtype": "bf16"}, "optimizer": {"type": "SGD", "params": {
