@@ -4,6 +4,9 @@
         [--deepspeed-config ds_configs/bs256.json] [--images 25600] [--window 10] [--windows 6]
         [--levers auto|none|all|NAME,...] [--lever-micro-batch N] [--repeats 1] [--profile] [--results DIR]
 
+--profile also runs, per micro-batch, a profiled synthetic run (top operators, written beside the results)
+and the phases of an optimizer step (forward, backward, optimizer) for DeepSpeed and for plain AMP.
+
 For every micro-batch (per GPU; the optimizer step keeps the configuration's batch by accumulation):
   dali_pipeline  pipeline.data's training batches alone, decoded from real JPEG shards (nothing consumes them);
   synthetic      pipeline/train.py's training loop and DeepSpeed engine on one batch already on the device
@@ -46,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from bench.common import BENCH, bench_tree, machine  # noqa: E402
 from bench.data_bench import bench_shards  # noqa: E402
-from pipeline import engine  # noqa: E402
+from pipeline import engine, schedule  # noqa: E402
 from pipeline.distributed import without_launcher  # noqa: E402
 
 MODES = ("dali_pipeline", "synthetic", "end_to_end", "baseline_amp")
@@ -55,6 +58,8 @@ TARGET_IMG_S, TARGET_DATA_SHARE, TARGET_VS_AMP = 3000, 0.95, 0.95
 # The bf16/fp16 matrix rate measured on an H100 (shared/method.md): the arithmetic ceiling.
 HOPPER_MATRIX_FLOP_S = 790e12
 
+# Settings the harness handles itself; the others are pipeline/train.py flags.
+NOT_FLAGS = ("fused", "profile", "engine")
 # Each lever: the measurement it shows in, and its settings (train.py flags; "fused" edits the DeepSpeed
 # configuration), the first being the tuned default the others are compared with.
 LEVERS = {
@@ -90,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--levers", default="auto", help="auto (all on a GPU, none on a CPU), none, all, or names: "
                    + ",".join(LEVERS))  # fmt: skip
     p.add_argument("--lever-micro-batch", type=int, help="micro-batch of the lever runs (default: the largest)")
-    p.add_argument("--profile", action="store_true", help="also profile synthetic steps: the top kernels by time")
+    p.add_argument("--profile", action="store_true", help="also profile each micro-batch (see above)")
     p.add_argument("--results", default=str(BENCH / "results"), help="folder for the results")
     p.add_argument("--work", default=str(BENCH / "work" / "throughput"), help="folder for the runs (emptied first)")
     args = p.parse_args(argv)
@@ -203,39 +208,121 @@ def dali_child(spec: dict) -> dict:
     return {"rows": clock.rows, "steps_per_epoch": per_epoch}
 
 
-def baseline_child(spec: dict) -> dict:
+class AmpSteps:
     """Plain PyTorch AMP: the same model (channels-last) and Nesterov SGD, autocast and GradScaler, synthetic input
     on the device, the same accumulation; no DeepSpeed, no learning-rate schedule."""
-    import torch.nn.functional as F
 
-    from pipeline.model import build_model, param_groups
+    def __init__(self, spec: dict):
+        from pipeline.model import build_model, param_groups
 
-    gpu = torch.cuda.is_available()
-    device = torch.device("cuda" if gpu else "cpu")
-    if gpu:
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)
-    model, _ = build_model(spec["arch"], spec["num_classes"], channels_last=True)
-    model.to(device).train()
-    sgd = spec["sgd"]
-    optimizer = torch.optim.SGD(param_groups(model, sgd.get("weight_decay", 0.0)), lr=sgd["lr"],
-                                momentum=sgd.get("momentum", 0.9), nesterov=True, fused=gpu)  # fmt: skip
-    half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec["precision"])
-    scaler = torch.amp.GradScaler(device.type, enabled=spec["precision"] == "fp16")
-    images, labels = _synthetic_batch(spec["micro"], spec["crop"], spec["num_classes"], half or torch.float32,
-                                      True, device)  # fmt: skip
-    clock = Windows(spec["window"], spec["micro"] * spec["accum"], spec["steps_per_epoch"], gpu)
+        self.gpu = torch.cuda.is_available()
+        device = torch.device("cuda" if self.gpu else "cpu")
+        if self.gpu:
+            torch.backends.cudnn.benchmark = True
+        torch.manual_seed(0)
+        model, _ = build_model(spec["arch"], spec["num_classes"], channels_last=True)
+        self.model, self.accum = model.to(device).train(), spec["accum"]
+        sgd = spec["sgd"]
+        self.optimizer = torch.optim.SGD(param_groups(model, sgd.get("weight_decay", 0.0)), lr=sgd["lr"],
+                                         momentum=sgd.get("momentum", 0.9), nesterov=True, fused=self.gpu)  # fmt: skip
+        self.half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec["precision"])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=spec["precision"] == "fp16")
+        self.images, self.labels = _synthetic_batch(spec["micro"], spec["crop"], spec["num_classes"],
+                                                    self.half or torch.float32, True, device)  # fmt: skip
+
+    def forward(self) -> torch.Tensor:
+        """The loss of one micro-batch."""
+        import torch.nn.functional as F
+
+        with torch.autocast(self.images.device.type, dtype=self.half, enabled=self.half is not None):
+            logits = self.model(self.images)
+        return F.cross_entropy(logits.float(), self.labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Scaled gradients, accumulated."""
+        self.scaler.scale(loss / self.accum).backward()
+
+    def step(self, boundary: bool) -> None:
+        """At the accumulation boundary: unscale, skip on overflow or step, update the scale, clear the grads."""
+        if boundary:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+class DeepSpeedSteps:
+    """The calls pipeline/train.py's loop makes per micro-batch, on its own engine, with synthetic input."""
+
+    def __init__(self, spec: dict):
+        from pipeline import train
+
+        self.run, self.gpu = train.start(spec["argv"]), torch.cuda.is_available()
+        if isinstance(self.run, int):
+            raise SystemExit(self.run)
+        self.loss_fn = train.loss_fn
+        dtype = getattr(torch, engine.DATA_DTYPES[self.run.precision])
+        self.images, self.labels = _synthetic_batch(self.run.micro, self.run.opts.crop_size, self.run.data.num_classes,
+                                                    dtype, self.run.channels_last, self.run.engine.device)  # fmt: skip
+
+    def forward(self) -> torch.Tensor:
+        """The loss of one micro-batch."""
+        return self.loss_fn(self.run, self.run.engine(self.images), self.labels)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """DeepSpeed's backward: scaled, accumulated."""
+        self.run.engine.backward(loss)
+
+    def step(self, boundary: bool) -> None:
+        """DeepSpeed's step on every micro-batch (it steps the optimizer at the boundary), then the schedule."""
+        self.run.engine.step()
+        if boundary:
+            schedule.follow(self.run.engine)
+
+
+def baseline_child(spec: dict) -> dict:
+    """Plain PyTorch AMP (AmpSteps), timed in windows like the others."""
+    amp = AmpSteps(spec)
+    clock = Windows(spec["window"], spec["micro"] * spec["accum"], spec["steps_per_epoch"], amp.gpu)
     for step in range(1, spec["steps"] + 1):
-        for _ in range(spec["accum"]):
-            with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels)
-            scaler.scale(loss / spec["accum"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for micro in range(spec["accum"]):
+            amp.backward(amp.forward())
+            amp.step(micro == spec["accum"] - 1)
         clock.step(step)
     return {"rows": clock.rows, "steps_per_epoch": spec["steps_per_epoch"]}
+
+
+PHASES = ("forward", "backward", "optimizer")
+
+
+def phases_child(spec: dict) -> dict:
+    """Milliseconds per optimizer step in forward, backward and the optimizer step, for DeepSpeed or plain AMP.
+    Each phase ends with a device sync, which stops host and device overlapping: the parts add up to more than
+    a free-running step, but show where the time goes."""
+    steps = AmpSteps(spec) if spec["engine"] == "amp" else DeepSpeedSteps(spec)
+    totals, start = dict.fromkeys(PHASES, 0.0), 0.0
+
+    def mark(phase: str | None) -> None:
+        nonlocal start
+        if steps.gpu:
+            torch.cuda.synchronize()  # a host-device sync point, on purpose: the phase's work is done
+        now = time.perf_counter()
+        if phase is not None:
+            totals[phase] += now - start
+        start = now
+
+    for step in range(1, spec["steps"] + 1):
+        if step == spec["warmup"] + 1:
+            totals = dict.fromkeys(PHASES, 0.0)
+        for micro in range(spec["accum"]):
+            mark(None)
+            loss = steps.forward()
+            mark("forward")
+            steps.backward(loss)
+            mark("backward")
+            steps.step(micro == spec["accum"] - 1)
+            mark("optimizer")
+    timed = spec["steps"] - spec["warmup"]
+    return {"phases_ms": {phase: 1000 * seconds / timed for phase, seconds in totals.items()}}
 
 
 def _synthetic_batch(micro: int, crop: int, classes: int, dtype, channels_last: bool, device) -> tuple:
@@ -308,7 +395,8 @@ def _profiler(spec: dict, accum: int):
     return profile(activities=activities, schedule=steps, on_trace_ready=write)
 
 
-CHILDREN = {"dali_pipeline": dali_child, "baseline_amp": baseline_child, "synthetic": synthetic_child}
+CHILDREN = {"dali_pipeline": dali_child, "baseline_amp": baseline_child, "synthetic": synthetic_child,
+            "phases": phases_child}  # fmt: skip
 
 
 def child_main(spec_file: str) -> int:
@@ -363,7 +451,7 @@ class Bench:
             "--data-threads", str(a.data_threads), "--out-dir", str(out), "--wandb-mode", "disabled",
         ]  # fmt: skip
         for name, value in settings.items():
-            if name not in ("fused", "profile"):
+            if name not in NOT_FLAGS:
                 argv += ["--" + name.replace("_", "-"), str(value)]
         return argv
 
@@ -387,7 +475,8 @@ class Bench:
                         micro=micro, accum=accum, crop=a.crop_size, precision=self.precision, steps=steps,
                         steps_per_epoch=per_epoch, window=window, arch=a.arch, num_classes=self.num_classes,
                         channels_last=settings.get("memory_format", "auto") != "contiguous" and self.gpu,
-                        data_threads=a.data_threads, sgd=ds["optimizer"]["params"])  # fmt: skip
+                        data_threads=a.data_threads, sgd=ds["optimizer"]["params"], warmup=a.warmup_steps,
+                        engine=settings.get("engine"))  # fmt: skip
             if settings.get("profile"):
                 spec.update(profile=str(folder / "profile.txt"), warmup_micro=a.warmup_steps * accum)
             (folder / "spec.json").write_text(json.dumps(spec))
@@ -399,6 +488,10 @@ class Bench:
         if proc.returncode:
             tail = (folder / "log.txt").read_text()[-3000:]
             raise SystemExit(f"error: {mode} at micro-batch {micro} failed (exit {proc.returncode}):\n{tail}")
+        if mode == "phases":
+            phases = json.loads((folder / "result.json").read_text())["phases_ms"]
+            print("    " + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()), flush=True)
+            return {"phases_ms": phases, "steps": steps}
         if mode in ("end_to_end", "synthetic"):
             lines = (folder / "out" / "steps.jsonl").read_text().splitlines()
             rows = [json.loads(line) for line in lines]
@@ -437,8 +530,10 @@ class Bench:
         row["deepspeed_vs_amp"] = row["synthetic_img_s"] / row["baseline_amp_img_s"]
         row["details"] = found
         if self.args.profile:
-            # Its own run: the profiler slows the steps it records.
+            # Their own runs: the profiler slows the steps it records, the phase syncs stop overlap.
             row["profile"] = self.measure("synthetic", micro, {"profile": True})["profile"]
+            row["phases_ms"] = {e: self.measure("phases", micro, {"engine": e})["phases_ms"]
+                                for e in ("deepspeed", "amp")}  # fmt: skip
         return row
 
     def levers(self) -> list[dict]:
@@ -517,6 +612,19 @@ def markdown(result: dict) -> str:
             f"{r['deepspeed_vs_amp']:.3f} | {r['synthetic_img_s'] * result['train_flop'] / 1e12:.1f} |"
         )
     lines += ["", *[f"- {v}" for v in verdicts(result)]]
+    phased = [r for r in result["rows"] if "phases_ms" in r]
+    if phased:
+        lines += [
+            "",
+            "Where an optimizer step's time goes (ms; each phase ends in a device sync, so no overlap):",
+            "",
+            "| micro-batch | engine | forward | backward | optimizer step | sum |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in phased:
+            for name, p in r["phases_ms"].items():
+                cells = " | ".join(f"{p[k]:.1f}" for k in PHASES)
+                lines.append(f"| {r['micro_batch']} | {name} | {cells} | {sum(p.values()):.1f} |")
     if result["levers"]:
         lines += ["", f"Levers at micro-batch {result['lever_micro_batch']}, each against its first setting:", "",
                   "| lever | measured | setting | images/s | vs first |", "|---|---|---|---|---|"]  # fmt: skip

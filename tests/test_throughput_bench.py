@@ -93,15 +93,22 @@ def test_the_harness_measures_all_four_and_writes_its_results(prepared, tmp_path
         assert f"--deepspeed_config {tmp_path / 'work'}" in details["end_to_end"]["command"]
         # The top operators of three profiled steps, beside the results.
         assert "Self CPU" in (results / row["profile_file"]).read_text()
-    # The repeats take turns: every mode once, then every mode again, then the profiled run.
+    # The repeats take turns: every mode once, then every mode again; then the profiled run and the phases.
     runs = sorted((tmp_path / "work").glob("run*-mb4"), key=lambda p: int(p.name[3:].split("-")[0]))
-    assert [p.name.split("-", 1)[1] for p in runs] == [f"{m}-mb4" for m in throughput.MODES * 2] + ["synthetic-mb4"]
+    assert [p.name.split("-", 1)[1].removesuffix("-mb4") for p in runs] == [*throughput.MODES * 2, "synthetic",
+                                                                            "phases", "phases"]  # fmt: skip
+    for row in result["rows"]:
+        # Forward, backward and optimizer-step milliseconds per optimizer step, for both engines.
+        assert set(row["phases_ms"]) == {"deepspeed", "amp"}
+        assert all(set(p) == set(throughput.PHASES) and min(p.values()) > 0 for p in row["phases_ms"].values())
     best = max(result["rows"], key=lambda r: r["end_to_end_img_s"])
     assert result["micro_batch"] == best["micro_batch"] and result["end_to_end_img_s"] == best["end_to_end_img_s"]
     # ResNet-18 at 32 px: about 3 x 2 x 1.8 GMAC x (32/224)^2.
     assert result["train_flop"] == pytest.approx(3 * 2 * 1.82e9 * (32 / 224) ** 2, rel=0.1)
     table = (results / json_file.name.replace(".json", ".md")).read_text()
     assert f"| 8 | {result['rows'][1]['dali_pipeline_img_s']:,.0f} |" in table
+    backward = result["rows"][0]["phases_ms"]["amp"]["backward"]
+    assert f"| 4 | amp | {result['rows'][0]['phases_ms']['amp']['forward']:.1f} | {backward:.1f} |" in table
     assert math.isfinite(result["rows"][0]["deepspeed_vs_amp"])
 
 
