@@ -529,6 +529,8 @@ class Bench:
         row["end_to_end_vs_synthetic"] = row["end_to_end_img_s"] / row["synthetic_img_s"]
         row["deepspeed_vs_amp"] = row["synthetic_img_s"] / row["baseline_amp_img_s"]
         row["details"] = found
+        # The configuration as measured, to commit under ds_configs/ for the setting that wins.
+        row["deepspeed_config"] = self.ds_file(micro)[1]
         if self.args.profile:
             # Their own runs: the profiler slows the steps it records, the phase syncs stop overlap.
             row["profile"] = self.measure("synthetic", micro, {"profile": True})["profile"]

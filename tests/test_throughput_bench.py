@@ -90,6 +90,8 @@ def test_the_harness_measures_all_four_and_writes_its_results(prepared, tmp_path
             assert sorted(runs) == sorted([statistics.median(rates[:2]), statistics.median(rates[2:])])
         # The same training images in every measurement: the batch of 16 by accumulation.
         assert details["end_to_end"]["steps"] == details["synthetic"]["steps"]
+        assert row["deepspeed_config"]["train_micro_batch_size_per_gpu"] == row["micro_batch"]
+        assert row["deepspeed_config"]["train_batch_size"] == 16
         assert f"--deepspeed_config {tmp_path / 'work'}" in details["end_to_end"]["command"]
         # The top operators of three profiled steps, beside the results.
         assert "Self CPU" in (results / row["profile_file"]).read_text()
