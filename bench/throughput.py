@@ -51,6 +51,7 @@ from bench.common import BENCH, bench_tree, machine  # noqa: E402
 from bench.data_bench import bench_shards  # noqa: E402
 from pipeline import engine, schedule  # noqa: E402
 from pipeline.distributed import without_launcher  # noqa: E402
+from pipeline.model import uses_channels_last  # noqa: E402
 
 MODES = ("dali_pipeline", "synthetic", "end_to_end", "baseline_amp")
 # The targets on one H100/H200, ResNet-50 fp16.
@@ -474,7 +475,7 @@ class Bench:
             spec = dict(mode=mode, argv=argv, result=str(folder / "result.json"), data_dir=str(self.shards),
                         micro=micro, accum=accum, crop=a.crop_size, precision=self.precision, steps=steps,
                         steps_per_epoch=per_epoch, window=window, arch=a.arch, num_classes=self.num_classes,
-                        channels_last=settings.get("memory_format", "auto") != "contiguous" and self.gpu,
+                        channels_last=uses_channels_last(settings.get("memory_format", "auto"), self.gpu),
                         data_threads=a.data_threads, sgd=ds["optimizer"]["params"], warmup=a.warmup_steps,
                         engine=settings.get("engine"))  # fmt: skip
             if settings.get("profile"):

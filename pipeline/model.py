@@ -31,6 +31,11 @@ def zero_init_residual(model: nn.Module) -> int:
     return zeroed
 
 
+def uses_channels_last(memory_format: str, cuda: bool) -> bool:
+    """Whether a run's --memory-format means NHWC: channels_last, or auto on a GPU (Tensor Cores read NHWC)."""
+    return memory_format == "channels_last" or (memory_format == "auto" and cuda)
+
+
 def build_model(arch: str, num_classes: int, channels_last: bool = False) -> tuple[nn.Module, int]:
     """A freshly initialised `arch` for `num_classes` classes, and the number of residual BNs zeroed. Channels-last
     is for plain PyTorch; a DeepSpeed engine's model is converted after initialize (engine.to_channels_last)."""

@@ -28,7 +28,7 @@ from pipeline import checkpoint, config, distributed, engine, schedule
 from pipeline.data import IGNORE, DataConfig, ImageNetData
 from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, accuracy_counts
-from pipeline.model import build_model, check_arch
+from pipeline.model import build_model, check_arch, uses_channels_last
 from pipeline.scaling import Recipe
 from pipeline.shards import DataError, ShardSet, open_shards
 from pipeline.tracking import Tracker, wandb_mode
@@ -42,7 +42,7 @@ class Run:
         self.out = Path(run.out_dir)
         self.cuda = torch.cuda.is_available()
         # NHWC from DALI through every convolution: the layout Tensor Cores read without transposes.
-        self.channels_last = run.memory_format == "channels_last" or (run.memory_format == "auto" and self.cuda)
+        self.channels_last = uses_channels_last(run.memory_format, self.cuda)
         if self.cuda:
             # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest (numerics: the chosen
             # convolution algorithms, and so the last bits of the results, may differ from run to run).
