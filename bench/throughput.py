@@ -362,14 +362,10 @@ def synthetic_child(spec: dict) -> dict:
     """pipeline/train.py's own run (engine, loop, logging) with SyntheticInput in place of the DALI reader."""
     from pipeline import train
 
-    run = train.start(spec["argv"])
-    if isinstance(run, int):
-        raise SystemExit(run)
-    dtype = getattr(torch, engine.DATA_DTYPES[run.precision])
-    batch = _synthetic_batch(run.micro, run.opts.crop_size, run.data.num_classes, dtype, run.channels_last,
-                             run.engine.device)  # fmt: skip
+    steps = DeepSpeedSteps(spec)
+    run = steps.run
     profiler = _profiler(spec, run.accum) if spec.get("profile") else None
-    run.data = SyntheticInput(run.data, batch, profiler)
+    run.data = SyntheticInput(run.data, (steps.images, steps.labels), profiler)
     if profiler is not None:
         profiler.start()
     status = train.train_to_end(run)
@@ -465,8 +461,8 @@ class Bench:
         per_epoch = math.ceil(self.train_images / ds["train_batch_size"])
         steps = steps_needed(a.windows, a.warmup_steps, window, per_epoch)
         self.runs += 1
+        # A new folder per run: the work folder was emptied when the harness started.
         folder = self.work / f"run{self.runs}-{mode}-mb{micro}"
-        shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         argv = self.train_argv(ds_path, folder / "out", steps, window, settings)
         if mode == "end_to_end":
