@@ -70,7 +70,7 @@ LEVERS = {
     "log_every": ("synthetic", {"20": {"log_every": 20}, "1 (a sync every step)": {"log_every": 1}}),
     "data_prefetch": ("end_to_end", {"2": {"data_prefetch": 2}, "1": {"data_prefetch": 1},
                                      "4": {"data_prefetch": 4}}),
-    "data_threads": ("end_to_end", {"all cores": {}, "4": {"data_threads": 4}, "2": {"data_threads": 2}}),
+    "data_threads": ("end_to_end", {"default": {}, "4": {"data_threads": 4}, "2": {"data_threads": 2}}),
     "hw_decoder_load": ("end_to_end", {"per GPU model": {}, "0 (nvJPEG CUDA only)": {"hw_decoder_load": 0.0},
                                        "0.9": {"hw_decoder_load": 0.9}}),
     "compile": ("synthetic", {"none": {"compile": "none"}, "default": {"compile": "default"},
@@ -226,8 +226,9 @@ class AmpSteps:
         sgd = spec["sgd"]
         self.optimizer = torch.optim.SGD(param_groups(model, sgd.get("weight_decay", 0.0)), lr=sgd["lr"],
                                          momentum=sgd.get("momentum", 0.9), nesterov=True, fused=self.gpu)  # fmt: skip
-        self.half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec["precision"])
-        self.scaler = torch.amp.GradScaler(device.type, enabled=spec["precision"] == "fp16")
+        # The compute dtype of the DeepSpeed run it is compared with (fp16/bf16 in either DeepSpeed mode).
+        self.half = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(engine.DATA_DTYPES[spec["precision"]])
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.half == torch.float16)
         self.images, self.labels = _synthetic_batch(spec["micro"], spec["crop"], spec["num_classes"],
                                                     self.half or torch.float32, True, device)  # fmt: skip
 

@@ -77,7 +77,10 @@ class RunConfig:
     dist_timeout: int = 600
     # Where decoding runs: auto (the GPU when there is one), gpu or cpu.
     data_device: str = "auto"
-    # DALI CPU threads per rank (0: this host's cores divided by its ranks).
+    # Run a GPU configuration (fp16, --data-device gpu) on a host where CUDA is not usable: fp16 trains in bf16,
+    # decoding runs on the CPU. Without it such a run stops before any work, saying why CUDA is not usable.
+    allow_cpu: bool = False
+    # DALI CPU threads per rank (0: this host's cores divided by its ranks, at most 4 when decoding on a GPU).
     data_threads: int = 0
     # Batches DALI prepares ahead of the model (its prefetch queue depth).
     data_prefetch: int = 2
@@ -150,13 +153,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed launcher compatibility")
     for f in fields(RunConfig):
-        p.add_argument(_flag(f.name), dest=f.name, type=_kind(f), default=argparse.SUPPRESS)
+        if _kind(f) is bool:
+            # `--allow-cpu` alone means true; `--allow-cpu false` also parses.
+            p.add_argument(_flag(f.name), dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+        else:
+            p.add_argument(_flag(f.name), dest=f.name, type=_kind(f), default=argparse.SUPPRESS)
     return p
+
+
+def _bool(text: str) -> bool:
+    """A boolean flag's value: true/false, yes/no, 1/0."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
 
 
 def _kind(f: dataclasses.Field) -> type:
     """The Python type of a field's values (annotations are strings here)."""
-    return {"int": int, "int | None": int, "float": float, "float | None": float}.get(f.type, str)
+    return {"int": int, "int | None": int, "float": float, "float | None": float, "bool": bool}.get(f.type, str)
 
 
 def _from_yaml(path: str) -> dict:

@@ -37,9 +37,10 @@ DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FL
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
 
 
-def _default_threads() -> int:
-    """DALI CPU threads per rank: this host's cores shared among its ranks."""
-    return max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+def _default_threads(gpu: bool) -> int:
+    """DALI CPU threads per rank: this host's cores shared among its ranks, and no more than a GPU decoder uses."""
+    share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return min(share, augment.GPU_DECODE_THREADS) if gpu else share
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class DataConfig:
     layout: str = "NCHW"
     # Where decoding and augmentation run: auto (the GPU when there is one), gpu or cpu.
     device: str = "auto"
-    # DALI CPU threads per rank (default: this host's cores divided by its ranks).
+    # DALI CPU threads per rank (default: this host's cores divided by its ranks, at most 4 when the GPU decodes).
     num_threads: int = 0
     # Samples each rank's reader shuffles through (more mixes further, costs host memory).
     shuffle_buffer: int = 8192
@@ -137,6 +138,16 @@ class ImageNetData:
         self._reading: dict[str, list[str]] = {}
 
     @property
+    def threads(self) -> int:
+        """DALI CPU threads of each of this rank's pipelines."""
+        return self.config.num_threads or _default_threads(self.gpu)
+
+    def decoder_memory(self) -> dict[str, int]:
+        """What this rank's two GPU decoders (training, validation) allocate up front; nothing on a CPU."""
+        one = augment.decoder_memory(self.config.batch_size, self.threads) if self.gpu else {}
+        return {k: 2 * v for k, v in one.items()} or {"gpu_bytes": 0, "pinned_bytes": 0}
+
+    @property
     def num_classes(self) -> int:
         """Classes the model predicts."""
         return self.shards.num_classes
@@ -173,7 +184,7 @@ class ImageNetData:
             load = augment.hw_decoder_load(torch.cuda.get_device_capability(self.device_id) if self.gpu else None)
         return dict(
             batch_size=c.batch_size,
-            num_threads=c.num_threads or _default_threads(),
+            num_threads=self.threads,
             device_id=self.device_id,
             prefetch_queue_depth=c.prefetch,
             crop=c.crop_size,

@@ -1,21 +1,42 @@
-"""The DeepSpeed engine: a committed configuration fitted to this run's world, host and schedule."""
+"""The DeepSpeed engine: a committed configuration fitted to this run's world and host, then built ready to train.
+
+Precision modes (`precision(ds)`), each with fp32 master weights and fp32 batch norm:
+- `fp16` / `bf16`: DeepSpeed's wrapper of a torch optimizer (FP16_UnfusedOptimizer). Conv and linear weights are
+  16-bit with fp32 masters; fp16 has DeepSpeed's dynamic loss scaling. Its step loops over the parameters in
+  Python and decides on the host whether to skip, so it syncs with the device every optimizer step.
+- `autocast-fp16` / `autocast-bf16`: DeepSpeed's `torch_autocast`. The weights stay fp32, the forward pass runs
+  under torch.autocast, and fp16 scales the loss with torch's GradScaler: the numerics of plain PyTorch AMP. With
+  fused SGD the whole step runs without a host-device sync.
+- `fp32`.
+"""
 
 from __future__ import annotations
 
 import copy
+from collections import defaultdict
 
 import torch
 from torch import nn
 
+from pipeline import gpu
 from pipeline.model import param_groups
 from pipeline.schedule import Schedule, StepLR, deepspeed_params
 
-# Element type of the image batches for each precision.
-DATA_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# Element type of the image batches for each precision: what the first convolution computes in.
+DATA_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "autocast-fp16": "float16",
+               "autocast-bf16": "bfloat16"}  # fmt: skip
+# torch.compile modes that capture CUDA graphs.
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def precision(ds: dict) -> str:
-    """fp16, bf16 or fp32, as the configuration asks."""
+    """The precision mode the configuration asks for (one of pipeline.scaling.PRECISIONS)."""
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled"):
+        dtype = str(autocast.get("dtype", ""))
+        if dtype not in ("fp16", "float16", "torch.float16", "half", "bf16", "bfloat16", "torch.bfloat16"):
+            raise ValueError(f"torch_autocast.dtype {dtype or None!r}: set it to fp16 or bf16")
+        return "autocast-bf16" if "bf" in dtype else "autocast-fp16"
     if ds.get("fp16", {}).get("enabled"):
         return "fp16"
     if ds.get("bf16", {}).get("enabled"):
@@ -39,24 +60,51 @@ def grad_accum(ds: dict, path: str, world_size: int) -> int:
     return batch // (micro * world_size)
 
 
-def fit(ds: dict, path: str, world_size: int, cuda: bool) -> tuple[dict, list[str]]:
-    """The configuration fitted to this world and host, and one line per change made to the committed file."""
+def fit(ds: dict, path: str, world_size: int, cuda: bool, allow_cpu: bool = False) -> tuple[dict, list[str]]:
+    """The configuration fitted to this world and host, and one line per change made to the committed file.
+    A configuration for GPUs (fp16) on a host where CUDA is not usable stops here unless `allow_cpu`."""
     ds, notes = copy.deepcopy(ds), []
     ds["gradient_accumulation_steps"] = grad_accum(ds, path, world_size)
+    mode = precision(ds)
     if "gradient_clipping" not in ds:
         # Numerics: DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the recipe does not clip.
         ds["gradient_clipping"] = 0.0
         notes.append(f"{path}: no gradient_clipping given; not clipping (DeepSpeed's default would clip at 1.0)")
-    if precision(ds) == "fp16" and not cuda:
-        # Decision: fp16 on a CPU host trains in bf16 (announced here and in the run config), because
-        # DeepSpeed refuses fp16 without a GPU and bf16 keeps the same fp32 master weights.
-        ds.pop("fp16")
-        ds["bf16"] = {"enabled": True}
-        ds.setdefault("data_types", {})["buffer_dtype"] = "bf16"
-        notes.append(f"{path}: fp16 needs a CUDA GPU; this CPU host trains in bf16 instead (no loss scaling)")
+    if "timers" not in ds:
+        # Sync: DeepSpeed's throughput timer is on by default and synchronises the device twice per micro-step.
+        ds["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
+    if mode in ("fp16", "autocast-fp16") and not cuda:
+        if not allow_cpu:
+            raise ValueError(gpu.refusal(f"{path} asks for {mode}"))
+        if mode == "fp16":
+            # DeepSpeed refuses its fp16 wrapper without a GPU; bf16 keeps the same fp32 master weights.
+            ds.pop("fp16")
+            ds["bf16"] = {"enabled": True}
+            notes.append(f"{path}: --allow-cpu: fp16 needs a CUDA GPU; this CPU host trains in bf16 (no loss scaling)")
+        else:
+            notes.append(f"{path}: --allow-cpu: autocast fp16 on this CPU host (slow: CPUs have no fast fp16 kernels)")
     if not cuda and ds.get("optimizer", {}).get("params", {}).pop("fused", False):
         notes.append(f"{path}: fused SGD kernels are for CUDA; using torch's default SGD on this CPU host")
     return ds, notes
+
+
+def check_combination(ds: dict, path: str, channels_last: bool, compile_mode: str) -> None:
+    """Refuse settings that together crash or train wrongly, before any work (ValueError, one line)."""
+    accum, stage = ds["gradient_accumulation_steps"], ds.get("zero_optimization", {}).get("stage", 0)
+    if compile_mode in CUDA_GRAPH_MODES and accum > 1:
+        # CUDA graphs own the .grad buffers; accumulation adds into them between replays and gets overwritten
+        # (PyTorch issues 169545, 96693: an error, or silently wrong gradients).
+        raise ValueError(
+            f"--compile {compile_mode} captures CUDA graphs, which cannot accumulate gradients ({path}: {accum} "
+            "micro-steps per optimizer step); make train_micro_batch_size_per_gpu the rank's whole batch, or use "
+            "--compile default"
+        )
+    if stage and channels_last:
+        # ZeRO re-links the weights to flat NCHW views of its buffers after every step, undoing the layout.
+        raise ValueError(
+            f"{path}: zero_optimization stage {stage} cannot keep channels-last weights; use --memory-format "
+            "contiguous, or ZeRO stage 0 (data parallelism needs no ZeRO for ResNet-sized models)"
+        )
 
 
 def with_schedule(ds: dict, schedule: Schedule) -> dict:
@@ -89,9 +137,9 @@ def build(
     compile_mode: str = "none",
     channels_last: bool = False,
 ):
-    """A DeepSpeed engine over `model` (NCHW) with Nesterov SGD from `ds` (or LARS) and the run's schedule; its
-    weights then made channels-last if asked (see to_channels_last), and the model torch.compiled in `compile_mode`
-    unless that is "none"."""
+    """A DeepSpeed engine over `model` (NCHW) with Nesterov SGD from `ds` (or LARS) and the run's schedule, made
+    ready to train: the initial weights as built, batch norm in fp32, the weights channels-last if asked (see
+    to_channels_last), and the model torch.compiled in `compile_mode` unless that is "none"."""
     import deepspeed
 
     sgd = ds["optimizer"]["params"]
@@ -102,11 +150,17 @@ def build(
         ds = {k: v for k, v in ds.items() if k != "optimizer"}
         client_optimizer = lars(groups, sgd, lars_trust)
     client_scheduler = None if schedule.kind == "warmup_decay" else (lambda opt: StepLR(opt, schedule))
+    initial = {p: p.detach().clone() for p in model.parameters()}
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=groups, optimizer=client_optimizer, config=ds, lr_scheduler=client_scheduler
     )
+    keep_norms_fp32(engine)
+    undo_startup_step(engine, initial)
+    if hasattr(engine.optimizer, "overflow_checker"):
+        engine.optimizer.overflow_checker = one_read_overflow_check(engine)
     if channels_last:
         to_channels_last(engine)
+    match_state_layout(engine.optimizer)
     if compile_mode != "none":
         # Compiled in place (nn.Module.compile): checkpoints keep the plain parameter names. The first steps
         # of a run (and of each new input shape) spend their time compiling.
@@ -114,27 +168,152 @@ def build(
     return engine
 
 
+def _flat(opt) -> bool:
+    """Whether the optimizer wrapper makes the weights views into one flat buffer (FP16_Optimizer, BF16_Optimizer,
+    ZeRO): their dtype and layout cannot be changed one tensor at a time."""
+    return any(hasattr(opt, flat) for flat in ("fp16_groups_flat", "bf16_groups_flat", "bit16_groups_flat"))
+
+
+def _masters(opt) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(model weight, fp32 master copy) pairs of DeepSpeed's unfused mixed-precision wrapper; none without one."""
+    return [
+        (p, m)
+        for low, high in zip(getattr(opt, "fp16_groups", []), getattr(opt, "fp32_groups", []), strict=True)
+        for p, m in zip(low, high, strict=True)
+    ]
+
+
+def _optimizer_state(opt):
+    """(parameter, state dict) of every parameter the inner torch optimizer updates (the masters under a wrapper)."""
+    inner = getattr(opt, "optimizer", opt)
+    for group in inner.param_groups:
+        for p in group["params"]:
+            yield p, inner.state[p]
+
+
+def keep_norms_fp32(engine) -> int:
+    """Numerics: batch-norm weights and running statistics back to fp32 after DeepSpeed's fp16/bf16 wrapper cast
+    them to 16 bits (running means in bf16 lose small updates). Torch's batch norm takes 16-bit activations with
+    fp32 weights, as under autocast. Returns how many norm layers; none with flat-buffer wrappers (ZeRO)."""
+    if _flat(engine.optimizer):
+        return 0
+    norms = [m for m in engine.module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    for norm in norms:
+        # In place of the storage, not the Parameter: the wrapper's references stay valid.
+        norm.float()
+    return len(norms)
+
+
+def undo_startup_step(engine, initial: dict[nn.Parameter, torch.Tensor]) -> None:
+    """Undo the optimizer step DeepSpeed's unfused wrapper takes on zero gradients when it is built (to create the
+    optimizer state): it applied one weight-decay step at the peak lr to the fp32 masters and left momentum
+    buffers of w * decay. The masters and weights go back to `initial`, the state tensors to zero (with
+    dampening 0, a zero momentum buffer steps exactly like a fresh one)."""
+    pairs = _masters(engine.optimizer)
+    if not pairs:
+        return
+    with torch.no_grad():
+        for p, master in pairs:
+            master.copy_(initial[p])
+            p.copy_(initial[p])
+        for _, state in _optimizer_state(engine.optimizer):
+            for value in state.values():
+                if torch.is_tensor(value) and value.dim():
+                    value.zero_()
+
+
 def to_channels_last(engine) -> None:
     """Put the 4-d weights, and the fp32 master copies DeepSpeed's mixed-precision optimizer keeps of them, in
     channels-last (NHWC) memory. Only after deepspeed.initialize: its first weight broadcast views every parameter
     as bytes, which channels-last strides refuse. Masters and weights (so gradients) must share a layout: fused
     SGD walks them as flat memory, and a mismatch gives a wrong update without an error (torch 2.15, CPU)."""
-    opt = engine.optimizer
-    if any(hasattr(opt, flat) for flat in ("fp16_groups_flat", "bf16_groups_flat")):
+    if _flat(engine.optimizer):
         # These wrappers make the weights views into one flat buffer; a new layout would cut them off from it.
-        raise ValueError(f"--memory-format channels_last: not supported with {type(opt).__name__} (flat buffers); "
-                         "use --memory-format contiguous")  # fmt: skip
-    masters = [p for group in getattr(opt, "fp32_groups", []) for p in group]
+        raise ValueError(f"--memory-format channels_last: not supported with {type(engine.optimizer).__name__} "
+                         "(flat buffers); use --memory-format contiguous")  # fmt: skip
+    masters = [m for _, m in _masters(engine.optimizer)]
     for p in [*engine.module.parameters(), *masters]:
         if p.dim() == 4:
             # In place of the storage, not the Parameter: the optimizer's references stay valid.
             p.data = p.data.contiguous(memory_format=torch.channels_last)
 
 
-def loss_scale(engine) -> float:
-    """The current fp16 loss scale (1.0 without loss scaling)."""
-    scaler = getattr(engine.optimizer, "loss_scale_config", engine.optimizer)
-    return float(getattr(scaler, "cur_scale", 1.0))
+def match_state_layout(opt) -> None:
+    """Give every optimizer-state tensor its parameter's strides, values kept (after a layout change or a resume
+    from a checkpoint of another layout): CUDA's fused SGD refuses momentum buffers laid out unlike their weight."""
+    for p, state in _optimizer_state(opt):
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+def one_read_overflow_check(engine):
+    """DeepSpeed's overflow check for its fp16/bf16 wrapper, reading one flag per step instead of one per
+    parameter tensor (about 160 blocking reads per ResNet-50 step)."""
+    from deepspeed.runtime.utils import CheckOverflow
+
+    class OneRead(CheckOverflow):
+        def has_overflow_serial(self, params) -> bool:
+            by_dtype = defaultdict(list)
+            for p in params:
+                if p.grad is not None:
+                    by_dtype[p.grad.dtype].append(p.grad)
+            if not by_dtype:
+                return False
+            # The largest magnitude of each dtype's gradients in a few multi-tensor kernels; NaN and inf propagate.
+            peaks = torch.stack([torch.stack(torch._foreach_norm(g, float("inf"))).float().max()
+                                 for g in by_dtype.values()])  # fmt: skip
+            # Sync: one read per optimizer step; the wrapper decides on the host whether to skip the step.
+            return not bool(torch.isfinite(peaks).all())
+
+    return OneRead(engine.optimizer.fp16_groups, mpu=engine.mpu, deepspeed=engine)
+
+
+class LossScale:
+    """The loss scale of an engine and the optimizer steps skipped for overflow, read without a host-device sync:
+    from DeepSpeed's fp16 wrapper as host numbers, from torch's GradScaler (autocast fp16) as device values that
+    `resolve` reads at the next flush. DeepSpeed does not count GradScaler skips: a drop of the scale is one."""
+
+    def __init__(self, engine):
+        self.engine, self.scaler = engine, engine.torch_autocast_z0_gradscaler
+        # GradScaler mode: skips counted here, and the scale after the last resolved step (None: not started).
+        self.scaler_skipped, self.last = 0, None
+
+    def now(self) -> tuple[float | torch.Tensor, int | None]:
+        """After an optimizer step: the loss scale and the skipped steps so far (None until `resolve`)."""
+        if self.scaler is None:
+            wrapper = getattr(self.engine.optimizer, "loss_scale_config", self.engine.optimizer)
+            return float(getattr(wrapper, "cur_scale", 1.0)), self.engine.skipped_steps
+        # The scaler's own tensor is updated in place every step: keep this step's value (a device copy).
+        scale = self.scaler._get_scale_async()
+        return (float(self.scaler._init_scale) if scale is None else scale.clone()), None
+
+    def resolve(self, rows: list[dict]) -> None:
+        """Fill the skipped-step counts of flushed rows (their loss scales now host floats)."""
+        for row in rows:
+            if row["skipped_steps"] is None:
+                before = self.last if self.last is not None else self.scaler._init_scale
+                self.scaler_skipped += row["loss_scale"] < before
+                self.last = row["loss_scale"]
+                row["skipped_steps"] = self.scaler_skipped
+
+    @property
+    def skipped(self) -> int:
+        """Optimizer steps skipped for overflow so far (resolved ones, under a GradScaler)."""
+        return self.engine.skipped_steps if self.scaler is None else self.scaler_skipped
+
+    def state_dict(self) -> dict:
+        """For the checkpoint's client state: the GradScaler (DeepSpeed does not save it) and its skip count.
+        Note: a host-device sync point (the scale is read)."""
+        if self.scaler is None:
+            return {}
+        return {"grad_scaler": self.scaler.state_dict(), "skipped": self.scaler_skipped, "last": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` saved."""
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+            self.scaler_skipped, self.last = state["skipped"], state["last"]
 
 
 def lr(engine) -> float:

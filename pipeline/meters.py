@@ -22,42 +22,51 @@ class StepMeter:
     """Training loss and top-1 error of one epoch, per optimizer step over all ranks, kept on the device."""
 
     def __init__(self, images_per_micro_step: int, steps_per_epoch: int, device: torch.device):
-        self.images_per_micro_step, self.steps_per_epoch = images_per_micro_step, steps_per_epoch
-        # Per micro-batch: [loss, correct top-1, samples, 1] on the device.
+        self.images_per_micro_step, self.steps_per_epoch, self.device = images_per_micro_step, steps_per_epoch, device
+        # Per micro-batch of the open optimizer step: [loss, correct top-1] on the device; its samples on the host.
         self.pending: list[torch.Tensor] = []
+        self.pending_samples = 0
         self.rows: list[dict] = []
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.micro_steps = 0
         self.start = self.window = time.perf_counter()
 
     def micro_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Record one micro-batch (no sync)."""
+        """Record one micro-batch (no sync: counts that are Python numbers stay on the host, as a tensor made from
+        one would be a blocking copy to the device)."""
         loss = loss.detach().float()
         correct = (logits.detach().argmax(dim=1) == labels).sum().float()
-        self.pending.append(torch.stack([loss, correct, loss.new_tensor(labels.numel()), loss.new_tensor(1.0)]))
+        self.pending.append(torch.stack([loss, correct]))
+        self.pending_samples += labels.numel()
         self.loss_sum += loss
         self.micro_steps += 1
 
-    def optimizer_step(self, step: int, lr: float, loss_scale: float, skipped: int) -> None:
-        """Close an optimizer step: sum its micro-batches (still on the device)."""
-        self.rows.append(dict(step=step, totals=torch.stack(self.pending).sum(0), lr=lr, loss_scale=loss_scale,
-                              skipped_steps=skipped, micro=len(self.pending)))  # fmt: skip
-        self.pending = []
+    def optimizer_step(self, step: int, lr: float, loss_scale: float | torch.Tensor, skipped: int | None) -> None:
+        """Close an optimizer step: sum its micro-batches (still on the device). `loss_scale` may be a device value,
+        and `skipped` unknown (None) until it is read (engine.LossScale.resolve)."""
+        totals = torch.stack(self.pending).sum(0)
+        self.rows.append(dict(step=step, totals=totals, lr=lr, loss_scale=loss_scale, skipped_steps=skipped,
+                              micro=len(self.pending), samples=self.pending_samples))  # fmt: skip
+        self.pending, self.pending_samples = [], 0
 
     def flush(self) -> list[dict]:
         """The rows since the last flush, summed over ranks (a collective: every rank calls it at the same steps),
-        with the window's img/s. Note: a host-device sync point."""
+        with the window's img/s and the loss scales as host floats. Note: a host-device sync point."""
         if not self.rows:
             return []
-        totals = torch.stack([r.pop("totals") for r in self.rows])
+        counts = torch.tensor([[r.pop("samples"), r["micro"]] for r in self.rows], dtype=torch.float32)
+        totals = torch.cat([torch.stack([r.pop("totals") for r in self.rows]), counts.to(self.device)], dim=1)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(totals)
+        scales = [r["loss_scale"] for r in self.rows]
+        if any(torch.is_tensor(s) for s in scales):
+            scales = torch.stack([torch.as_tensor(s, dtype=torch.float32, device=self.device) for s in scales]).tolist()
         now = time.perf_counter()
         micro = sum(r.pop("micro") for r in self.rows)
         speed = micro * self.images_per_micro_step / max(now - self.window, 1e-9)
         rows, self.rows, self.window = self.rows, [], now
-        for row, (loss, correct, seen, micro_batches) in zip(rows, totals.tolist(), strict=True):
-            row.update(epoch=row["step"] / self.steps_per_epoch, loss=loss / micro_batches,
+        for row, scale, (loss, correct, seen, micro_batches) in zip(rows, scales, totals.tolist(), strict=True):
+            row.update(epoch=row["step"] / self.steps_per_epoch, loss=loss / micro_batches, loss_scale=float(scale),
                        error=100 * (1 - correct / seen), images_per_sec=speed)  # fmt: skip
         return rows
 

@@ -23,7 +23,9 @@ from pathlib import Path
 # ILSVRC2012 training images; the committed files count epochs in these. Runs re-derive from their data.
 IMAGENET_TRAIN_IMAGES = 1_281_167
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1
-PRECISIONS = ("fp16", "bf16", "fp32")
+# fp16/bf16: DeepSpeed's wrapper (16-bit weights, fp32 masters); autocast-*: fp32 weights under torch.autocast,
+# fp16 with torch's GradScaler (pipeline/engine.py says what each keeps in which precision).
+PRECISIONS = ("fp16", "bf16", "fp32", "autocast-fp16", "autocast-bf16")
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,8 @@ class Recipe:
     batch_size: int
     # Images per rank per forward pass: the batch-norm batch, not a distributed-training knob.
     micro_batch: int = 32
-    # fp16 (dynamic loss scaling, fp32 master weights), bf16, or fp32.
+    # fp16 (DeepSpeed's wrapper: dynamic loss scaling, fp32 master weights), bf16, fp32, or autocast-fp16 /
+    # autocast-bf16 (DeepSpeed's torch_autocast: plain PyTorch AMP's numerics).
     precision: str = "fp16"
     # Epochs of the schedule and of its warmup.
     epochs: int = 90
@@ -111,16 +114,17 @@ def ds_config(r: Recipe) -> dict:
         },
         "gradient_clipping": 0.0,
         "wall_clock_breakdown": False,
+        # Sync: the throughput timer is on by default and synchronises the device twice per micro-step.
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
     }
     if r.precision == "fp16":
         # loss_scale 0: dynamic loss scaling, starting at 2^16 and halving on every overflow.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
     elif r.precision == "bf16":
         config["bf16"] = {"enabled": True}
-    if r.precision != "fp32":
-        # Numerics: batch-norm running statistics are kept in the low precision with the weights,
-        # because torch's batch norm needs them in one dtype (DeepSpeed would leave them fp32).
-        config["data_types"] = {"buffer_dtype": r.precision}
+    elif r.precision.startswith("autocast-"):
+        # fp16 gets torch's GradScaler (starts at 2^16, halves on an overflow, doubles after 2000 clean steps).
+        config["torch_autocast"] = {"enabled": True, "dtype": r.precision.removeprefix("autocast-")}
     return config
 
 
@@ -130,6 +134,10 @@ CONFIGS = {
     "bs1k": Recipe(1024),
     "bs8k": Recipe(8192),
     "bs8k-bf16": Recipe(8192, precision="bf16"),
+    # The same batches in DeepSpeed's torch_autocast mode; which fp16 mode is the default is settled on a GPU.
+    "bs256-autocast": Recipe(256, precision="autocast-fp16"),
+    "bs1k-autocast": Recipe(1024, precision="autocast-fp16"),
+    "bs8k-autocast": Recipe(8192, precision="autocast-fp16"),
     # CPU hosts and the demo: bf16 runs about twice as fast as fp32 on a CPU with bf16 instructions.
     "cpu": Recipe(64, precision="bf16", fused=False),
 }

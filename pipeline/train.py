@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint, config, distributed, engine, schedule
+from pipeline import checkpoint, config, distributed, engine, gpu, schedule
 from pipeline.data import IGNORE, DataConfig, ImageNetData
 from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, accuracy_counts
@@ -47,7 +47,8 @@ class Run:
             # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest (numerics: the chosen
             # convolution algorithms, and so the last bits of the results, may differ from run to run).
             torch.backends.cudnn.benchmark = True
-        ds, self.notes = engine.fit(ds_file, run.deepspeed_config, world, self.cuda)
+        ds, self.notes = engine.fit(ds_file, run.deepspeed_config, world, self.cuda, run.allow_cpu)
+        engine.check_combination(ds, run.deepspeed_config, self.channels_last, run.compile)
         self.precision = engine.precision(ds)
         self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
         self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum, shards=shards)
@@ -63,6 +64,7 @@ class Run:
         self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust, run.compile,
                                    channels_last=self.channels_last)  # fmt: skip
         self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None}
+        self.scale = engine.LossScale(self.engine)
         min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
         self.guard = Guard(self.precision, run.max_skipped_steps, min_scale)
 
@@ -72,9 +74,16 @@ class Run:
         return DataConfig(
             o.data_dir, batch_size=self.micro, crop_size=o.crop_size, val_resize=o.val_resize,
             dtype=engine.DATA_DTYPES[self.precision], layout="NHWC" if self.channels_last else "NCHW",
-            device=o.data_device, num_threads=o.data_threads, seed=o.seed, num_classes=o.num_classes,
+            device=self._data_device(), num_threads=o.data_threads, seed=o.seed, num_classes=o.num_classes,
             prefetch=o.data_prefetch, hw_decoder_load=o.hw_decoder_load,
         )  # fmt: skip
+
+    def _data_device(self) -> str:
+        """--data-device; gpu on a host where CUDA is not usable decodes on the CPU (--allow-cpu: start checked)."""
+        if self.opts.data_device == "gpu" and not self.cuda:
+            self.notes.append("--allow-cpu: --data-device gpu without a usable GPU; decoding on the CPU")
+            return "cpu"
+        return self.opts.data_device
 
     def describe(self) -> dict:
         """The run config, the DeepSpeed config it ended up with and the derived numbers, for the log and wandb."""
@@ -88,6 +97,7 @@ class Run:
                 "val_images": self.data.shards.splits["validation"].images,
                 "num_classes": self.data.num_classes, "zero_init_residual_blocks": self.zeroed,
                 "channels_last": self.channels_last, "data": dataclasses.asdict(self.data.config),
+                "data_threads": self.data.threads, "decoder_memory": self.data.decoder_memory(),
                 "notes": self.notes,
             },
         }  # fmt: skip
@@ -96,6 +106,24 @@ class Run:
 def loss_fn(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy in fp32 (numerics: fp16 logits are upcast first), skipping padding labels."""
     return F.cross_entropy(logits.float(), labels, label_smoothing=run.opts.label_smoothing, ignore_index=IGNORE)
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, meter: StepMeter) -> bool:
+    """One micro-batch: forward, loss, backward and DeepSpeed's step (the optimizer's at the accumulation
+    boundary, then the schedule and the step's row of the meter); returns whether an optimizer step closed.
+    No host-device sync in the autocast modes with fused SGD (the fp16/bf16 wrapper syncs in its step)."""
+    eng = run.engine
+    boundary, lr = eng.is_gradient_accumulation_boundary(), engine.lr(eng)
+    images, labels = images.to(eng.device, non_blocking=True), labels.to(eng.device, non_blocking=True)
+    logits = eng(images)
+    loss = loss_fn(run, logits, labels)
+    eng.backward(loss)
+    eng.step()
+    meter.micro_step(loss, logits, labels)
+    if boundary:
+        schedule.follow(eng)
+        meter.optimizer_step(eng.global_steps, lr, *run.scale.now())
+    return boundary
 
 
 def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[StepMeter, bool]:
@@ -109,37 +137,25 @@ def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[Step
     tracker.progress(run.schedule.steps_per_epoch, epoch, initial=skip)
     eng.train()
     for images, labels in batches:
-        boundary, lr = eng.is_gradient_accumulation_boundary(), engine.lr(eng)
-        labels = labels.to(eng.device, non_blocking=True)
-        logits = eng(images.to(eng.device, non_blocking=True))
-        loss = loss_fn(run, logits, labels)
-        eng.backward(loss)
-        eng.step()
-        meter.micro_step(loss, logits, labels)
-        if not boundary:
+        if not train_step(run, images, labels, meter):
             continue
-        schedule.follow(eng)
-        scale = engine.loss_scale(eng)
-        meter.optimizer_step(eng.global_steps, lr, scale, eng.skipped_steps)
-        fault = run.guard.step(eng.global_steps, eng.skipped_steps, scale)
         saving = o.save_every_steps and eng.global_steps % o.save_every_steps == 0
-        if fault or saving or eng.global_steps % o.log_every == 0:
-            report(run, meter, tracker)
-        if fault:
-            run.guard.stop()
+        if saving or eng.global_steps % o.log_every == 0:
+            report(run, meter, tracker)  # sync point: every --log-every steps and before a checkpoint
         if saving:
             save(run, epoch)
         if o.max_steps and eng.global_steps >= o.max_steps:
             break
-    report(run, meter, tracker)
+    report(run, meter, tracker)  # sync point: the epoch's last steps
     return meter, bool(o.max_steps and eng.global_steps >= o.max_steps)
 
 
 def report(run: Run, meter: StepMeter, tracker: Tracker) -> None:
-    """Read the steps since the last report (a sync point), stop on a numeric fault, then log them."""
+    """Read the steps since the last report (a sync point), log them, then stop on a numeric fault among them."""
     rows = meter.flush()
-    run.guard.rows(rows)
+    run.scale.resolve(rows)
     tracker.steps(rows)
+    run.guard.rows(rows)
 
 
 @torch.no_grad()
@@ -160,7 +176,7 @@ def save(run: Run, epoch: int) -> None:
     done = run.engine.global_steps - epoch * run.schedule.steps_per_epoch
     position = (epoch + 1, 0) if done >= run.schedule.steps_per_epoch else (epoch, done)
     state = {**run.start, "epoch": position[0], "step_in_epoch": position[1], "schedule": run.schedule.as_dict(),
-             "run": dataclasses.asdict(run.opts)}  # fmt: skip
+             "run": dataclasses.asdict(run.opts), "loss_scale": run.scale.state_dict()}  # fmt: skip
     checkpoint.save(run.engine, run.out / "checkpoints", state, run.opts.keep_checkpoints)
 
 
@@ -180,7 +196,10 @@ def resume(run: Run) -> None:
             f"{run.schedule.as_dict()}; resume with its --epochs, --schedule and DeepSpeed config, or a new --out-dir"
         )
     run.start.update({k: state[k] for k in run.start})
-    run.guard.skipped = run.engine.skipped_steps
+    run.scale.load_state_dict(state.get("loss_scale", {}))
+    run.guard.skipped = run.scale.skipped
+    # A checkpoint of another memory layout (or DeepSpeed's loading) can leave momentum laid out unlike its weight.
+    engine.match_state_layout(run.engine.optimizer)
     schedule.follow(run.engine)
 
 
@@ -196,7 +215,7 @@ def fit(run: Run, tracker: Tracker) -> dict:
         if top1 is not None and (run.start["best_top1"] is None or top1 > run.start["best_top1"]):
             run.start.update(best_top1=top1, best_epoch=epoch)
         last = dict(epoch=epoch, train_loss=loss_sum / max(micro, 1), val_top1=top1, val_top5=top5, lr=engine.lr(eng),
-                    images_per_sec=meter.micro_steps * run.world * run.micro / seconds, skipped_steps=eng.skipped_steps,
+                    images_per_sec=meter.micro_steps * run.world * run.micro / seconds, skipped_steps=run.scale.skipped,
                     step=eng.global_steps)  # fmt: skip
         tracker.epoch(last, eng.global_steps)
         if stop or (epoch + 1) % o.save_every_epochs == 0 or epoch + 1 == o.epochs:
@@ -205,7 +224,7 @@ def fit(run: Run, tracker: Tracker) -> dict:
             break
     best = {k: run.start[k] for k in ("best_top1", "best_epoch")}
     last_top1 = last["val_top1"] if last else None
-    return dict(summary=True, **best, last_top1=last_top1, steps=eng.global_steps, skipped_steps=eng.skipped_steps)
+    return dict(summary=True, **best, last_top1=last_top1, steps=eng.global_steps, skipped_steps=run.scale.skipped)
 
 
 def done_line(summary: dict, out: Path, wandb: bool) -> str:
@@ -227,8 +246,12 @@ def start(argv: list[str] | None = None) -> Run | int:
         opts = config.load(argv)
         ds = config.read_ds_config(opts.deepspeed_config)
         check_arch(opts.arch)
-        # Before the process group forms, so a bad batch/world pair or data folder fails fast on every rank.
-        engine.grad_accum(ds, opts.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)))
+        # Before the process group forms, so a bad batch/world pair, a GPU configuration on a host where CUDA is
+        # not usable, or a bad data folder fails fast on every rank.
+        cuda = torch.cuda.is_available()
+        engine.fit(ds, opts.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)), cuda, opts.allow_cpu)
+        if opts.data_device == "gpu" and not cuda and not opts.allow_cpu:
+            raise ValueError(gpu.refusal("--data-device gpu"))
         shards = open_shards(opts.data_dir, num_classes=opts.num_classes)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)

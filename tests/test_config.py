@@ -8,12 +8,23 @@ import torch
 import yaml
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from pipeline import config, engine
+from pipeline import config, engine, gpu
 from pipeline.model import build_model, param_groups
 from pipeline.tracking import wandb_mode
 
 DS_CONFIGS = Path(__file__).parent.parent / "ds_configs"
 REQUIRED = ["--data-dir", "d", "--deepspeed_config", "c.json"]
+
+
+def test_a_bool_option_parses_as_one(tmp_path):
+    assert config.load(REQUIRED).allow_cpu is False
+    assert config.load([*REQUIRED, "--allow-cpu"]).allow_cpu is True
+    assert config.load([*REQUIRED, "--allow-cpu", "false"]).allow_cpu is False
+    (tmp_path / "run.yaml").write_text("allow-cpu: true\n")
+    assert config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")]).allow_cpu is True
+    (tmp_path / "run.yaml").write_text("allow-cpu: maybe\n")
+    with pytest.raises(ValueError, match="allow_cpu 'maybe' is not a bool"):
+        config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")])
 
 
 def test_yaml_then_flags(tmp_path):
@@ -77,21 +88,54 @@ def test_grad_accum_from_world_size():
         engine.grad_accum(ds, "bs8k.json", 3)
 
 
-def test_fp16_on_a_cpu_host_becomes_announced_bf16():
+def test_fp16_on_a_cpu_host_stops_unless_allowed_then_becomes_announced_bf16():
     ds = json.loads((DS_CONFIGS / "bs256.json").read_text())
-    fitted, notes = engine.fit(ds, "bs256.json", 2, cuda=False)
-    assert engine.precision(fitted) == "bf16" and fitted["data_types"]["buffer_dtype"] == "bf16"
+    for name in ("bs256.json", "bs256-autocast.json"):
+        committed = json.loads((DS_CONFIGS / name).read_text())
+        with pytest.raises(ValueError) as refused:
+            engine.fit(committed, name, 2, cuda=False)
+        # One line: what asked for the GPU, torch's CUDA build, what the driver offers, and the fix.
+        line = str(refused.value)
+        assert "\n" not in line and line.startswith(f"{name} asks for ") and "CUDA is not usable on this host" in line
+        assert gpu.diagnosis() in line and "--allow-cpu" in line
+    fitted, notes = engine.fit(ds, "bs256.json", 2, cuda=False, allow_cpu=True)
+    assert engine.precision(fitted) == "bf16" and "data_types" not in fitted
     assert "fused" not in fitted["optimizer"]["params"] and fitted["gradient_accumulation_steps"] == 4
-    assert any("fp16 needs a CUDA GPU; this CPU host trains in bf16" in n for n in notes)
+    assert any("--allow-cpu: fp16 needs a CUDA GPU; this CPU host trains in bf16" in n for n in notes)
+    autocast, notes = engine.fit(json.loads((DS_CONFIGS / "bs256-autocast.json").read_text()), "a.json", 2,
+                                 cuda=False, allow_cpu=True)  # fmt: skip
+    assert engine.precision(autocast) == "autocast-fp16" and any("autocast fp16 on this CPU host" in n for n in notes)
     on_gpu, notes = engine.fit(ds, "bs256.json", 8, cuda=True)
     assert engine.precision(on_gpu) == "fp16" and on_gpu["optimizer"]["params"]["fused"] and notes == []
     assert engine.precision(ds) == "fp16"  # the committed configuration is not changed
     # DeepSpeed clips at 1.0 when a configuration says nothing; the recipe does not clip.
     assert fitted["gradient_clipping"] == 0.0
-    bare = {k: v for k, v in ds.items() if k != "gradient_clipping"}
+    bare = {k: v for k, v in ds.items() if k not in ("gradient_clipping", "timers")}
     fitted, notes = engine.fit(bare, "mine.json", 1, cuda=True)
     assert fitted["gradient_clipping"] == 0.0 and any("no gradient_clipping given; not clipping" in n for n in notes)
+    # DeepSpeed's throughput timer syncs the device twice per micro-step unless a configuration turns it off.
+    assert fitted["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
     assert engine.fit({**ds, "gradient_clipping": 2.0}, "x.json", 1, cuda=True)[0]["gradient_clipping"] == 2.0
+
+
+def test_settings_that_cannot_go_together_are_refused_in_one_line():
+    ds = {**json.loads((DS_CONFIGS / "bs256.json").read_text()), "gradient_accumulation_steps": 8}
+    for mode in engine.CUDA_GRAPH_MODES:
+        with pytest.raises(ValueError, match=f"--compile {mode} captures CUDA graphs, which cannot accumulate"):
+            engine.check_combination(ds, "bs256.json", channels_last=False, compile_mode=mode)
+    engine.check_combination({**ds, "gradient_accumulation_steps": 1}, "x.json", False, "reduce-overhead")
+    engine.check_combination(ds, "bs256.json", channels_last=True, compile_mode="default")
+    zero = {**ds, "zero_optimization": {"stage": 1}}
+    with pytest.raises(ValueError, match="x.json: zero_optimization stage 1 cannot keep channels-last weights"):
+        engine.check_combination(zero, "x.json", channels_last=True, compile_mode="none")
+    engine.check_combination(zero, "x.json", channels_last=False, compile_mode="none")
+
+
+def test_autocast_precision_needs_a_dtype():
+    assert engine.precision({"torch_autocast": {"enabled": True, "dtype": "bf16"}}) == "autocast-bf16"
+    assert engine.precision({"torch_autocast": {"enabled": False}, "bf16": {"enabled": True}}) == "bf16"
+    with pytest.raises(ValueError, match="torch_autocast.dtype None: set it to fp16 or bf16"):
+        engine.precision({"torch_autocast": {"enabled": True}})
 
 
 def test_resnet_residual_gammas_start_at_zero():

@@ -51,3 +51,18 @@ def test_gpu_validation_covers_every_image_once_across_ranks(tmp_path):
     folder = labelled_set(tmp_path)
     seen = [x for r in range(2) for b in gpu_loader(folder, r, 2).validation() for x in b.labels.tolist()]
     assert sorted(x for x in seen if x != IGNORE) == list(range(21))
+
+
+def test_gpu_decoders_allocate_about_what_the_run_records(tmp_path):
+    """Both decoders of a rank at micro-batch 32 and the default threads: the GPU memory they take is close to
+    `decoder_memory()` (DALI's own pool and CUDA's kernels account for the margin), far below the 7 GB that
+    DeepLearningExamples' hints took."""
+    folder = labelled_set(tmp_path, train=64)
+    free_before = torch.cuda.mem_get_info(0)[0]
+    data = gpu_loader(folder, batch_size=32, crop_size=224, val_resize=256, num_threads=0)
+    next(iter(data.train_epoch(0)))
+    next(iter(data.validation()))
+    used = free_before - torch.cuda.mem_get_info(0)[0]
+    recorded = data.decoder_memory()
+    assert data.threads <= 4 and recorded["gpu_bytes"] < 1 << 30 and recorded["pinned_bytes"] < 1 << 28
+    assert used < recorded["gpu_bytes"] + (768 << 20), (used, recorded)

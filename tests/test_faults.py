@@ -62,27 +62,39 @@ def test_overflow_skips_in_a_row_stop_a_real_engine(process_group):
           "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}  # fmt: skip
     eng = engine.build(torch.nn.Linear(4, 3), engine.with_schedule(ds, s), s)
     guard, x = Guard("bf16", max_skipped_steps=3, min_loss_scale=1.0), torch.randn(2, 4, dtype=torch.bfloat16)
-    for step in range(1, 9):
-        eng.backward(eng(x).float().sum() * (float("inf") if step in (2, 4, 5, 6, 7) else 1.0))
-        eng.step()
-        if guard.step(eng.global_steps, eng.skipped_steps, engine.loss_scale(eng)):
-            break
+    scale = engine.LossScale(eng)
+    with pytest.raises(NumericFault, match=r"step 6: 3 optimizer steps in a row skipped for overflow \(loss scale 1\)"):
+        for step in range(1, 9):
+            eng.backward(eng(x).float().sum() * (float("inf") if step in (2, 4, 5, 6, 7) else 1.0))
+            eng.step()
+            loss_scale, skipped = scale.now()
+            guard.rows([{"step": eng.global_steps, "loss": 1.0, "loss_scale": loss_scale, "skipped_steps": skipped}])
     # Skips at steps 2, 4, 5 and 6: the finite step 3 resets the count, which reaches 3 at step 6.
     assert (step, eng.global_steps, eng.skipped_steps) == (6, 6, 4)
-    with pytest.raises(NumericFault, match=r"step 6: 3 optimizer steps in a row skipped for overflow \(loss scale 1\)"):
-        guard.stop()
 
 
-def test_fp16_overflow_at_the_minimum_loss_scale_stops():
-    guard = Guard("fp16", max_skipped_steps=0, min_loss_scale=1.0)
-    guard.rows([{"step": 1, "loss": 2.5}])
-    assert not guard.step(1, 0, 65536.0) and not guard.step(2, 1, 32768.0)  # an ordinary skip: scale halves
-    assert guard.step(3, 2, 1.0)
+def rows(*steps: tuple[float, int, float]) -> list[dict]:
+    """Flushed rows from (loss, skipped steps so far, loss scale), numbered from step 1."""
+    return [dict(step=i, loss=loss, skipped_steps=skipped, loss_scale=scale)
+            for i, (loss, skipped, scale) in enumerate(steps, 1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("precision", ["fp16", "autocast-fp16"])
+def test_fp16_overflow_at_the_minimum_loss_scale_stops(precision):
+    guard = Guard(precision, max_skipped_steps=0, min_loss_scale=1.0)
+    # An ordinary skip halves the scale; a NaN loss in fp16 is a skipped step, not a fault.
+    guard.rows(rows((2.5, 0, 65536.0), (float("nan"), 1, 32768.0)))
     with pytest.raises(
         NumericFault, match="step 3: fp16 overflow with the loss scale at its minimum 1; last finite loss 2.5 at step 1"
     ):
-        guard.stop()
-    guard.rows([{"step": 4, "loss": float("nan")}])  # fp16: a NaN loss is a skipped step, not a fault
+        guard.rows(rows((2.5, 1, 65536.0), (2.5, 1, 2.0), (float("nan"), 2, 1.0))[2:])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32", "autocast-bf16"])
+def test_a_non_finite_loss_without_loss_scaling_stops(precision):
+    guard = Guard(precision, max_skipped_steps=25, min_loss_scale=1.0)
+    with pytest.raises(NumericFault, match=f"step 2: the training loss is inf in {precision}; last finite loss 3 at"):
+        guard.rows(rows((3.0, 0, 1.0), (float("inf"), 0, 1.0)))
 
 
 def test_a_record_that_does_not_decode_stops_training_naming_it(tmp_path):
@@ -146,3 +158,25 @@ def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
     assert f"resumed from {newest} at step {step}" in stdout and "done: val top-1" in stdout
     # The torn folder was rewritten by the resumed run or deleted once a later checkpoint was complete.
     assert all((p / checkpoint.COMPLETE).exists() for p in ckpts.glob("step*"))
+
+
+def test_autocast_fp16_skips_an_overflow_and_a_resume_keeps_its_loss_scale(prepared, tmp_path):
+    """DeepSpeed's torch_autocast fp16 through train.py (on the CPU with --allow-cpu): an overflow at step 2 is a
+    skipped step that halves GradScaler's scale; a resumed run goes on with that scale and skip count, which
+    DeepSpeed's own checkpoint does not keep."""
+    out = tmp_path / "run"
+    common = ["--deepspeed_config", ds_file(tmp_path, 32, 16, "autocast-fp16"), "--data-dir", str(prepared), *SMALL,
+              "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled",
+              "--allow-cpu", "--log-every", "1"]  # fmt: skip
+    proc = faulty("inf@2", *common, "--max-steps", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "--allow-cpu: autocast fp16 on this CPU host" in proc.stdout
+    rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in rows] == [
+        (1, 65536.0, 0), (2, 32768.0, 1), (3, 32768.0, 1)]  # fmt: skip
+    assert not np.isfinite(rows[1]["loss"]) and np.isfinite(rows[2]["loss"])
+    ok(train_cli(*common, "--max-steps", "5", "--resume", "auto"))
+    rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in rows[3:]] == [(4, 32768.0, 1), (5, 32768.0, 1)]
+    epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "summary" not in line]
+    assert epochs[-1]["skipped_steps"] == 1

@@ -1,25 +1,33 @@
 """LARS through the DeepSpeed engine: layer-wise trust ratio on conv/linear weights, plain lr on BN and biases."""
 
+import pytest
 import torch
 
 from pipeline import engine
 from pipeline.schedule import Schedule
 
 
-def test_first_lars_step_is_the_clipped_trust_ratio_update(process_group):
+@pytest.mark.parametrize(
+    "mode", [{}, {"torch_autocast": {"enabled": True, "dtype": "fp16"}}], ids=["fp32", "autocast-fp16"]
+)
+def test_first_lars_step_is_the_clipped_trust_ratio_update(process_group, mode):
+    """In fp32, and under autocast fp16 with torch's GradScaler (the step sees the unscaled gradients)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lr, wd, trust = 0.5, 1e-4, 0.02
     s = Schedule("goyal_steps", lr, lr, warmup_steps=0, total_steps=10, steps_per_epoch=5)
     sgd = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": wd}
-    ds = {"train_batch_size": 6, "train_micro_batch_size_per_gpu": 6, "optimizer": {"type": "SGD", "params": sgd}}
-    ds, _ = engine.fit(ds, "test.json", 1, cuda=False)
+    ds = {"train_batch_size": 6, "train_micro_batch_size_per_gpu": 6, "optimizer": {"type": "SGD", "params": sgd},
+          **mode}  # fmt: skip
+    ds, _ = engine.fit(ds, "test.json", 1, cuda=False, allow_cpu=True)
     eng = engine.build(model, engine.with_schedule(ds, s), s, optimizer="lars", lars_trust=trust)
     x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    loss = torch.nn.functional.cross_entropy(eng(x), y)
+    loss = torch.nn.functional.cross_entropy(eng(x).float(), y)
     eng.backward(loss)
-    grads = {n: p.grad.detach().clone() for n, p in eng.module.named_parameters()}
+    scale = engine.LossScale(eng).now()[0]
+    assert float(scale) == (2.0**16 if mode else 1.0)
+    grads = {n: p.grad.detach().float() / float(scale) for n, p in eng.module.named_parameters()}
     eng.step()
     for name, p in eng.module.named_parameters():
         w, g = before[name], grads[name]

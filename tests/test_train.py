@@ -21,6 +21,7 @@ from tests.wandb_files import logged
 
 ROOT = Path(__file__).parent.parent
 TRAIN = str(ROOT / "pipeline" / "train.py")
+CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a host without usable CUDA does")
 SMALL = ["--arch", "resnet18", "--crop-size", "32", "--val-resize", "36", "--data-threads", "1"]
 
 
@@ -81,6 +82,9 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert not saved["derived"]["channels_last"]
     assert {k: saved["derived"]["data"][k] for k in ("layout", "dtype", "prefetch", "batch_size")} == {
         "layout": "NCHW", "dtype": "bfloat16", "prefetch": 2, "batch_size": 32}  # fmt: skip
+    # No GPU decoder, so nothing allocated up front; --data-threads 1 as asked.
+    assert saved["derived"]["data_threads"] == 1
+    assert saved["derived"]["decoder_memory"] == {"gpu_bytes": 0, "pinned_bytes": 0}
     # Every 3 steps and at each epoch's end (the last step is both); the 2 newest complete ones are kept.
     assert "at step 3\n" in stdout and stdout.count(f"at step {3 * per_epoch}\n") == 2
     saves = sorted({*range(3, 3 * per_epoch + 1, 3), *range(per_epoch, 3 * per_epoch + 1, per_epoch)})
@@ -198,8 +202,13 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
         (["--arch", "resnet51"], "--arch resnet51: not a torchvision classification model"),
         (["--deepspeed_config", "missing.json"], "--deepspeed_config missing.json: cannot read it as JSON"),
         (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3.0: must lie in [0, --epochs 2)"),
+        # No silent CPU fallback: a GPU configuration on a host without usable CUDA stops, naming why.
+        pytest.param(["--deepspeed_config", str(ROOT / "ds_configs" / "bs256-autocast.json")],
+                     "bs256-autocast.json asks for autocast-fp16, but CUDA is not usable on this host", marks=CPU_ONLY),
+        pytest.param(["--data-device", "gpu"], "--data-device gpu, but CUDA is not usable on this host: ",
+                     marks=CPU_ONLY),
     ],
-)
+)  # fmt: skip
 def test_bad_input_fails_before_any_heavy_work(prepared, capsys, args, message):
     base = {"--deepspeed_config": str(ROOT / "ds_configs" / "cpu.json"), "--data-dir": str(prepared)}
     argv = [x for k, v in base.items() if k not in args for x in (k, v)] + args

@@ -1,66 +1,116 @@
-"""Training on a GPU (skipped without one): fp16 ResNet-50 through DeepSpeed on DALI GPU batches."""
+"""Training on a GPU (skipped without one): ResNet-50 through DeepSpeed on DALI GPU batches in both fp16 modes,
+the fused-SGD step on channels-last weights, fp32 batch norm, the loss scale moving, and a step without syncs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pipeline import engine
+from pipeline import engine, train
+from pipeline.distributed import without_launcher
+from pipeline.meters import StepMeter
 from tests.shardsets import labelled_set
-from tests.test_train import ROOT, metrics, ok, train_cli
+from tests.test_train import ROOT, metrics, ok, weights
 
 pytestmark = pytest.mark.gpu
 
 
-def test_fp16_resnet50_trains_with_dynamic_loss_scaling(tmp_path):
-    data = labelled_set(tmp_path / "data", train=160, val=21)
-    ds = json.loads((ROOT / "ds_configs" / "bs256.json").read_text())
-    ds.update(train_batch_size=64, train_micro_batch_size_per_gpu=32)
-    (tmp_path / "ds.json").write_text(json.dumps(ds))
-    out = tmp_path / "run"
-    stdout = ok(
-        train_cli(
-            "--deepspeed_config",
-            str(tmp_path / "ds.json"),
-            "--data-dir",
-            str(data),
-            "--epochs",
-            "2",
-            "--warmup-epochs",
-            "1",
-            "--out-dir",
-            str(out),
-            "--wandb-mode",
-            "disabled",
-            "--log-every",
-            "1",
-        )  # fmt: skip
-    )
-    assert "fp16" in stdout and "note:" not in stdout  # no bf16 fallback on a GPU
+def small_config(tmp_path, name: str, batch: int = 64) -> str:
+    """A committed configuration at a test-sized batch (micro-batch 32: 2 micro-steps per optimizer step)."""
+    ds = json.loads((ROOT / "ds_configs" / name).read_text())
+    ds.update(train_batch_size=batch, train_micro_batch_size_per_gpu=32)
+    (tmp_path / name).write_text(json.dumps(ds))
+    return str(tmp_path / name)
+
+
+@pytest.mark.parametrize("name, conv_dtype", [("bs256.json", torch.float16), ("bs256-autocast.json", torch.float32)])
+def test_fp16_resnet50_trains_and_its_loss_scale_moves(tmp_path, name, conv_dtype):
+    data, out = labelled_set(tmp_path / "data", train=160, val=21), tmp_path / "run"
+    args = ["--deepspeed_config", small_config(tmp_path, name), "--data-dir", str(data), "--epochs", "2",
+            "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled", "--log-every", "1"]  # fmt: skip
+    # Infinite pixels in step 2's images: its gradients overflow, the step is skipped and the scale halves.
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_faulty.py"), *args], capture_output=True,
+                          text=True, timeout=600, env={**without_launcher(os.environ), "FAULT": "inf@2"})  # fmt: skip
+    stdout = ok(proc)
+    assert "note:" not in stdout  # no fallback on a GPU
+    rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    # (A fresh network can overflow at 2^16 by itself too: every skip halves the scale, and step 2 is one.)
+    assert rows[0]["loss_scale"] <= 2.0**16 and rows[1]["skipped_steps"] == rows[0]["skipped_steps"] + 1
+    assert rows[1]["loss_scale"] == rows[0]["loss_scale"] / 2
+    for before, after in zip(rows, rows[1:], strict=False):
+        assert (after["skipped_steps"] > before["skipped_steps"]) == (after["loss_scale"] < before["loss_scale"])
     epochs, summary = metrics(out)
-    assert summary["steps"] == 2 * 3 and all(e["images_per_sec"] > 0 for e in epochs)
-    # Dynamic loss scaling starts at 2^16; early overflows are skipped steps, counted, never silent.
-    assert summary["skipped_steps"] == epochs[-1]["skipped_steps"] >= 0
+    assert summary["steps"] == 2 * 3 and summary["skipped_steps"] >= 1 and all(e["images_per_sec"] > 0 for e in epochs)
+    saved = weights(out, summary["steps"])
+    # Batch norm in fp32 (weights and running statistics), the convolutions channels-last.
+    assert saved["bn1.weight"].dtype == saved["bn1.running_mean"].dtype == torch.float32
+    assert torch.isfinite(saved["bn1.running_var"]).all()
+    conv = saved["conv1.weight"]
+    assert conv.dtype == conv_dtype and conv.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_engine_keeps_fp32_master_weights_and_channels_last(tmp_path):
+@pytest.mark.parametrize("name", ["bs256.json", "bs256-autocast.json"])
+def test_fused_sgd_steps_channels_last_weights(name):
+    """The first fused-SGD step on NHWC weights: every tensor it walks (weight or master, gradient, momentum) in
+    one layout, and the weights as initialised until then."""
     from pipeline import distributed
     from pipeline.model import build_model
     from pipeline.scaling import Recipe
     from pipeline.schedule import derive
 
     distributed.init()  # a one-process NCCL group (sets the rendezvous variables when no launcher did)
-
-    ds = json.loads((ROOT / "ds_configs" / "bs256.json").read_text())
-    ds, notes = engine.fit({**ds, "train_batch_size": 32}, "bs256.json", 1, cuda=True)
+    ds = json.loads((ROOT / "ds_configs" / name).read_text())
+    ds, _ = engine.fit({**ds, "train_batch_size": 32}, name, 1, cuda=True)
     s = derive("warmup_decay", Recipe(32, train_images=1000, epochs=2, warmup_epochs=1))
     model, _ = build_model("resnet50", 10)
+    initial = model.conv1.weight.detach().clone()
     eng = engine.build(model, engine.with_schedule(ds, s), s, channels_last=True)
-    assert next(eng.module.parameters()).dtype == torch.float16 and engine.loss_scale(eng) == 2.0**16
-    assert eng.module.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    # DeepSpeed's fused fp16 optimizer keeps flat fp32 copies, the unfused one per-parameter copies.
-    masters = getattr(eng.optimizer, "fp32_groups_flat", None) or [p for g in eng.optimizer.fp32_groups for p in g]
-    assert masters and all(p.dtype == torch.float32 for p in masters)
-    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in masters if p.dim() == 4)
+    assert ds["optimizer"]["params"]["fused"] and engine.LossScale(eng).now()[0] == 2.0**16
+    assert torch.equal(eng.module.conv1.weight.float().cpu(), initial.to(eng.module.conv1.weight.dtype).float())
+    assert eng.module.bn1.weight.dtype == eng.module.bn1.running_mean.dtype == torch.float32
+    dtype = getattr(torch, engine.DATA_DTYPES[engine.precision(ds)])
+    x = torch.randn(32, 3, 64, 64, device=eng.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, 10, (32,), device=eng.device)
+    for _ in range(3):
+        eng.backward(torch.nn.functional.cross_entropy(eng(x).float(), labels))
+        eng.step()
+    assert eng.global_steps == 3
+    for p, state in engine._optimizer_state(eng.optimizer):
+        assert p.dtype == torch.float32
+        if p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last)
+            assert state["momentum_buffer"].stride() == p.stride()
+
+
+def test_training_steps_between_flushes_do_not_sync(tmp_path):
+    """The autocast mode with fused SGD: forward, backward, the scaled optimizer step, the schedule and the meters
+    run under torch.cuda.set_sync_debug_mode("error"), which raises on any host-device sync."""
+    data = labelled_set(tmp_path / "data", train=128, val=21)
+    run = train.start(["--deepspeed_config", small_config(tmp_path, "bs256-autocast.json"), "--data-dir", str(data),
+                       "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
+                       "--wandb-mode", "disabled"])  # fmt: skip
+    assert not isinstance(run, int) and run.precision == "autocast-fp16" and run.accum == 2
+    eng = run.engine
+    images = torch.randn(32, 3, 224, 224, device=eng.device, dtype=torch.float16)
+    images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, run.data.num_classes, (32,), device=eng.device)
+    meter = StepMeter(run.micro, run.schedule.steps_per_epoch, eng.device)
+    for _ in range(4):  # warm-up: cuDNN's autotuning and the scaler's first scale may synchronise
+        train.train_step(run, images, labels, meter)
+    meter.flush()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        closed = [train.train_step(run, images, labels, meter) for _ in range(6)]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert closed == [False, True] * 3 and eng.global_steps == 5
+    rows = meter.flush()  # the sync point
+    run.scale.resolve(rows)
+    assert [r["step"] for r in rows] == [3, 4, 5] and all(r["skipped_steps"] == 0 for r in rows)
+    train.distributed.close()

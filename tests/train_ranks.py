@@ -20,7 +20,7 @@ from pipeline import train  # noqa: E402
 
 def digest(tensors) -> str:
     """SHA-256 of the tensors' bytes: equal only if every value is bit-for-bit equal."""
-    return hashlib.sha256(b"".join(t.detach().float().numpy().tobytes() for t in tensors)).hexdigest()
+    return hashlib.sha256(b"".join(t.detach().float().cpu().numpy().tobytes() for t in tensors)).hexdigest()
 
 
 def main() -> int:

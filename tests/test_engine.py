@@ -1,0 +1,123 @@
+"""The engine as built, before and after its first steps: DeepSpeed's start-up step undone, optimizer state laid
+out like its weights, batch norm in fp32, the one-read overflow check, and the autocast mode's loss scaling."""
+
+import pytest
+import torch
+
+from pipeline import engine
+from pipeline.meters import StepMeter
+from pipeline.schedule import Schedule
+from tests.test_schedule import small_convnet
+
+SCHEDULE = Schedule("warmup_decay", 0.5, 0.5, warmup_steps=0, total_steps=20, steps_per_epoch=5)
+MODES = {
+    "bf16": {"bf16": {"enabled": True}},
+    "fp32": {},
+    "autocast-bf16": {"torch_autocast": {"enabled": True, "dtype": "bf16"}},
+    "autocast-fp16": {"torch_autocast": {"enabled": True, "dtype": "fp16"}},
+}
+
+
+def ds_of(mode: str, batch: int = 4) -> dict:
+    """A DeepSpeed configuration in `mode` with large lr and weight decay, so one stray step shows."""
+    sgd = {"lr": 0.5, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}
+    ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_clipping": 0.0,
+          "optimizer": {"type": "SGD", "params": sgd}, **MODES[mode]}  # fmt: skip
+    return engine.with_schedule(ds, SCHEDULE)
+
+
+def images(dtype=torch.float32, channels_last=False) -> torch.Tensor:
+    """A fixed batch of 4 small images."""
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1)).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_built_engine_has_its_initial_weights_and_state_laid_out_like_them(process_group, optimizer, channels_last):
+    """DeepSpeed's unfused wrapper steps the optimizer once on zero gradients when it is built: one weight-decay
+    step at the peak lr, and momentum buffers made contiguous, which CUDA's fused SGD refuses for NHWC weights."""
+    model = small_convnet()
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    eng = engine.build(model, ds_of("bf16"), SCHEDULE, optimizer=optimizer, channels_last=channels_last)
+    states = list(engine._optimizer_state(eng.optimizer))
+    tensors = [(p, v) for p, state in states for v in state.values() if torch.is_tensor(v) and v.dim()]
+    assert len(tensors) == len(initial)  # a momentum buffer per parameter (the start-up step made them)
+    for p, value in tensors:
+        assert value.shape == p.shape and value.stride() == p.stride() and not value.any()
+    masters = {p: m for p, m in engine._masters(eng.optimizer)}
+    assert len(masters) == len(initial)
+    for name, p in eng.module.named_parameters():
+        assert torch.equal(masters[p], initial[name]), name
+        assert torch.equal(p.float(), initial[name].to(p.dtype).float()), name
+        if channels_last and p.dim() == 4:
+            assert p.is_contiguous(memory_format=torch.channels_last) and masters[p].stride() == p.stride()
+
+
+def test_a_resumed_momentum_buffer_takes_its_weights_layout(process_group):
+    eng = engine.build(small_convnet(), ds_of("bf16"), SCHEDULE, channels_last=True)
+    (p, state), *_ = [(p, s) for p, s in engine._optimizer_state(eng.optimizer) if p.dim() == 4]
+    state["momentum_buffer"] = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape)  # as loaded: NCHW
+    engine.match_state_layout(eng.optimizer)
+    assert state["momentum_buffer"].stride() == p.stride() != p.contiguous().stride()
+    assert torch.equal(state["momentum_buffer"], torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape))
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_batch_norm_stays_fp32_and_its_statistics_move(process_group, mode):
+    eng = engine.build(small_convnet(), ds_of(mode), SCHEDULE)
+    bn, conv = eng.module[1], eng.module[0]
+    assert all(t.dtype == torch.float32 for t in [*bn.parameters(), bn.running_mean, bn.running_var])
+    assert conv.weight.dtype == (torch.bfloat16 if mode == "bf16" else torch.float32)
+    x = images(torch.bfloat16 if mode in ("bf16", "autocast-bf16") else torch.float32)
+    for _ in range(2):
+        eng.backward(eng(x).float().square().mean())
+        eng.step()
+    assert bn.running_mean.dtype == torch.float32 and bn.running_mean.abs().sum() > 0
+    assert torch.isfinite(bn.running_var).all() and eng.global_steps == 2
+    # The same 3e-4 update to a running mean of 1.0: bf16 (8 bits of mantissa) cannot hold it, fp32 does.
+    ones = torch.ones(1)
+    assert (ones.bfloat16() * 0.9997 + 0.0003).item() == 1.0 != (ones * 0.9997 + 0.0003 * 0.5).item()
+
+
+def test_the_wrapper_reads_one_overflow_flag_per_step(process_group):
+    eng = engine.build(small_convnet(), ds_of("bf16"), SCHEDULE)
+    checker = eng.optimizer.overflow_checker
+    assert type(checker).__name__ == "OneRead"
+    eng.backward(eng(images(torch.bfloat16)).float().square().mean())
+    params = [p for group in eng.optimizer.fp16_groups for p in group]
+    assert not checker.has_overflow_serial(params)
+    for bad in (float("inf"), float("nan")):
+        params[3].grad[0] = bad  # one element of one fp32 (batch norm) gradient
+        assert checker.has_overflow_serial(params) and checker.check()
+        params[3].grad.zero_()
+    params[0].grad.view(-1)[5] = float("inf")  # a bf16 convolution gradient
+    assert checker.check()
+
+
+def test_autocast_fp16_scales_the_loss_and_counts_skipped_steps(process_group):
+    """torch's GradScaler: DeepSpeed does not count its skips; LossScale reads them from the scale at the flush."""
+    eng = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
+    assert type(eng.optimizer) is torch.optim.SGD and eng.module[0].weight.dtype == torch.float32
+    scale, meter = engine.LossScale(eng), StepMeter(4, SCHEDULE.steps_per_epoch, torch.device("cpu"))
+    labels = torch.arange(4) % 3
+    for step in range(1, 5):
+        before = eng.module[0].weight.detach().clone()
+        logits = eng(images() * (float("inf") if step == 2 else 1.0))
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        eng.backward(loss)
+        eng.step()
+        meter.micro_step(loss, logits, labels)
+        now, skipped = scale.now()
+        assert torch.is_tensor(now) and skipped is None  # on the device until the flush
+        meter.optimizer_step(eng.global_steps, 0.5, now, skipped)
+        assert torch.equal(eng.module[0].weight, before) == (step == 2)  # the overflow step changes nothing
+    rows = meter.flush()
+    scale.resolve(rows)
+    assert [r["loss_scale"] for r in rows] == [65536.0, 32768.0, 32768.0, 32768.0]
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1] and scale.skipped == 1 and eng.skipped_steps == 0
+    # Saved with a checkpoint and restored into a new engine: the scale and the count go on from there.
+    saved = scale.state_dict()
+    again = engine.LossScale(engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE))
+    again.load_state_dict(saved)
+    assert again.skipped == 1 and again.scaler.get_scale() == 32768.0
