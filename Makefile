@@ -12,18 +12,33 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install test lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
+.PHONY: install lock test test-gpu lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
 
 install: $(STAMP)
 
-# The stamp makes a second `make install` free; editing pyproject.toml reinstalls.
-$(STAMP): pyproject.toml
+# The stamp makes a second `make install` free; editing pyproject.toml or the lock reinstalls. The versions are
+# the lock's (requirements.lock): the ones the tests passed with, the same on every node of a job.
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install -e '.[dev]'
+	$(VENV)/bin/pip install -c requirements.lock -e '.[dev]'
 	touch $@
 
+# Re-resolve pyproject.toml's ranges in a fresh environment and rewrite the lock; then make test, and commit both.
+lock:
+	rm -rf build/lock-venv
+	$(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/pip install -q -e '.[dev]'
+	{ sed -n '1,2p' requirements.lock; build/lock-venv/bin/pip freeze --exclude-editable | grep -v '^-e'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+	rm -rf build/lock-venv
+
+# The CPU suite, as CI runs it. On a GPU host the GPUs are hidden, so it tests the CPU path there too;
+# make test-gpu runs the gpu-marked tests on the GPU.
 test: install
-	$(PY) -m pytest -q
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
 
 lint: install
 	$(VENV)/bin/ruff check .
