@@ -12,11 +12,14 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from data_prep.journal import write_atomic
 
 COMPLETE = "complete.json"
+# DeepSpeed's file of the model weights (and client state) in a checkpoint folder, without model parallelism.
+MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def tag(step: int) -> str:
@@ -83,3 +86,36 @@ def load(engine, path: Path) -> dict:
     if dist.get_rank() == 0:
         print(f"resumed from {path} at step {engine.global_steps}", flush=True)
     return state
+
+
+def resolve(path: str) -> Path:
+    """A complete checkpoint: `path` itself, or the newest complete one of the run folder `path`."""
+    folder = Path(path)
+    if (folder / COMPLETE).is_file():
+        return folder
+    found = complete(folder / "checkpoints")
+    if found:
+        return found[-1]
+    raise ValueError(
+        f"{path}: neither a complete checkpoint (no {COMPLETE}) nor a run folder with complete checkpoints in "
+        "checkpoints/; pass a run's --out-dir or one of its checkpoints/step* folders"
+    )
+
+
+def card(path: Path) -> dict:
+    """The model card a checkpoint was saved with (arch, num_classes, classes, crop_size, val_resize) and its step,
+    from complete.json (JSON: nothing is unpickled)."""
+    state = json.loads((path / COMPLETE).read_text())
+    if "model" not in state:
+        raise ValueError(
+            f"{path}: saved before checkpoints recorded their model (arch, classes); resume the run for one more "
+            "step (--resume auto --max-steps N+1) to save a checkpoint that does"
+        )
+    return {**state["model"], "step": state["step"]}
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's weights from a checkpoint: torchvision's keys, floating tensors in fp32, plain NCHW memory.
+    DeepSpeed's file is unpickled (torch.load with weights_only=False): a checkpoint is trusted code."""
+    states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in states["module"].items()}

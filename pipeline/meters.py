@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from pipeline import distributed
 from pipeline.data import IGNORE
 
 
@@ -16,6 +18,17 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     k = min(5, logits.shape[1])
     hits = (logits.topk(k, dim=1).indices == labels[:, None]) & real[:, None]
     return torch.stack([real.sum(), hits[:, 0].sum(), hits.any(dim=1).sum()]).double()
+
+
+@torch.no_grad()
+def validate(model, batches: Iterable, device: torch.device) -> tuple[float, float, int]:
+    """Top-1 and top-5 accuracy (percent) of `model` over `batches`, and the images counted, summed exactly over
+    all ranks (padding labels are not counted). Note: a host-device sync point, once, at the end."""
+    counts = torch.zeros(3, dtype=torch.float64, device=device)
+    for images, labels in batches:
+        counts += accuracy_counts(model(images.to(device)), labels.to(device))
+    seen, top1, top5 = distributed.all_sum(counts.tolist(), device)
+    return 100 * top1 / seen, 100 * top5 / seen, int(seen)
 
 
 class StepMeter:
@@ -29,7 +42,20 @@ class StepMeter:
         self.rows: list[dict] = []
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.micro_steps = 0
-        self.start = self.window = time.perf_counter()
+        self.start = self.window = self.last_step = time.perf_counter()
+        # Host seconds spent waiting for batches: in the open optimizer step, and in the epoch.
+        self.pending_wait, self.waited = 0.0, 0.0
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """`batches`, recording the host time spent waiting for each (a clock read, no device sync)."""
+        batches = iter(batches)
+        while True:
+            start = time.perf_counter()
+            batch = next(batches, None)
+            self.pending_wait += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
     def micro_step(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Record one micro-batch (no sync: counts that are Python numbers stay on the host, as a tensor made from
@@ -44,10 +70,13 @@ class StepMeter:
     def optimizer_step(self, step: int, lr: float, loss_scale: float | torch.Tensor, skipped: int | None) -> None:
         """Close an optimizer step: sum its micro-batches (still on the device). `loss_scale` may be a device value,
         and `skipped` unknown (None) until it is read (engine.LossScale.resolve)."""
-        totals = torch.stack(self.pending).sum(0)
+        totals, now = torch.stack(self.pending).sum(0), time.perf_counter()
+        # Host times: the wait for this step's batches, and the wall time since the last step closed.
         self.rows.append(dict(step=step, totals=totals, lr=lr, loss_scale=loss_scale, skipped_steps=skipped,
-                              micro=len(self.pending), samples=self.pending_samples))  # fmt: skip
-        self.pending, self.pending_samples = [], 0
+                              micro=len(self.pending), samples=self.pending_samples, data_wait_s=self.pending_wait,
+                              step_s=now - self.last_step))  # fmt: skip
+        self.waited += self.pending_wait
+        self.pending, self.pending_samples, self.pending_wait, self.last_step = [], 0, 0.0, now
 
     def flush(self) -> list[dict]:
         """The rows since the last flush, summed over ranks (a collective: every rank calls it at the same steps),

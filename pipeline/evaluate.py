@@ -1,0 +1,107 @@
+"""Exact top-1 and top-5 of a trained checkpoint over the whole validation set, on any number of ranks.
+
+    python -m pipeline.evaluate --checkpoint RUN_DIR|CHECKPOINT --data-dir DIR [--out result.json]
+    torchrun --nproc_per_node 8 -m pipeline.evaluate --checkpoint RUN_DIR --data-dir DIR
+    deepspeed --num_gpus 8 pipeline/evaluate.py --checkpoint RUN_DIR --data-dir DIR
+
+The validation pipeline is training's (pipeline.data): resize the shorter side, center crop, normalise,
+each image counted exactly once across the ranks. The model runs in fp32. Rank 0 prints the result and
+writes it as JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and os.path.dirname(os.path.abspath(__file__)) == os.path.abspath(sys.path[0]):
+    # Run as a script (the deepspeed launcher): the repository on the path instead of pipeline/ (see train.py).
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import argparse
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torchvision
+
+from pipeline import checkpoint, distributed
+from pipeline.data import DataConfig, ImageNetData
+from pipeline.meters import validate
+from pipeline.shards import DataError, open_shards
+
+TRUSTED = "it is unpickled, so evaluate only checkpoints you trust (pipeline.export writes a file that is not)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line of `python -m pipeline.evaluate`."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help=f"a run folder (its newest complete checkpoint) or a checkpoints/step* folder; {TRUSTED}",
+    )
+    p.add_argument("--data-dir", required=True, help="folder of the validation-* shards")
+    p.add_argument("--out", help="result JSON (default: <run folder>/eval-<checkpoint>.json)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per rank per step")
+    p.add_argument("--data-device", choices=("auto", "gpu", "cpu"), default="auto", help="where DALI decodes")
+    p.add_argument("--data-threads", type=int, default=0, help="DALI CPU threads per rank (0: cores / ranks)")
+    p.add_argument("--dist-timeout", type=int, default=600, help="seconds a rank waits for a peer in a collective")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return p.parse_args(argv)  # fmt: skip
+
+
+def load_model(path: Path, card: dict, device: torch.device) -> torch.nn.Module:
+    """The checkpoint's torchvision model in fp32, in eval mode on `device` (channels-last on a GPU)."""
+    model = torchvision.models.get_model(card["arch"], weights=None, num_classes=card["num_classes"])
+    model.load_state_dict(checkpoint.weights(path))
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    return model.to(device, memory_format=memory_format).eval()
+
+
+def result_line(result: dict) -> str:
+    """The printed result."""
+    r = result
+    return (f"top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% over {r['images']:,} validation images "
+            f"({r['arch']} at step {r['step']}, {r['checkpoint']}; {r['world_size']} ranks)")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate; bad input ends with a one-line error and exit status 2."""
+    args = parse_args(argv)
+    try:
+        path = checkpoint.resolve(args.checkpoint)
+        card = checkpoint.card(path)
+        shards = open_shards(args.data_dir, ("validation",), card["num_classes"])
+        if shards.num_classes != card["num_classes"]:
+            raise ValueError(f"--data-dir {args.data_dir}: {shards.num_classes} classes, the model predicts "
+                             f"{card['num_classes']}; pass the data the run was trained on")  # fmt: skip
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rank, world = distributed.init(args.dist_timeout)
+    try:
+        cuda = args.data_device != "cpu" and torch.cuda.is_available()
+        config = DataConfig(args.data_dir, batch_size=args.batch_size, crop_size=card["crop_size"],
+                            val_resize=card["val_resize"], layout="NHWC" if cuda else "NCHW", device=args.data_device,
+                            num_threads=args.data_threads)  # fmt: skip
+        data = ImageNetData(config, rank, world, splits=("validation",), shards=shards)
+        top1, top5, seen = validate(load_model(path, card, data.device), data.validation(), data.device)
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.close()
+        return 2
+    distributed.close()
+    if rank == 0:
+        result = {"top1": top1, "top5": top5, "images": seen, "arch": card["arch"], "step": card["step"],
+                  "checkpoint": str(path), "data_dir": args.data_dir, "world_size": world,
+                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        out = Path(args.out) if args.out else path.parent.parent / f"eval-{path.name}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"{result_line(result)}; written to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
