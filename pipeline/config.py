@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -64,7 +65,8 @@ class RunConfig:
     save_every_steps: int = 0
     # Complete checkpoints kept; older ones are deleted once a newer one is complete.
     keep_checkpoints: int = 3
-    # auto: continue from the newest complete checkpoint in out_dir if any; or a checkpoint folder.
+    # auto: continue from the newest complete checkpoint in out_dir if any; or a checkpoint folder. A checkpoint is
+    # trusted code: DeepSpeed's files are unpickled when loaded, so resume only from checkpoints you trust.
     resume: str | None = None
     # Base seed of data order and augmentation.
     seed: int = 0
@@ -92,9 +94,11 @@ class RunConfig:
     compile: str = "none"
     # Steps between progress and wandb updates (each one is a host-device sync).
     log_every: int = 20
-    # wandb: online, offline (default unless an API key is configured) or disabled.
+    # wandb: online, offline or disabled (default: WANDB_MODE, else online with an API key and offline without).
     wandb_mode: str | None = None
-    wandb_project: str = "imagenet-pipeline"
+    # wandb project (default: WANDB_PROJECT, else imagenet-pipeline) and group (default: WANDB_RUN_GROUP, else
+    # "<arch> B=<batch>"); a flag wins over wandb's environment variables.
+    wandb_project: str | None = None
     wandb_group: str | None = None
 
     def __post_init__(self):
@@ -152,13 +156,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file of run options (keys as the flags, - or _); flags override it")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed launcher compatibility")
+    helps = field_help()
     for f in fields(RunConfig):
+        default = "" if f.default in (None, "") else f" (default: {f.default})"
+        text = helps.get(f.name, "") + default
         if _kind(f) is bool:
             # `--allow-cpu` alone means true; `--allow-cpu false` also parses.
-            p.add_argument(_flag(f.name), dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)
+            p.add_argument(_flag(f.name), dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                           help=text)  # fmt: skip
         else:
-            p.add_argument(_flag(f.name), dest=f.name, type=_kind(f), default=argparse.SUPPRESS)
+            p.add_argument(_flag(f.name), dest=f.name, type=_kind(f), default=argparse.SUPPRESS, help=text)
     return p
+
+
+def field_help() -> dict[str, str]:
+    """Each RunConfig field's --help text: the comment above it (fields declared together share one)."""
+    helps, pending, current = {}, [], ""
+    for line in inspect.getsource(RunConfig).splitlines():
+        text = line.strip()
+        if text.startswith("#"):
+            pending.append(text.lstrip("# "))
+        elif ":" in text and text.split(":")[0].isidentifier() and not text.startswith(("def ", "class ")):
+            current, pending = (" ".join(pending), []) if pending else (current, pending)
+            helps[text.split(":")[0]] = current
+        else:
+            pending = []
+    return {k: v.replace("%", "%%") for k, v in helps.items()}
 
 
 def _bool(text: str) -> bool:

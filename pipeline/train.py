@@ -19,6 +19,8 @@ if __name__ == "__main__" and os.path.dirname(os.path.abspath(__file__)) == os.p
 
 import dataclasses
 import logging
+import math
+import time
 from pathlib import Path
 
 import torch
@@ -27,11 +29,11 @@ import torch.nn.functional as F
 from pipeline import checkpoint, config, distributed, engine, gpu, schedule
 from pipeline.data import IGNORE, DataConfig, ImageNetData
 from pipeline.faults import Guard, NumericFault
-from pipeline.meters import StepMeter, accuracy_counts
+from pipeline.meters import StepMeter, validate
 from pipeline.model import build_model, check_arch, uses_channels_last
 from pipeline.scaling import Recipe
 from pipeline.shards import DataError, ShardSet, open_shards
-from pipeline.tracking import Tracker, wandb_mode
+from pipeline.tracking import PROJECT, Tracker, wandb_init_args, wandb_mode
 
 
 class Run:
@@ -63,7 +65,8 @@ class Run:
         model, self.zeroed = build_model(run.arch, self.data.num_classes)
         self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust, run.compile,
                                    channels_last=self.channels_last)  # fmt: skip
-        self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None}
+        # Where training starts, the best accuracy so far and the training time so far (restored by a resume).
+        self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None, "train_seconds": 0.0}
         self.scale = engine.LossScale(self.engine)
         min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
         self.guard = Guard(self.precision, run.max_skipped_steps, min_scale)
@@ -129,14 +132,15 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, meter: Step
 def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[StepMeter, bool]:
     """One epoch of training from optimizer step `skip` on; returns its meter and whether --max-steps was reached."""
     eng, o = run.engine, run.opts
-    meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, eng.device)
     batches = run.data.train_epoch(epoch)
     # Resuming mid-epoch: an epoch's batches are the same in every session, so those already trained on are dropped.
     for _ in range(skip * run.accum):
         next(batches)
-    tracker.progress(run.schedule.steps_per_epoch, epoch, initial=skip)
+    meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, eng.device)
+    last = min(o.epochs * run.schedule.steps_per_epoch, o.max_steps or math.inf)
+    tracker.progress(run.schedule.steps_per_epoch, epoch, initial=skip, run_total=last)
     eng.train()
-    for images, labels in batches:
+    for images, labels in meter.timed(batches):
         if not train_step(run, images, labels, meter):
             continue
         saving = o.save_every_steps and eng.global_steps % o.save_every_steps == 0
@@ -158,17 +162,12 @@ def report(run: Run, meter: StepMeter, tracker: Tracker) -> None:
     run.guard.rows(rows)
 
 
-@torch.no_grad()
 def evaluate(run: Run) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) over the whole validation set, counted exactly across ranks."""
-    eng = run.engine
-    eng.eval()
-    counts = torch.zeros(3, dtype=torch.float64, device=eng.device)
-    for images, labels in run.data.validation():
-        counts += accuracy_counts(eng(images.to(eng.device)), labels.to(eng.device))
-    eng.train()
-    seen, top1, top5 = distributed.all_sum(counts.tolist(), eng.device)
-    return 100 * top1 / seen, 100 * top5 / seen
+    run.engine.eval()
+    top1, top5, _ = validate(run.engine, run.data.validation(), run.engine.device)
+    run.engine.train()
+    return top1, top5
 
 
 def save(run: Run, epoch: int) -> None:
@@ -176,7 +175,8 @@ def save(run: Run, epoch: int) -> None:
     done = run.engine.global_steps - epoch * run.schedule.steps_per_epoch
     position = (epoch + 1, 0) if done >= run.schedule.steps_per_epoch else (epoch, done)
     state = {**run.start, "epoch": position[0], "step_in_epoch": position[1], "schedule": run.schedule.as_dict(),
-             "run": dataclasses.asdict(run.opts), "loss_scale": run.scale.state_dict()}  # fmt: skip
+             "run": dataclasses.asdict(run.opts), "loss_scale": run.scale.state_dict(),
+             "model": model_card(run)}  # fmt: skip
     checkpoint.save(run.engine, run.out / "checkpoints", state, run.opts.keep_checkpoints)
 
 
@@ -195,7 +195,7 @@ def resume(run: Run) -> None:
             f"--resume {path}: it was trained on schedule {state.get('schedule')}, this run derives "
             f"{run.schedule.as_dict()}; resume with its --epochs, --schedule and DeepSpeed config, or a new --out-dir"
         )
-    run.start.update({k: state[k] for k in run.start})
+    run.start.update({k: state.get(k, run.start[k]) for k in run.start})
     run.scale.load_state_dict(state.get("loss_scale", {}))
     run.guard.skipped = run.scale.skipped
     # A checkpoint of another memory layout (or DeepSpeed's loading) can leave momentum laid out unlike its weight.
@@ -205,29 +205,66 @@ def resume(run: Run) -> None:
 
 def fit(run: Run, tracker: Tracker) -> dict:
     """The epoch loop: train, validate, record, checkpoint; returns the summary line."""
-    o, eng, last = run.opts, run.engine, None
+    o, eng, rows, began = run.opts, run.engine, [], time.perf_counter()
     for epoch in range(run.start["epoch"], o.epochs):
         skip = run.start["step_in_epoch"] if epoch == run.start["epoch"] else 0
+        if run.cuda:
+            torch.cuda.reset_peak_memory_stats()
         meter, stop = train_epoch(run, epoch, skip, tracker)
-        seconds = meter.elapsed()
-        loss_sum, micro = distributed.all_sum([meter.loss_sum.item(), meter.micro_steps], eng.device)
         top1, top5 = evaluate(run) if stop or (epoch + 1) % o.eval_every == 0 or epoch + 1 == o.epochs else (None, None)
         if top1 is not None and (run.start["best_top1"] is None or top1 > run.start["best_top1"]):
             run.start.update(best_top1=top1, best_epoch=epoch)
-        last = dict(epoch=epoch, train_loss=loss_sum / max(micro, 1), val_top1=top1, val_top5=top5, lr=engine.lr(eng),
-                    images_per_sec=meter.micro_steps * run.world * run.micro / seconds, skipped_steps=run.scale.skipped,
-                    step=eng.global_steps)  # fmt: skip
-        tracker.epoch(last, eng.global_steps)
+        rows.append(epoch_row(run, epoch, meter, top1, top5))
+        tracker.epoch(rows[-1], eng.global_steps)
+        if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE and run.rank == 0:
+            print(input_bound_line(run, rows[-1]), flush=True)
+        run.start["train_seconds"] += time.perf_counter() - began
+        began = time.perf_counter()
         if stop or (epoch + 1) % o.save_every_epochs == 0 or epoch + 1 == o.epochs:
             save(run, epoch)
         if stop:
             break
     best = {k: run.start[k] for k in ("best_top1", "best_epoch")}
-    last_top1 = last["val_top1"] if last else None
-    return dict(summary=True, **best, last_top1=last_top1, steps=eng.global_steps, skipped_steps=run.scale.skipped)
+    speed = sum(r["images_per_sec"] for r in rows) / len(rows) if rows else None
+    return dict(summary=True, **best, last_top1=rows[-1]["val_top1"] if rows else None, steps=eng.global_steps,
+                skipped_steps=run.scale.skipped, images_per_sec=speed,
+                train_wall_s=round(run.start["train_seconds"], 1))  # fmt: skip
 
 
-def done_line(summary: dict, out: Path, wandb: bool) -> str:
+# Share of an epoch's time the loop may wait for batches before the run says the input pipeline limits it.
+INPUT_BOUND_SHARE = 0.05
+
+
+def epoch_row(run: Run, epoch: int, meter: StepMeter, top1: float | None, top5: float | None) -> dict:
+    """The epoch's line of metrics.jsonl: losses, accuracy and waits averaged over ranks (a sync point)."""
+    seconds = meter.elapsed()
+    loss_sum, micro, waited = distributed.all_sum([meter.loss_sum.item(), meter.micro_steps, meter.waited],
+                                                  run.engine.device)  # fmt: skip
+    # Host-side peak of this rank's allocations this epoch (no device sync); None on a CPU.
+    peak, lr = torch.cuda.max_memory_allocated() if run.cuda else None, engine.lr(run.engine)
+    return dict(epoch=epoch, train_loss=loss_sum / max(micro, 1), val_top1=top1, val_top5=top5, lr=lr,
+                images_per_sec=meter.micro_steps * run.world * run.micro / seconds,
+                data_wait_share=waited / run.world / seconds, peak_gpu_memory_bytes=peak,
+                skipped_steps=run.scale.skipped, step=run.engine.global_steps)  # fmt: skip
+
+
+def input_bound_line(run: Run, row: dict) -> str:
+    """One line: the loop waited for batches this share of the epoch, and the knob to try first."""
+    data, share = run.data, row["data_wait_share"]
+    if not data.gpu and run.cuda:
+        knob = "decode on the GPU (--data-device gpu)"
+    elif data.gpu:
+        knob = (f"raise --data-threads (now {data.threads}), --hw-decoder-load or --data-prefetch "
+                f"(now {data.config.prefetch})")  # fmt: skip
+    else:
+        knob = f"raise --data-threads (now {data.threads}) or decode on a GPU"
+    return (
+        f"note: epoch {row['epoch']}: the input pipeline limits throughput: the training loop waited for "
+        f"batches {100 * share:.0f}% of the epoch's time; {knob}"
+    )
+
+
+def done_line(summary: dict, out: Path, wandb: Path | None) -> str:
     """The run's last line: accuracy, and where its files are."""
     top1, best = summary["last_top1"], summary["best_top1"]
     result = f"val top-1 {top1:.1f}%" if top1 is not None else "no validation in this session"
@@ -235,7 +272,7 @@ def done_line(summary: dict, out: Path, wandb: bool) -> str:
         result += f" (best {best:.1f}% at epoch {summary['best_epoch']})"
     where = f"run folder {out} (config.yaml, metrics.jsonl, checkpoints/)"
     if wandb:
-        where += f"; wandb files in {out / 'wandb'}"
+        where += f"; wandb files in {wandb}"
     return f"done: {result} after {summary['steps']} steps; {where}"
 
 
@@ -274,10 +311,43 @@ def start(argv: list[str] | None = None) -> Run | int:
     return run
 
 
-def open_tracker(run: Run) -> Tracker:
-    """Metric sinks: active on rank 0 only."""
+def model_card(run: Run) -> dict:
+    """What a checkpoint's weights need to be used without this run: the model, its classes and its input (saved
+    with every checkpoint, in complete.json too; pipeline.evaluate and pipeline.export read it)."""
     o = run.opts
-    return Tracker(run.out, run.rank == 0, wandb_mode(o.wandb_mode), o.wandb_project, o.wandb_group, run.describe())
+    return {"arch": o.arch, "num_classes": run.data.num_classes, "classes": list(run.data.shards.class_names),
+            "crop_size": o.crop_size, "val_resize": o.val_resize}  # fmt: skip
+
+
+def wandb_names(run: Run) -> dict:
+    """The run's name, group and tags in wandb, so a project dashboard compares runs by arch, global batch,
+    precision and rank count as they come in, and the flat config keys to filter on."""
+    o, batch = run.opts, run.ds["train_batch_size"]
+    device = "GPU" if run.cuda else "CPU"
+    flat = {"arch": o.arch, "global_batch": batch, "micro_batch": run.micro, "grad_accum": run.accum,
+            "world_size": run.world, "precision": run.precision, "device": device, "peak_lr": run.schedule.peak_lr,
+            "epochs": o.epochs, "warmup_epochs": o.warmup_epochs, "schedule_kind": run.schedule.kind,
+            "optimizer": o.optimizer, "label_smoothing": o.label_smoothing, "crop_size": o.crop_size,
+            "channels_last": run.channels_last, "compile": o.compile}  # fmt: skip
+    return {
+        "name": f"{o.arch} B={batch} {run.precision} {run.world}x{device}",
+        "group": f"{o.arch} B={batch}",
+        "tags": [o.arch, f"B={batch}", run.precision, f"{run.world}x{device}"],
+        "config": flat,
+    }
+
+
+def open_tracker(run: Run) -> Tracker:
+    """Metric sinks: active on rank 0 only. wandb: a flag wins, then wandb's own environment variables, then ours."""
+    o, names = run.opts, wandb_names(run)
+    mode = wandb_mode(o.wandb_mode)
+    wandb_args = None
+    if mode != "disabled":
+        flags = {"mode": o.wandb_mode, "project": o.wandb_project, "group": o.wandb_group}
+        defaults = {"mode": mode, "project": PROJECT, "group": names["group"], "name": names["name"],
+                    "tags": names["tags"], "dir": str(run.out), "id": None, "job_type": "train"}  # fmt: skip
+        wandb_args = wandb_init_args(flags, defaults)
+    return Tracker(run.out, run.rank == 0, wandb_args, {**names["config"], **run.describe()})
 
 
 def finish(run: Run, tracker: Tracker, summary: dict) -> None:
@@ -285,7 +355,7 @@ def finish(run: Run, tracker: Tracker, summary: dict) -> None:
     tracker.summary(summary)
     tracker.close()
     if run.rank == 0:
-        print(done_line(summary, run.out, tracker.run is not None), flush=True)
+        print(done_line(summary, run.out, tracker.wandb_dir), flush=True)
     distributed.close()
 
 

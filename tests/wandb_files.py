@@ -47,10 +47,14 @@ def run_file(out_dir: Path) -> Path:
 
 
 def logged(out_dir: Path) -> dict:
-    """{"config": {...}, "history": [{key: value}], "summary": {...}} of the run under `out_dir`."""
-    config, history, summary = {}, [], {}
+    """{"run": {project, name, group, tags, job_type}, "config": {...}, "history": [{key: value}], "summary": {...}}
+    of the one run under `out_dir` (its wandb/ folder)."""
+    config, history, summary, run = {}, [], {}, {}
     for r in records(run_file(out_dir)):
         kind = r.WhichOneof("record_type")
+        if kind == "run":
+            run = {"project": r.run.project, "name": r.run.display_name, "group": r.run.run_group,
+                   "tags": list(r.run.tags), "job_type": r.run.job_type, "id": r.run.run_id}  # fmt: skip
         if kind in ("config", "run"):
             updates = r.config.update if kind == "config" else r.run.config.update
             config.update({i.key: json.loads(i.value_json) for i in updates})
@@ -58,4 +62,4 @@ def logged(out_dir: Path) -> dict:
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item})
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
-    return {"config": config, "history": history, "summary": summary}
+    return {"run": run, "config": config, "history": history, "summary": summary}
