@@ -1,0 +1,174 @@
+"""The recipe for N GPUs, and how long it would take: the linear scaling rule's numbers and a stated time model.
+
+    python -m pipeline.plan --gpus 8,64,256,1024 [--batch-size B] [--images-per-sec 2470]
+                            [--bandwidth-gbps 100] [--overlap 0.9] [--markdown]
+
+Per optimizer step and GPU: compute = accumulation x micro-batch / (the single-GPU images/s), and a ring
+all-reduce of the gradients (fp16, ResNet-50's 25.6M parameters by default) that moves 2 (N-1)/N of them
+through each GPU's link at --bandwidth-gbps, plus a per-hop latency. The backward pass is two thirds of a
+micro-step's compute; --overlap of the all-reduce hides behind it, never more than the backward pass lasts.
+Epoch time = steps per epoch x step time. Every figure is an input: enter your own measured ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+from pipeline.scaling import IMAGENET_TRAIN_IMAGES, Recipe
+
+# ResNet-50's trainable parameters; the gradients all-reduced each step are this many fp16 numbers.
+RESNET50_PARAMS = 25_557_032
+# Goyal et al.: ResNet-50, B = 8192 on 256 Tesla P100s, 90 epochs in one hour.
+GOYAL = {"gpus": 256, "batch": 8192, "hours": 1.0}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """The stated time model's inputs."""
+
+    # Training images/s of one GPU at the micro-batch (measured: make bench; or given).
+    images_per_sec: float = 2470.0
+    # Each GPU's share of the all-reduce link, in gigabits/s.
+    bandwidth_gbps: float = 100.0
+    # Latency of one ring hop, seconds (2 (N-1) hops per all-reduce).
+    hop_latency_s: float = 5e-6
+    # Share of the all-reduce that runs while the backward pass computes (0: none, 1: all it can).
+    overlap: float = 0.9
+    # Gradient numbers and bytes per number.
+    params: int = RESNET50_PARAMS
+    grad_bytes: int = 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The recipe and the projected times at one GPU count."""
+
+    gpus: int
+    recipe: Recipe
+    accumulation: int
+    step_s: float
+    compute_s: float
+    allreduce_s: float
+    exposed_s: float
+
+    @property
+    def epoch_s(self) -> float:
+        """Seconds per epoch."""
+        return self.recipe.steps_per_epoch * self.step_s
+
+    @property
+    def total_s(self) -> float:
+        """Seconds for the recipe's epochs."""
+        return self.recipe.epochs * self.epoch_s
+
+
+def allreduce_seconds(gpus: int, c: Cluster) -> float:
+    """A ring all-reduce of the gradients over `gpus`: 2 (N-1)/N of them through each link, and 2 (N-1) hops."""
+    if gpus == 1:
+        return 0.0
+    moved = 2 * (gpus - 1) / gpus * c.params * c.grad_bytes * 8
+    return moved / (c.bandwidth_gbps * 1e9) + 2 * (gpus - 1) * c.hop_latency_s
+
+
+def plan(gpus: int, batch_size: int | None, micro: int, c: Cluster, epochs: int = 90) -> Plan:
+    """The recipe for `gpus` (B = micro x gpus unless given) and its step and epoch times under the model `c`."""
+    batch = batch_size or micro * gpus
+    if batch % (micro * gpus):
+        raise ValueError(f"--batch-size {batch}: not a multiple of micro-batch {micro} x {gpus} GPUs")
+    recipe = Recipe(batch, micro, epochs=epochs, warmup_epochs=5.0, train_images=IMAGENET_TRAIN_IMAGES)
+    accumulation = batch // (micro * gpus)
+    compute = accumulation * micro / c.images_per_sec
+    allreduce = allreduce_seconds(gpus, c)
+    # Only the last micro-step's backward pass overlaps the all-reduce (DeepSpeed reduces at the boundary).
+    hidden = min(c.overlap * allreduce, 2 / 3 * micro / c.images_per_sec)
+    return Plan(gpus, recipe, accumulation, compute + allreduce - hidden, compute, allreduce, allreduce - hidden)
+
+
+def _duration(seconds: float) -> str:
+    """1h 02m, 12m 30s or 45.2s."""
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)}h {int(seconds % 3600 // 60):02d}m"
+    if seconds >= 60:
+        return f"{int(seconds // 60)}m {int(seconds % 60):02d}s"
+    return f"{seconds:.1f}s"
+
+
+def table(plans: list[Plan], c: Cluster) -> str:
+    """The plans as a markdown table, with Goyal et al.'s hour beside them."""
+    lines = [
+        "| GPUs | B | accumulation | peak lr | warmup steps | steps/epoch | compute/step | all-reduce/step "
+        "(exposed) | epoch | 90 epochs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in plans:
+        r = p.recipe
+        beyond = " (beyond 8k: LARS, label smoothing)" if r.batch_size > 8192 else ""
+        warmup = f"{r.warmup_steps:,}" if r.peak_lr > r.base_lr else "none (lr constant)"
+        lines.append(
+            f"| {p.gpus:,} | {r.batch_size:,}{beyond} | {p.accumulation} | {r.peak_lr:g} | {warmup} | "
+            f"{r.steps_per_epoch:,} | {1000 * p.compute_s:.1f} ms | {1000 * p.allreduce_s:.1f} ms "
+            f"({1000 * p.exposed_s:.1f} ms) | {_duration(p.epoch_s)} | {_duration(p.total_s)} |"
+        )
+    goyal = Recipe(GOYAL["batch"])
+    per_gpu = goyal.epochs * goyal.train_images / (3600 * GOYAL["hours"]) / GOYAL["gpus"]
+    lines.append(
+        f"| {GOYAL['gpus']} P100s, Goyal et al. (measured) | {goyal.batch_size:,} | 1 | {goyal.peak_lr:g} | "
+        f"{goyal.warmup_steps:,} | {goyal.steps_per_epoch} | {per_gpu:.0f} img/s per GPU over the run | | "
+        f"{_duration(3600 * GOYAL['hours'] / goyal.epochs)} | {GOYAL['hours']:g}h |"
+    )
+    grads = f"{c.params / 1e6:.1f}M fp{8 * c.grad_bytes} gradients"
+    model = (f"Model: {c.images_per_sec:,.0f} img/s per GPU, ring all-reduce of {grads} at {c.bandwidth_gbps:g} Gb/s "
+             f"per GPU and {1e6 * c.hop_latency_s:g} us per hop, {100 * c.overlap:.0f}% of it overlapping the "
+             "backward pass.")  # fmt: skip
+    return "\n".join(lines) + "\n\n" + model
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line of `python -m pipeline.plan`."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.plan", description=__doc__.split("\n")[0])
+    p.add_argument("--gpus", default="8,64,256,1024", help="GPU counts, comma-separated")
+    p.add_argument("--batch-size", type=int, help="global batch B (default: micro-batch x GPUs, no accumulation)")
+    p.add_argument("--micro-batch", type=int, default=32, help="images per GPU per forward pass (the BN batch)")
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument(
+        "--images-per-sec",
+        type=float,
+        default=Cluster.images_per_sec,
+        help="one GPU's training images/s (default: NVIDIA's 2,470 for ResNet-50 AMP on an A100)",
+    )
+    p.add_argument(
+        "--bandwidth-gbps",
+        type=float,
+        default=Cluster.bandwidth_gbps,
+        help="each GPU's share of the network for the all-reduce, Gb/s",
+    )
+    p.add_argument("--hop-latency-us", type=float, default=1e6 * Cluster.hop_latency_s)
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=Cluster.overlap,
+        help="share of the all-reduce run during the backward pass (0..1)",
+    )
+    p.add_argument("--params", type=int, default=RESNET50_PARAMS, help="gradient numbers (default: ResNet-50)")
+    return p.parse_args(argv)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table; bad values end with a one-line error and exit status 2."""
+    a = parse_args(argv)
+    try:
+        if not (0 <= a.overlap <= 1) or a.images_per_sec <= 0 or a.bandwidth_gbps <= 0:
+            raise ValueError("--overlap must lie in [0, 1]; --images-per-sec and --bandwidth-gbps must be positive")
+        c = Cluster(a.images_per_sec, a.bandwidth_gbps, a.hop_latency_us / 1e6, a.overlap, a.params)
+        plans = [plan(int(g), a.batch_size, a.micro_batch, c, a.epochs) for g in a.gpus.split(",")]
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(plans, c))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
