@@ -260,11 +260,14 @@ def one_read_overflow_check(engine):
                     by_dtype[p.grad.dtype].append(p.grad)
             if not by_dtype:
                 return False
-            # The largest magnitude of each dtype's gradients in a few multi-tensor kernels; NaN and inf propagate.
-            peaks = torch.stack([torch.stack(torch._foreach_norm(g, float("inf"))).float().max()
-                                 for g in by_dtype.values()])  # fmt: skip
+            device = next(iter(by_dtype.values()))[0].device
+            found, one = torch.zeros(1, device=device), torch.ones(1, device=device)
+            for grads in by_dtype.values():
+                # AMP's multi-tensor check (GradScaler's): a few kernels per dtype, not one per tensor; it also
+                # multiplies by 1, which changes nothing.
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, one)
             # Sync: one read per optimizer step; the wrapper decides on the host whether to skip the step.
-            return not bool(torch.isfinite(peaks).all())
+            return bool(found.item())
 
     return OneRead(engine.optimizer.fp16_groups, mpu=engine.mpu, deepspeed=engine)
 
