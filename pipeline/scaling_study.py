@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         folder.mkdir(parents=True)
         print(f"[{i}/{len(runs)}] {run.name}: lr {run.lr:.4g}, warmup {run.warmup_epochs:g} epochs", flush=True)
         # Each run forms its own process group: rendezvous variables inherited from a launcher are not for it.
-        env = {**without_launcher(os.environ), "PYTHONPATH": str(TRAIN.parent.parent)}
+        # wandb names the run after its variant (train.py would name every variant of one batch the same).
+        env = {**without_launcher(os.environ), "PYTHONPATH": str(TRAIN.parent.parent), "WANDB_NAME": run.name}
         proc = subprocess.run(train_command(run, args, folder, group), env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
         (folder / "train.log").write_text(proc.stdout)

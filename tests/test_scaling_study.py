@@ -59,6 +59,10 @@ def test_a_tiny_study_end_to_end(prepared, tmp_path):
         assert saved["schedule"]["base_lr"] == pytest.approx(summary["base_lr"])
         assert saved["schedule"]["warmup_steps"] == round(r["warmup_epochs"] * per_epoch)
         assert saved["run"]["optimizer"] == r["optimizer"] and saved["run"]["wandb_group"] == "scaling-study-study"
+        # In wandb each run is named after its variant, in the study's group.
+        assert logged(out / "runs" / r["name"])["run"] | {"tags": None, "id": None} == {
+            "project": "imagenet-pipeline", "name": r["name"], "group": "scaling-study-study", "job_type": "train",
+            "tags": None, "id": None}  # fmt: skip
     assert runs[0]["gap_to_baseline"] == {"final_top1": 0, "mean_abs_curve_gap_after_warmup": 0}
     assert runs[1]["gap_to_baseline"]["final_top1"] == pytest.approx(
         runs[1]["final_val_top1"] - runs[0]["final_val_top1"]
