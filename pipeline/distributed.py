@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -72,6 +74,26 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+@contextmanager
+def rank0_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Rank 0's buffers (batch-norm statistics) on every rank while inside, each rank's own restored after. The
+    statistics are per rank (Goyal et al.), so without this each rank would validate a different model; with it
+    every rank validates the model rank 0's checkpoint saves. A collective: every rank enters it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield
+        return
+    buffers = list(module.buffers())
+    own = [b.detach().clone() for b in buffers]
+    for b in buffers:
+        dist.broadcast(b.data, src=0)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(buffers, own, strict=True):
+                b.copy_(saved)
 
 
 def close() -> None:

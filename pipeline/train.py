@@ -163,9 +163,11 @@ def report(run: Run, meter: StepMeter, tracker: Tracker) -> None:
 
 
 def evaluate(run: Run) -> tuple[float, float]:
-    """Top-1 and top-5 accuracy (percent) over the whole validation set, counted exactly across ranks."""
+    """Top-1 and top-5 accuracy (percent) over the whole validation set, counted exactly across ranks, of the
+    model the checkpoint saves (rank 0's batch-norm statistics on every rank)."""
     run.engine.eval()
-    top1, top5, _ = validate(run.engine, run.data.validation(), run.engine.device)
+    with distributed.rank0_buffers(run.engine.module):
+        top1, top5, _ = validate(run.engine, run.data.validation(), run.engine.device)
     run.engine.train()
     return top1, top5
 
