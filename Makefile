@@ -12,7 +12,7 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install lock test test-gpu lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
+.PHONY: install lock test test-hosts test-gpu lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
 
 install: $(STAMP)
 
@@ -34,8 +34,13 @@ lock:
 
 # The CPU suite, as CI runs it. On a GPU host the GPUs are hidden, so it tests the CPU path there too;
 # make test-gpu runs the gpu-marked tests on the GPU.
-test: install
+test: install test-hosts
 	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q
+
+# The multi-node tests' hosts (tests/hosts.py): network namespaces, each with an sshd, reached through pdsh.
+test-hosts:
+	@test -x /usr/sbin/sshd && command -v pdsh >/dev/null && command -v ip >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server pdsh iproute2; }
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

@@ -41,6 +41,9 @@ def main() -> int:
     summary = train.fit(run, tracker)
     module = run.engine.module
     mine = {
+        # Which host (network namespace) the rank ran on, and a variable the launching host set.
+        "host": os.readlink("/proc/self/ns/net"),
+        "probe": os.environ.get("PIPELINE_PROBE"),
         "seen": seen,
         "params": digest(module.parameters()),
         "bn_means": digest(m.running_mean for m in module.modules() if hasattr(m, "running_mean")),

@@ -1,0 +1,140 @@
+"""Test hosts for multi-node runs: network namespaces on this machine, each with its own address and sshd.
+
+Every host is a network namespace joined to a bridge by a veth link (taking the link down partitions the
+host), running its own sshd that accepts a throwaway key. The machine's files are shared, as a cluster's
+shared storage would be. DeepSpeed's launcher reaches the hosts through pdsh and ssh, exactly as on a
+cluster; `env` gives the launching process an `ssh` that uses the throwaway key and a DS_ENV_FILE
+(DeepSpeed's `.deepspeed_env`) with the variables every rank needs. Needs root, iproute2, openssh-server
+and pdsh (`make test` installs the last two). Traffic goes only to these hosts' addresses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from pipeline.distributed import LAUNCHER_VARIABLES
+
+SSHD = "/usr/sbin/sshd"
+
+
+def _run(*command: str) -> str:
+    """Run a command, failing with its output."""
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)}: {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+class Hosts:
+    """`count` test hosts; `names` are their addresses (what a hostfile lists)."""
+
+    def __init__(self, folder: Path, count: int = 2):
+        for tool in ("ip", "pdsh", SSHD, "ssh-keygen"):
+            if not shutil.which(tool):
+                raise RuntimeError(f"{tool} not found: the multi-node tests need iproute2, pdsh and openssh-server "
+                                   "(make test installs them)")  # fmt: skip
+        self.folder, tag = folder, os.getpid() % 10000
+        # A subnet and interface names of this process's own, so concurrent or leftover runs do not collide.
+        self.subnet = f"10.{70 + tag % 50}.{tag // 50 % 250}"
+        self.bridge, self.namespaces = f"tbr{tag}", [f"tsth{tag}-{i}" for i in range(count)]
+        self.links = [f"tv{tag}x{i}" for i in range(count)]
+        self.names = [f"{self.subnet}.{11 + i}" for i in range(count)]
+        try:
+            self._network()
+            self._ssh()
+        except Exception:
+            self.close()
+            raise
+
+    def _network(self) -> None:
+        """The bridge, and per host a namespace joined to it by a veth pair."""
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+        _run("ip", "link", "set", self.bridge, "up")
+        for ns, link, address in zip(self.namespaces, self.links, self.names, strict=True):
+            _run("ip", "netns", "add", ns)
+            _run("ip", "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            _run("ip", "link", "set", link, "master", self.bridge)
+            _run("ip", "link", "set", link, "up")
+            for command in (["addr", "add", f"{address}/24", "dev", "eth0"], ["link", "set", "eth0", "up"],
+                            ["link", "set", "lo", "up"]):  # fmt: skip
+                _run("ip", "netns", "exec", ns, "ip", *command)
+
+    def _ssh(self) -> None:
+        """A throwaway key, an sshd per host that accepts it, and an `ssh` on PATH that offers it."""
+        f = self.folder
+        f.mkdir(parents=True, exist_ok=True)
+        for key in ("id", "hostkey"):
+            _run("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(f / key))
+        shutil.copy(f / "id.pub", f / "authorized_keys")
+        (f / "sshd_config").write_text(
+            f"HostKey {f / 'hostkey'}\nAuthorizedKeysFile {f / 'authorized_keys'}\nPermitRootLogin yes\n"
+            "PasswordAuthentication no\nStrictModes no\nUsePAM no\n"
+        )
+        (f / "ssh_config").write_text(
+            f"Host {self.subnet}.*\n    IdentityFile {f / 'id'}\n    StrictHostKeyChecking no\n"
+            "    UserKnownHostsFile /dev/null\n    BatchMode yes\n    LogLevel ERROR\n    ConnectTimeout 5\n"
+        )
+        (f / "bin").mkdir(exist_ok=True)
+        (f / "bin" / "ssh").write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {f / "ssh_config"} "$@"\n')
+        (f / "bin" / "ssh").chmod(0o755)
+        Path("/run/sshd").mkdir(exist_ok=True)
+        for ns, address in zip(self.namespaces, self.names, strict=True):
+            self.start_sshd(ns, address)
+
+    def start_sshd(self, ns: str, address: str) -> None:
+        """(Re)start a host's sshd, listening on its address only."""
+        pid_file = self.folder / f"sshd-{address}.pid"
+        pid_file.unlink(missing_ok=True)
+        _run("ip", "netns", "exec", ns, SSHD, "-f", str(self.folder / "sshd_config"), "-o",
+             f"ListenAddress={address}", "-o", f"PidFile={pid_file}")  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not (pid_file.exists() and pid_file.read_text().strip()):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"sshd on test host {address} did not start")
+            time.sleep(0.05)
+
+    def env(self, variables: dict[str, str]) -> dict[str, str]:
+        """The launching process's environment: the test `ssh` first on PATH, and `variables` (with the gloo
+        interface of the hosts) in DeepSpeed's env file, which its launcher exports on every host."""
+        env_file = self.folder / "deepspeed_env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in {"GLOO_SOCKET_IFNAME": "eth0", **variables}.items()))
+        # Without the rendezvous variables of this process (a test's own process group is not the job's).
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+        return {**env, "PATH": f"{self.folder / 'bin'}:{os.environ['PATH']}", "DS_ENV_FILE": str(env_file)}
+
+    def hostfile(self, slots: int, names: list[str] | None = None) -> Path:
+        """A DeepSpeed hostfile of these hosts (or `names`), `slots` ranks each."""
+        path = self.folder / f"hostfile-{slots}"
+        path.write_text("".join(f"{name} slots={slots}\n" for name in names or self.names))
+        return path
+
+    def pids(self, host: int) -> list[int]:
+        """The processes running in a host's namespace."""
+        return [int(p) for p in _run("ip", "netns", "pids", self.namespaces[host]).split()]
+
+    def kill(self, host: int) -> None:
+        """kill -9 every process on a host (its sshd too), then restart its sshd, as a rebooted node would."""
+        for pid in self.pids(host):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.start_sshd(self.namespaces[host], self.names[host])
+
+    def close(self) -> None:
+        """Stop every process of the hosts and remove the namespaces and the bridge."""
+        for ns in self.namespaces:
+            proc = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in proc.stdout.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)

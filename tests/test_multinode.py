@@ -1,0 +1,119 @@
+"""Multi-node as users launch it: `deepspeed --hostfile hosts pipeline/train.py ...` across two test hosts (network
+namespaces with their own sshd, reached through pdsh), 2 ranks each, gloo on the CPU."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import checkpoint
+from pipeline.distributed import free_port
+from pipeline.shards import shard_bounds
+from tests.hosts import Hosts
+from tests.shardsets import labelled_set
+from tests.test_train import ROOT, SMALL, ds_file, metrics
+from tests.wandb_files import run_file
+
+pytestmark = pytest.mark.slow
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    """Two test hosts for this module's tests."""
+    made = Hosts(tmp_path_factory.mktemp("hosts"))
+    yield made
+    made.close()
+
+
+def test_two_hosts_train_as_one_job(hosts, tmp_path):
+    data, out, report = labelled_set(tmp_path / "data", train=45, val=21), tmp_path / "run", tmp_path / "ranks.json"
+    env = hosts.env({"RANKS_REPORT": str(report), "PIPELINE_PROBE": "set on the launching host",
+                     "OMP_NUM_THREADS": "1"})  # fmt: skip
+    proc = subprocess.run(
+        [DEEPSPEED, "--hostfile", str(hosts.hostfile(2)), "--master_port", str(free_port()),
+         str(ROOT / "tests" / "train_ranks.py"), "--deepspeed_config", ds_file(tmp_path, 16, 4, "bf16"),
+         "--data-dir", str(data), *SMALL, "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(out),
+         "--wandb-mode", "offline", "--log-every", "1"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    ranks = json.loads(report.read_text())["ranks"]
+    # 4 ranks, 2 on each host; the launching host's variable (DeepSpeed's env file) reached every one.
+    assert len(ranks) == 4 and ranks[0]["host"] == ranks[1]["host"] != ranks[2]["host"] == ranks[3]["host"]
+    assert {r["probe"] for r in ranks} == {"set on the launching host"}
+    for epoch in ("0", "1"):
+        slices = []
+        for rank, seen in enumerate(ranks):
+            start, end = shard_bounds(45, rank, 4)
+            # 3 optimizer steps x 4 images per rank; its first `end - start` are its slice of the epoch.
+            assert len(seen["seen"][epoch]) == 12 and len(set(seen["seen"][epoch][: end - start])) == end - start
+            slices.append(set(seen["seen"][epoch][: end - start]))
+        assert sum(map(len, slices)) == 45 and set().union(*slices) == set(range(45))
+    assert len({r["params"] for r in ranks}) == 1  # bit-identical weights on every rank of both hosts
+    # Written once, by rank 0, into the shared run folder.
+    epochs, summary = metrics(out)
+    assert [e["epoch"] for e in epochs] == [0, 1] and summary["steps"] == 6
+    steps = [json.loads(x)["step"] for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)) and len(list((out / "wandb").glob("offline-run-*"))) == 1
+    assert run_file(out).exists() and [p.name for p in checkpoint.complete(out / "checkpoints")] == [
+        checkpoint.tag(3), checkpoint.tag(6)]  # fmt: skip
+    # Validation is exact across hosts: pipeline.evaluate on both hosts counts what one process counts, and the
+    # run's own validation (bf16, every rank with rank 0's batch-norm statistics) agrees with them.
+    counts = []
+    for command in (
+        [
+            DEEPSPEED,
+            "--hostfile",
+            str(hosts.hostfile(2)),
+            "--master_port",
+            str(free_port()),
+            str(ROOT / "pipeline" / "evaluate.py"),
+        ],
+        [sys.executable, "-m", "pipeline.evaluate"],
+    ):
+        result = tmp_path / f"eval-{len(counts)}.json"
+        proc = subprocess.run([*command, "--checkpoint", str(out), "--data-dir", str(data), "--out", str(result),
+                               "--data-threads", "1"], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                              env=env)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+        counts.append(json.loads(result.read_text()))
+    assert [(c["world_size"], c["images"]) for c in counts] == [(4, 21), (1, 21)]
+    assert counts[0]["top1"] == counts[1]["top1"] and counts[0]["top5"] == counts[1]["top5"]
+    assert abs(epochs[-1]["val_top1"] - counts[1]["top1"]) <= 100 / 21 + 1e-9  # at most one image (bf16 logits)
+
+
+def test_a_host_killed_ends_the_job_and_resume_continues(hosts, tmp_path):
+    """kill -9 of every process on the second host mid-training: the first host's ranks end within
+    --dist-timeout instead of hanging, and --resume auto continues from the last complete checkpoint."""
+    data, out = labelled_set(tmp_path / "data", train=45, val=21), tmp_path / "run"
+    env = hosts.env({"OMP_NUM_THREADS": "1"})
+    args = [DEEPSPEED, "--hostfile", str(hosts.hostfile(2)), "--master_port", str(free_port()),
+            str(ROOT / "pipeline" / "train.py"), "--deepspeed_config", ds_file(tmp_path, 16, 4, "bf16"),
+            "--data-dir", str(data), *SMALL, "--epochs", "30", "--warmup-epochs", "1", "--out-dir", str(out),
+            "--wandb-mode", "disabled", "--save-every-steps", "2", "--dist-timeout", "30"]  # fmt: skip
+    job = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not [p for p in checkpoint.complete(out / "checkpoints") if p.name >= checkpoint.tag(4)]:
+        assert time.monotonic() < deadline and job.poll() is None, "no checkpoint was written"
+        time.sleep(0.2)
+    hosts.kill(1)
+    killed = time.monotonic()
+    job.communicate(timeout=120)
+    assert job.returncode != 0 and time.monotonic() - killed < 60
+    newest = checkpoint.complete(out / "checkpoints")[-1]
+    step = json.loads((newest / checkpoint.COMPLETE).read_text())["step"]
+    # Every rank of the dead job is gone from both hosts before the resume.
+    deadline = time.monotonic() + 60
+    while any(len(hosts.pids(h)) > 1 for h in (0, 1)):  # only each host's sshd remains
+        assert time.monotonic() < deadline, "ranks of the killed job are still running"
+        time.sleep(0.2)
+    args[args.index("--master_port") + 1] = str(free_port())
+    resumed = subprocess.run([*args, "--resume", "auto", "--max-steps", str(step + 2)], capture_output=True, text=True,
+                             timeout=600, env=env, cwd=ROOT)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-2000:]
+    assert f"resumed from {newest} at step {step}" in resumed.stdout
+    assert checkpoint.complete(out / "checkpoints")[-1].name == checkpoint.tag(step + 2)
