@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -94,6 +95,18 @@ def rank0_buffers(module: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for b, saved in zip(buffers, own, strict=True):
                 b.copy_(saved)
+
+
+def lost_peer(error: BaseException) -> tuple[str, str] | None:
+    """(where, why) of a collective that failed because peers went away ("10.0.0.12", "Connection reset by peer"),
+    or None when `error` is not such a failure (gloo's transport errors and timeouts, NCCL's, torch's DistError)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if not (isinstance(error, dist.DistError) or "gloo/transport" in text or "NCCL" in text):
+        return None
+    found = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", text)
+    # "[gloo/transport/tcp/pair.cc:545] Read error [10.0.0.12]:57509: Connection reset by peer. This is ..."
+    why = re.sub(r"\s*\[[0-9a-fA-F.:]+\]:\d+", "", re.sub(r"^\[[^\]]*\]\s*", "", text)).split(". ")[0]
+    return (found.group(1) if found else "a peer"), why
 
 
 def close() -> None:

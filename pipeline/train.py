@@ -362,7 +362,8 @@ def finish(run: Run, tracker: Tracker, summary: dict) -> None:
 
 
 def train_to_end(run: Run) -> int:
-    """Train and close; a numeric fault ends the run with a one-line error and exit status 3, bad data with 2."""
+    """Train and close; a numeric fault ends the run with a one-line error and exit status 3, bad data with 2, and
+    ranks lost from the job (a node died or its link went down) with 4."""
     tracker = open_tracker(run)
     try:
         summary = fit(run, tracker)
@@ -374,6 +375,21 @@ def train_to_end(run: Run) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         distributed.close()
         return 3 if isinstance(e, NumericFault) else 2
+    except RuntimeError as e:
+        lost = distributed.lost_peer(e)
+        if lost is None:
+            raise
+        last = checkpoint.complete(run.out / "checkpoints")
+        # gloo names the peer this rank lost contact with, which can be a rank on this node that failed first.
+        line = (f"error: rank {run.rank} of {run.world}: a collective failed at step {run.engine.global_steps}: lost "
+                f"contact with the rank at {lost[0]} ({lost[1]}); the job is over: when every node is back, rerun "
+                f"with --resume auto (last complete checkpoint: {last[-1].name if last else 'none'})")  # fmt: skip
+        tracker.summary({"fault": line})
+        tracker.close()
+        # One line per node (its first rank). No close: the group is broken.
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(line, file=sys.stderr, flush=True)
+        return 4
     finish(run, tracker, summary)
     return 0
 

@@ -129,7 +129,11 @@ def test_a_dead_rank_ends_the_others(prepared, tmp_path):
     procs[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
     procs[0].wait(timeout=120)
-    assert procs[0].returncode != 0 and time.monotonic() - killed < 60
+    assert procs[0].returncode == 4 and time.monotonic() - killed < 60
+    # One line saying what happened, not gloo's traceback.
+    (line,) = [x for x in procs[0].stderr.read().splitlines() if x.startswith("error: ")]
+    assert line.startswith("error: rank 0 of 2: a collective failed at step ")
+    assert "lost contact with the rank at 127.0.0.1 (" in line
 
 
 def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
@@ -180,3 +184,13 @@ def test_autocast_fp16_skips_an_overflow_and_a_resume_keeps_its_loss_scale(prepa
     assert [(r["step"], r["loss_scale"], r["skipped_steps"]) for r in rows[3:]] == [(4, 32768.0, 1), (5, 32768.0, 1)]
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "summary" not in line]
     assert epochs[-1]["skipped_steps"] == 1
+
+
+def test_a_lost_peer_is_told_apart_from_other_errors():
+    from pipeline.distributed import lost_peer
+
+    gloo = "[/src/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.12]:57509: Connection reset by peer. This is typically caused by a remote worker hanging"  # noqa: E501
+    assert lost_peer(RuntimeError(gloo)) == ("10.0.0.12", "Read error: Connection reset by peer")
+    closed = "[/src/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.11]:4242"
+    assert lost_peer(RuntimeError(closed)) == ("10.0.0.11", "Connection closed by peer")
+    assert lost_peer(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None

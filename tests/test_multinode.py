@@ -102,8 +102,14 @@ def test_a_host_killed_ends_the_job_and_resume_continues(hosts, tmp_path):
         time.sleep(0.2)
     hosts.kill(1)
     killed = time.monotonic()
-    job.communicate(timeout=120)
+    output, _ = job.communicate(timeout=120)
     assert job.returncode != 0 and time.monotonic() - killed < 60
+    # The surviving host says once what was lost, without a traceback (pdsh prefixes each line with its host).
+    lost = [x for x in output.splitlines() if x.startswith(f"{hosts.names[0]}: error: ")]
+    assert len(lost) == 1 and ": a collective failed at step " in lost[0], output[-3000:]
+    assert any(f"lost contact with the rank at {name} (" in lost[0] for name in hosts.names), lost[0]
+    assert "rerun with --resume auto (last complete checkpoint: step" in lost[0]
+    assert f"{hosts.names[0]}: Traceback" not in output and f"{hosts.names[0]}: [rank0]: Traceback" not in output
     newest = checkpoint.complete(out / "checkpoints")[-1]
     step = json.loads((newest / checkpoint.COMPLETE).read_text())["step"]
     # Every rank of the dead job is gone from both hosts before the resume.
