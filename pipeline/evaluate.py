@@ -90,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         top1, top5, seen = validate(load_model(path, card, data.device), data.validation(), data.device)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
-        distributed.close()
         return 2
-    distributed.close()
+    finally:
+        distributed.close()
     if rank == 0:
         result = {"top1": top1, "top5": top5, "images": seen, "arch": card["arch"], "step": card["step"],
                   "checkpoint": str(path), "data_dir": args.data_dir, "world_size": world,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,12 @@ TREE = dict(classes=6, train_per_class=30, val_per_class=7, min_side=32, max_sid
 
 
 def run_module(module: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m module args...` as a user would, capturing its output."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600)
+    """Run `python -m module args...` as a user would, capturing its output (without this process's rendezvous
+    variables: a test's own process group is not the command's)."""
+    from pipeline.distributed import without_launcher
+
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+                          env=without_launcher(os.environ))  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

@@ -18,16 +18,8 @@ from pipeline.distributed import free_port, without_launcher
 from pipeline.meters import validate
 from pipeline.model import build_model
 from pipeline.schedule import Schedule
+from tests.conftest import run_module
 from tests.test_train import ROOT, SMALL, ds_file, ok, train_cli
-
-
-def run_module(module: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """`python -m module args` as a user runs it: no launcher variables (this process has a group of its own)."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                          env=without_launcher(os.environ))  # fmt: skip
-    if check:
-        assert proc.returncode == 0, f"{module} {args}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    return proc
 
 
 @pytest.fixture(scope="module")
