@@ -77,6 +77,12 @@ class RunConfig:
     max_skipped_steps: int = 25
     # Seconds a rank waits in a collective for its peers before giving up (a dead rank ends the others).
     dist_timeout: int = 600
+    # Seconds the ranks wait for each other when the job starts (a host of the hostfile that never starts its
+    # ranks ends the job after this, with one line).
+    join_timeout: int = 300
+    # Batch-norm statistics over the whole global batch (torch's SyncBatchNorm) instead of each rank's own
+    # micro-batch, as Goyal et al. keep them; costs an all-reduce per BN layer in the forward and backward passes.
+    sync_bn: bool = False
     # Where decoding runs: auto (the GPU when there is one), gpu or cpu.
     data_device: str = "auto"
     # Run a GPU configuration (fp16, --data-device gpu) on a host where CUDA is not usable: fp16 trains in bf16,
@@ -122,7 +128,7 @@ class RunConfig:
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
         names = ("crop_size", "eval_every", "save_every_epochs", "log_every", "keep_checkpoints", "dist_timeout",
-                 "data_prefetch")  # fmt: skip
+                 "join_timeout", "data_prefetch")  # fmt: skip
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
@@ -55,3 +56,64 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             # 1-d parameters are BN (and other norm) gammas and betas, and biases.
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _GroupSum(torch.autograd.Function):
+    """Sum over the ranks of a group; its gradient is the sum of the ranks' gradients (each rank's loss depends on
+    every rank's input through the sum)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class CpuSyncBatchNorm(nn.SyncBatchNorm):
+    """torch's SyncBatchNorm for ranks without a GPU (its statistics kernels are CUDA-only): each rank's per-channel
+    sums, sums of squares and counts are summed over the group by an all-reduce that autograd sees through, so the
+    forward and backward passes are those of batch norm over the whole global batch, as on GPUs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.process_group or (dist.group.WORLD if dist.is_initialized() else None)
+        if x.is_cuda or not self.training or group is None or dist.get_world_size(group) == 1:
+            return super().forward(x)
+        c, dims = x.shape[1], [0, *range(2, x.ndim)]
+        xf = x.float()
+        # Sums in float64, so that E[x^2] - E[x]^2 does not cancel away the variance.
+        xd = x.double()
+        local = torch.cat([xd.sum(dims), (xd * xd).sum(dims), xd.new_tensor([x.numel() / c])])
+        total = _GroupSum.apply(local, group)
+        n = total[-1]
+        mean64 = total[:c] / n
+        mean, var = mean64.float(), (total[c : 2 * c] / n - mean64 * mean64).clamp_min(0).float()
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = var.detach() * n / (n - 1).clamp_min(1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        shape = [1, c] + [1] * (x.ndim - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.float().view(shape) + self.bias.float().view(shape)
+        return y.to(x.dtype)
+
+
+def sync_batch_norm(model: nn.Module, cuda: bool) -> nn.Module:
+    """`model` with every batch norm computing its statistics over all ranks (--sync-bn): torch's SyncBatchNorm,
+    or on ranks without a GPU its CPU form above. Weights and statistics carry over; state-dict keys are unchanged."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if not cuda:
+        for m in model.modules():
+            if type(m) is nn.SyncBatchNorm:
+                m.__class__ = CpuSyncBatchNorm
+    return model

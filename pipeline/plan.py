@@ -1,7 +1,7 @@
 """The recipe for N GPUs, and how long it would take: the linear scaling rule's numbers and a stated time model.
 
     python -m pipeline.plan --gpus 8,64,256,1024 [--batch-size B] [--images-per-sec 2470]
-                            [--bandwidth-gbps 100] [--overlap 0.9] [--markdown]
+                            [--bandwidth-gbps 100] [--overlap 0] [--markdown]
 
 Per optimizer step and GPU: compute = accumulation x micro-batch / (the single-GPU images/s), and a ring
 all-reduce of the gradients (fp16, ResNet-50's 25.6M parameters by default) that moves 2 (N-1)/N of them
@@ -34,8 +34,10 @@ class Cluster:
     bandwidth_gbps: float = 100.0
     # Latency of one ring hop, seconds (2 (N-1) hops per all-reduce).
     hop_latency_s: float = 5e-6
-    # Share of the all-reduce that runs while the backward pass computes (0: none, 1: all it can).
-    overlap: float = 0.9
+    # Share of the all-reduce that runs while the backward pass computes (0: none, 1: all it can). 0 for our
+    # configs: DeepSpeed without ZeRO all-reduces the fused gradient buckets after the backward pass (README:
+    # "Gradient all-reduce"); ZeRO stage 1/2's overlap_comm is what would overlap them.
+    overlap: float = 0.0
     # Gradient numbers and bytes per number.
     params: int = RESNET50_PARAMS
     grad_bytes: int = 2

@@ -30,7 +30,7 @@ from pipeline import checkpoint, config, distributed, engine, gpu, schedule
 from pipeline.data import IGNORE, DataConfig, ImageNetData
 from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, validate
-from pipeline.model import build_model, check_arch, uses_channels_last
+from pipeline.model import build_model, check_arch, sync_batch_norm, uses_channels_last
 from pipeline.scaling import Recipe
 from pipeline.shards import DataError, ShardSet, open_shards
 from pipeline.tracking import PROJECT, Tracker, wandb_init_args, wandb_mode
@@ -63,6 +63,8 @@ class Run:
         # The same initial weights on every rank and in every session with this seed.
         torch.manual_seed(run.seed)
         model, self.zeroed = build_model(run.arch, self.data.num_classes)
+        if run.sync_bn:
+            model = sync_batch_norm(model, self.cuda)
         self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust, run.compile,
                                    channels_last=self.channels_last)  # fmt: skip
         # Where training starts, the best accuracy so far and the training time so far (restored by a resume).
@@ -70,6 +72,10 @@ class Run:
         self.scale = engine.LossScale(self.engine)
         min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
         self.guard = Guard(self.precision, run.max_skipped_steps, min_scale)
+        # DeepSpeed formed its own groups: they give up on a silent peer after --dist-timeout too.
+        distributed.apply_timeout(run.dist_timeout)
+        # Heartbeats, so that a rank whose collective fails can say which ranks were lost.
+        self.roll = distributed.RollCall(rank, world)
 
     def _data_config(self) -> DataConfig:
         """The reader's settings: the micro-batch, the precision's dtype, the model's memory layout."""
@@ -281,21 +287,34 @@ def done_line(summary: dict, out: Path, wandb: Path | None) -> str:
 def start(argv: list[str] | None = None) -> Run | int:
     """Validate everything cheap first, then join the process group and build the run; an int is an exit status."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    first_rank, first_on_node = os.environ.get("RANK", "0") == "0", os.environ.get("LOCAL_RANK", "0") == "0"
     try:
         opts = config.load(argv)
         ds = config.read_ds_config(opts.deepspeed_config)
         check_arch(opts.arch)
-        # Before the process group forms, so a bad batch/world pair, a GPU configuration on a host where CUDA is
-        # not usable, or a bad data folder fails fast on every rank.
+        # Before the process group forms, so a bad batch/world pair (slots that do not divide the batch) or a GPU
+        # configuration on a host where CUDA is not usable fails fast, said once: every rank finds the same.
         cuda = torch.cuda.is_available()
         engine.fit(ds, opts.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)), cuda, opts.allow_cpu)
         if opts.data_device == "gpu" and not cuda and not opts.allow_cpu:
             raise ValueError(gpu.refusal("--data-device gpu"))
+    except ValueError as e:
+        if first_rank:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         shards = open_shards(opts.data_dir, num_classes=opts.num_classes)
     except (ValueError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A node's own view of the data (shared storage not mounted there): said once per node.
+        if first_on_node:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, world = distributed.init(opts.dist_timeout)
+    try:
+        rank, world = distributed.init(opts.dist_timeout, opts.join_timeout)
+    except distributed.JoinError as e:
+        if first_on_node:
+            print(f"error: {e}", file=sys.stderr)
+        return 4
     try:
         run = Run(opts, ds, rank, world, shards)
         run.out.mkdir(parents=True, exist_ok=True)
@@ -354,6 +373,7 @@ def open_tracker(run: Run) -> Tracker:
 
 def finish(run: Run, tracker: Tracker, summary: dict) -> None:
     """Write the summary, close wandb and the process group, and say where everything is."""
+    run.roll.stop()
     tracker.summary(summary)
     tracker.close()
     if run.rank == 0:
@@ -376,22 +396,33 @@ def train_to_end(run: Run) -> int:
         distributed.close()
         return 3 if isinstance(e, NumericFault) else 2
     except RuntimeError as e:
-        lost = distributed.lost_peer(e)
-        if lost is None:
+        if distributed.lost_peer(e) is None:
             raise
-        last = checkpoint.complete(run.out / "checkpoints")
-        # gloo names the peer this rank lost contact with, which can be a rank on this node that failed first.
-        line = (f"error: rank {run.rank} of {run.world}: a collective failed at step {run.engine.global_steps}: lost "
-                f"contact with the rank at {lost[0]} ({lost[1]}); the job is over: when every node is back, rerun "
-                f"with --resume auto (last complete checkpoint: {last[-1].name if last else 'none'})")  # fmt: skip
-        tracker.summary({"fault": line})
-        tracker.close()
-        # One line per node (its first rank). No close: the group is broken.
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-            print(line, file=sys.stderr, flush=True)
+        lost_ranks(run, tracker)
         return 4
     finish(run, tracker, summary)
     return 0
+
+
+def lost_ranks(run: Run, tracker: Tracker) -> None:
+    """A collective failed because ranks went away: one line per node (its first rank) naming the ranks and nodes
+    lost (the roll call), then every survivor leaves together. No close: the group is broken."""
+    last = checkpoint.complete(run.out / "checkpoints")
+    what = run.roll.lost() or "contact with a peer, though every rank still answers the roll call"
+    line = (f"error: rank {run.rank} of {run.world} on {distributed.where()}: a collective failed at step "
+            f"{run.engine.global_steps}: lost {what}; the job is over: when every node is back, rerun with "
+            f"--resume auto (last complete checkpoint: {last[-1].name if last else 'none'})")  # fmt: skip
+    tracker.summary({"fault": line})
+    tracker.close()
+    first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if first_on_node:
+        print(line, file=sys.stderr, flush=True)
+    wait = run.opts.dist_timeout + 10
+    if run.roll.store is None and not first_on_node:
+        # No store to wait on: leave the line to this node's first rank (the launcher ends this one when it exits).
+        time.sleep(wait)
+    run.roll.leave(wait)
+    run.roll.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

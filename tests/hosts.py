@@ -30,6 +30,13 @@ def _run(*command: str) -> str:
     return proc.stdout
 
 
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 class Hosts:
     """`count` test hosts; `names` are their addresses (what a hostfile lists)."""
 
@@ -79,6 +86,8 @@ class Hosts:
         (f / "ssh_config").write_text(
             f"Host {self.subnet}.*\n    IdentityFile {f / 'id'}\n    StrictHostKeyChecking no\n"
             "    UserKnownHostsFile /dev/null\n    BatchMode yes\n    LogLevel ERROR\n    ConnectTimeout 5\n"
+            # A host whose link goes down ends its ssh (and so pdsh and the launcher) after 15 s, not never.
+            "    ServerAliveInterval 5\n    ServerAliveCountMax 3\n"
         )
         (f / "bin").mkdir(exist_ok=True)
         (f / "bin" / "ssh").write_text(f'#!/bin/sh\nexec {shutil.which("ssh")} -F {f / "ssh_config"} "$@"\n')
@@ -114,9 +123,14 @@ class Hosts:
         path.write_text("".join(f"{name} slots={slots}\n" for name in names or self.names))
         return path
 
-    def pids(self, host: int) -> list[int]:
-        """The processes running in a host's namespace."""
-        return [int(p) for p in _run("ip", "netns", "pids", self.namespaces[host]).split()]
+    def pids(self, host: int, running: str = "") -> list[int]:
+        """The processes running in a host's namespace (those whose command line contains `running`)."""
+        pids = [int(p) for p in _run("ip", "netns", "pids", self.namespaces[host]).split()]
+        return [p for p in pids if running in command_line(p)]
+
+    def link(self, host: int, up: bool) -> None:
+        """Take a host's link down (its sockets stay open, and silent: a partition) or back up."""
+        _run("ip", "link", "set", self.links[host], "up" if up else "down")
 
     def kill(self, host: int) -> None:
         """kill -9 every process on a host (its sshd too), then restart its sshd, as a rebooted node would."""
