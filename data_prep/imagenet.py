@@ -30,15 +30,17 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from data_prep import example, images, tfrecord
-from data_prep.journal import Journal, fsync_dir, partial_name, remove_partials, write_atomic
+from data_prep import images
+from data_prep.journal import Journal
 from data_prep.source import Source, SourceError, SourceFile, scan
+from pipeline.format import example, tfrecord
+from pipeline.format import manifest as manifests
+from pipeline.format.atomic import fsync_dir, partial_name, remove_partials, write_atomic
+from pipeline.format.layout import LABELS, MANIFEST, SPLITS, index_path, shard_name
 
-SPLITS = ("train", "validation")
 # Files per unit of work in the check pass; fixed so that a resumed run can reuse finished chunks.
 CHECK_CHUNK = 256
 STATE_DIR = ".prep"
-MANIFEST, LABELS = "manifest.json", "labels.txt"
 
 
 class PrepError(ValueError):
@@ -79,11 +81,6 @@ class Item:
     label: int
     wnid: str
     check: FileCheck
-
-
-def shard_name(split: str, index: int, count: int) -> str:
-    """Public TF ImageNet shard naming: train-00000-of-01024."""
-    return f"{split}-{index:05d}-of-{count:05d}"
 
 
 def shuffled(files: list[SourceFile], seed: int, split: str) -> list[SourceFile]:
@@ -145,7 +142,7 @@ def _check_split(split, order, settings, journal, run_map) -> list[FileCheck]:
 def write_shard(task: tuple[str, str, str, list[Item], int | None]) -> dict:
     """Write one shard and its DALI index under temporary names, then publish both atomically."""
     root, out, name, items, resize_shorter = task
-    shard, index = Path(out, name), Path(out, name + ".idx")
+    shard, index = Path(out, name), index_path(Path(out, name))
     digest, offset, lines = hashlib.sha256(), 0, []
     with open(partial_name(shard), "wb") as f:
         for item in items:
@@ -240,15 +237,25 @@ def _changed(recorded: dict, settings: Settings) -> str:
 
 def _complete(out: Path, settings: Settings) -> bool:
     """True when OUT already holds the finished output of these settings, intact."""
-    path = out / MANIFEST
-    if not path.is_file():
+    manifest = _read_manifest(out)
+    if manifest is None:
         return False
-    manifest = json.loads(path.read_text())
-    changed = _changed(manifest.get("settings", {}), settings)
+    changed = _changed(manifest.settings, settings)
     if changed:
-        raise PrepError(f"{path}: OUT was prepared with other settings ({changed}); use a new --out")
-    shards = [s for split in manifest["splits"].values() for s in split["shards"]]
-    return all(_intact(out, s) for s in shards) and (out / LABELS).is_file()
+        raise PrepError(f"{manifest.path}: OUT was prepared with other settings ({changed}); use a new --out")
+    return all(_intact(out, s) for s in _shard_records(manifest)) and (out / LABELS).is_file()
+
+
+def _read_manifest(out: Path) -> manifests.Manifest | None:
+    try:
+        return manifests.load(out)
+    except manifests.ManifestError as e:
+        raise PrepError(str(e)) from e
+
+
+def _shard_records(manifest: manifests.Manifest) -> list[dict]:
+    """The shards as the journal records them."""
+    return [s for split in manifest.raw["splits"].values() for s in split["shards"]]
 
 
 def _claim_output(out: Path, settings: Settings) -> Path:
@@ -272,8 +279,7 @@ def _claim_output(out: Path, settings: Settings) -> Path:
     shards_journal = state / "shards.jsonl"
     if (out / MANIFEST).is_file() and not shards_journal.exists():
         # A finished run whose output was damaged since: its intact shards need not be written again.
-        manifest = json.loads((out / MANIFEST).read_text())
-        records = [s for split in manifest["splits"].values() for s in split["shards"]]
+        records = _shard_records(_read_manifest(out))
         write_atomic(shards_journal, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
     return state
 
@@ -348,7 +354,7 @@ def prepare(
     out_dir.mkdir(parents=True, exist_ok=True)
     if _complete(out_dir, settings):
         print(f"{out_dir}: complete and matching {MANIFEST}; nothing to do")
-        return json.loads((out_dir / MANIFEST).read_text())
+        return _read_manifest(out_dir).raw
     state = _claim_output(out_dir, settings)
     orders = {split: shuffled(source.files[split], seed, split) for split in SPLITS}
     results, plans, shards = {}, {}, {}

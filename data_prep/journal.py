@@ -1,4 +1,4 @@
-"""Crash-safe files: atomic publish (write, flush, fsync, rename) and an append-only JSON-lines journal.
+"""An append-only JSON-lines journal of finished work (atomic publishing is pipeline.format.atomic).
 
 A journal line is appended and fsynced only after the work it records is published, so after a
 kill -9 the journal never claims unfinished work; a torn last line is dropped on reopen.
@@ -10,36 +10,7 @@ import json
 import os
 from pathlib import Path
 
-
-def fsync_dir(folder: Path) -> None:
-    """Make renames inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def partial_name(path: Path) -> Path:
-    """The temporary name a file is written under before it is published (unique per process)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Publish `data` at `path` all at once: readers see the old file or the whole new one."""
-    tmp = partial_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def remove_partials(folder: Path) -> None:
-    """Delete temporary files an interrupted run left behind."""
-    for tmp in folder.glob(".*.partial"):
-        tmp.unlink(missing_ok=True)
+from pipeline.format.atomic import write_atomic
 
 
 class Journal:

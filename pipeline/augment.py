@@ -12,7 +12,7 @@ from __future__ import annotations
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import tfrecord as tfrec
 
-from data_prep import example
+from pipeline.format import example
 
 # ImageNet per-channel mean and standard deviation of RGB pixels in 0..255.
 MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)

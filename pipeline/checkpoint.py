@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_prep.journal import write_atomic
+from pipeline.format.atomic import write_atomic
 
 COMPLETE = "complete.json"
 # DeepSpeed's file of the model weights (and client state) in a checkpoint folder, without model parallelism.

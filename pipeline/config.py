@@ -24,6 +24,15 @@ MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
 
 
+# Goyal et al.: 5 epochs of gradual warmup in a 90-epoch run.
+WARMUP_EPOCHS, RECIPE_EPOCHS = 5.0, 90
+
+
+def default_warmup_epochs(epochs: int) -> float:
+    """The recipe's warmup for a run of `epochs`: 5 epochs at 90 or more, the same share of a shorter run."""
+    return WARMUP_EPOCHS * min(1.0, epochs / RECIPE_EPOCHS)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a training run is asked to do, apart from the DeepSpeed configuration."""
@@ -46,8 +55,9 @@ class RunConfig:
     label_smoothing: float = 0.0
     # warmup_decay (DeepSpeed's WarmupDecayLR) or goyal_steps (x0.1 at epochs 30/60/80 of 90, scaled).
     schedule: str = "warmup_decay"
-    # Epochs of linear warmup from 0.1 to 0.1*B/256.
-    warmup_epochs: float = 5.0
+    # Epochs of linear warmup from 0.1 to 0.1*B/256 (default: Goyal et al.'s 5 of 90 epochs, scaled to shorter
+    # --epochs: 5 x epochs / 90; a batch of 256 or less has nothing to warm up).
+    warmup_epochs: float | None = None
     # The linear scaling rule's anchor: lr = reference_lr * B / reference_batch (0.1 at 256 in the paper).
     reference_batch: int = REFERENCE_BATCH
     reference_lr: float = REFERENCE_LR
@@ -123,7 +133,11 @@ class RunConfig:
             raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
         if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"--wandb-mode {self.wandb_mode}: use one of {', '.join(WANDB_MODES)}")
-        if self.epochs < 1 or not 0 <= self.warmup_epochs < self.epochs:
+        if self.epochs < 1:
+            raise ValueError(f"--epochs {self.epochs}: must be at least 1")
+        if self.warmup_epochs is None:
+            object.__setattr__(self, "warmup_epochs", default_warmup_epochs(self.epochs))
+        if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")

@@ -29,7 +29,9 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipeline import augment
-from pipeline.shards import SPLITS, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
+from pipeline.format.check import check_shard
+from pipeline.format.layout import SPLITS
+from pipeline.shards import DataError, ShardSet, find_bad_label, open_shards, shard_bounds
 
 # Label of validation padding samples: skip them in the loss (ignore_index) and in accuracy.
 IGNORE = -1
@@ -280,8 +282,6 @@ class ImageNetData:
 
     def _locate(self, split: str) -> str | None:
         """The first damaged record in the shards this rank was reading (the record DALI failed on), or None."""
-        from data_prep.verify import check_shard
-
         files = self._reading.get(split, self.shards.splits[split].files)
         print(f"locating the {split} record DALI could not read in {len(files)} shards...", file=sys.stderr)
         for path in files:

@@ -11,15 +11,9 @@ writes it as JSON.
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and os.path.dirname(os.path.abspath(__file__)) == os.path.abspath(sys.path[0]):
-    # Run as a script (the deepspeed launcher): the repository on the path instead of pipeline/ (see train.py).
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import json
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 

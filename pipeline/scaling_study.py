@@ -91,7 +91,8 @@ def train_command(run: StudyRun, args: argparse.Namespace, folder: Path, group: 
     if args.num_classes:
         flags += ["--num-classes", str(args.num_classes)]
     if args.nproc > 1:
-        return ["torchrun", "--nproc_per_node", str(args.nproc), "--master_port", str(free_port()), str(TRAIN), *flags]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
+                str(free_port()), str(TRAIN), *flags]  # fmt: skip
     return [sys.executable, str(TRAIN), *flags]
 
 
@@ -229,9 +230,12 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str]]:
     variants = args.variants.split(",")
     if set(variants) - set(VARIANTS):
         raise ValueError(f"--variants {args.variants}: choose from {', '.join(VARIANTS)}")
-    for b in {args.base_batch, *sizes}:
-        if b < 1 or b % args.micro_batch:
-            raise ValueError(f"batch size {b} is not a positive multiple of --micro-batch {args.micro_batch}")
+    if args.nproc < 1:
+        raise ValueError(f"--nproc {args.nproc}: must be at least 1")
+    for b in sorted({args.base_batch, *sizes}):
+        if b < 1 or b % (args.micro_batch * args.nproc):
+            raise ValueError(f"batch size {b} is not a positive multiple of --micro-batch {args.micro_batch} x "
+                             f"--nproc {args.nproc}; lower --micro-batch or choose batch sizes it divides")  # fmt: skip
     if args.base_batch not in sizes or max(sizes) <= args.base_batch:
         raise ValueError(f"--batch-sizes {args.batch_sizes}: include --base-batch {args.base_batch} and a larger one")
     if not 0 <= args.warmup_epochs < args.epochs:

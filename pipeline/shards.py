@@ -11,21 +11,24 @@ from __future__ import annotations
 import fcntl
 import functools
 import hashlib
-import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep import example, tfrecord
-from data_prep.journal import write_atomic
-from data_prep.verify import SHARD_NAME, missing_shards
-
-SPLITS = ("train", "validation")
-MANIFEST, LABELS = "manifest.json", "labels.txt"
-# TensorFlow's ImageNet convention: label 0 is "background", the 1000 classes are 1..1000.
-TF_LABEL_BASE, TF_NUM_CLASSES = 1, 1000
+from pipeline.format import example, tfrecord
+from pipeline.format import manifest as manifests
+from pipeline.format.atomic import write_atomic
+from pipeline.format.layout import (
+    LABELS,
+    MANIFEST,
+    SHARD_NAME,
+    SPLITS,
+    TF_LABEL_BASE,
+    TF_NUM_CLASSES,
+    missing_shards,
+)
 
 
 class DataError(ValueError):
@@ -170,17 +173,24 @@ def _open_split(root: Path, split: str, home: Callable[[], Path]) -> Split:
 
 def _labels_from(root: Path, num_classes: int | None) -> tuple[int, int, str]:
     """(label_base, num_classes, where they came from): manifest.json first, else the TensorFlow convention."""
-    manifest = root / MANIFEST
-    if not manifest.is_file():
+    manifest = _manifest(root)
+    if manifest is None:
         if num_classes is not None and num_classes < 1:
             raise DataError(f"--num-classes {num_classes}: must be at least 1")
         return TF_LABEL_BASE, num_classes or TF_NUM_CLASSES, "TensorFlow convention: 1-based, --num-classes"
-    recorded = json.loads(manifest.read_text())
-    if num_classes is not None and num_classes != recorded["num_classes"]:
+    if num_classes is not None and num_classes != manifest.num_classes:
         raise DataError(
-            f"--num-classes {num_classes}: {manifest} says {recorded['num_classes']} classes; drop the flag"
+            f"--num-classes {num_classes}: {manifest.path} says {manifest.num_classes} classes; drop the flag"
         )
-    return recorded["label_base"], recorded["num_classes"], str(manifest)
+    return manifest.label_base, manifest.num_classes, str(manifest.path)
+
+
+def _manifest(root: Path) -> manifests.Manifest | None:
+    """The folder's manifest.json, None without one; one that cannot be read is a DataError."""
+    try:
+        return manifests.load(root)
+    except manifests.ManifestError as e:
+        raise DataError(str(e)) from e
 
 
 def _class_names(root: Path, num_classes: int) -> tuple[str, ...]:
@@ -196,15 +206,14 @@ def _class_names(root: Path, num_classes: int) -> tuple[str, ...]:
 
 def _check_manifest_counts(root: Path, splits: dict[str, Split]) -> None:
     """The indexes must hold as many records as manifest.json says each split has."""
-    manifest = root / MANIFEST
-    if not manifest.is_file():
+    manifest = _manifest(root)
+    if manifest is None:
         return
-    recorded = json.loads(manifest.read_text())["splits"]
     for name, split in splits.items():
-        want = recorded.get(name, {}).get("images")
+        want = manifest.images.get(name)
         if want is not None and want != split.images:
             raise DataError(
-                f"{root}: {name} shards hold {split.images} records, {manifest.name} says {want}; "
+                f"{root}: {name} shards hold {split.images} records, {MANIFEST} says {want}; "
                 f"run python -m data_prep.verify {root}"
             )
 

@@ -9,17 +9,11 @@ Run options come from `--config run.yaml` and the flags (pipeline/config.py); ou
 
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__" and os.path.dirname(os.path.abspath(__file__)) == os.path.abspath(sys.path[0]):
-    # Run as a script: put the repository on the path instead of pipeline/, whose module names
-    # (config, data, model...) would otherwise shadow other packages' imports.
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import dataclasses
 import logging
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -328,7 +322,9 @@ def start(argv: list[str] | None = None) -> Run | int:
         for note in run.notes:
             print(f"note: {note}")
         batch = f"B={run.ds['train_batch_size']} = {world} ranks x {run.micro} x {run.accum} accumulation"
-        print(f"schedule {run.schedule.describe()}; {batch}; {run.precision}; {run.zeroed} residual BN gammas zeroed")
+        warmup = f"--warmup-epochs {opts.warmup_epochs:g}"
+        print(f"schedule {run.schedule.describe()} ({warmup}); {batch}; {run.precision}; {run.zeroed} residual BN "
+              "gammas zeroed")  # fmt: skip
     return run
 
 

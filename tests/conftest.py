@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import example, tfrecord
 from data_prep.imagenet import prepare
 from data_prep.synthetic import generate
+from pipeline.format import example, tfrecord
 
 # Small pictures keep the suite fast; the code paths are the same as for full-size photos.
 TREE = dict(classes=6, train_per_class=30, val_per_class=7, min_side=32, max_side=72, quirks=True)

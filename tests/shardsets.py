@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep import example, tfrecord
+from pipeline.format import example, tfrecord
 
 
 def colour_of(label: int) -> tuple[int, int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -15,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from pipeline.data import IGNORE, DataConfig, ImageNetData, epoch_seed, train_steps_per_epoch
 from pipeline.preview import to_uint8
 from pipeline.shards import DataError
 from tests.conftest import read_shard, run_module, shards_of
+from tests.helpers import reference_val
 from tests.shardsets import colour_of, gradients, jpeg, labelled_set, smooth, write_manifest, write_shards
 
 CROP, RESIZE = 32, 36
@@ -105,17 +104,6 @@ def test_random_resized_crop_and_flip_follow_the_recipe(tmp_path):
     assert min(areas) > 0.08 - 0.015 and max(areas) <= 1.01
     assert min(areas) < 0.3 and max(areas) > 0.7, "crop areas do not span 8%-100%"
     assert 3 / 4 - 0.03 < min(aspects) and max(aspects) < 4 / 3 + 0.03
-
-
-def reference_val(data: bytes, resize: int, crop: int) -> np.ndarray:
-    """Resize the shorter side (bilinear, antialiased, size rounded) and take the center crop, with Pillow."""
-    image = Image.open(io.BytesIO(data)).convert("RGB")
-    w, h = image.size
-    scale = resize / min(w, h)
-    size = (resize, int(h * scale + 0.5)) if w <= h else (int(w * scale + 0.5), resize)
-    image = image.resize(size, Image.BILINEAR)
-    left, top = int((size[0] - crop) / 2 + 0.5), int((size[1] - crop) / 2 + 0.5)
-    return np.asarray(image.crop((left, top, left + crop, top + crop)))
 
 
 def test_validation_pixels_match_a_reference_resize_and_center_crop(tmp_path):

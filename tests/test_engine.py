@@ -7,7 +7,7 @@ import torch
 from pipeline import engine
 from pipeline.meters import StepMeter
 from pipeline.schedule import Schedule
-from tests.test_schedule import small_convnet
+from tests.helpers import small_convnet
 
 SCHEDULE = Schedule("warmup_decay", 0.5, 0.5, warmup_steps=0, total_steps=20, steps_per_epoch=5)
 MODES = {

@@ -19,7 +19,7 @@ from pipeline.meters import validate
 from pipeline.model import build_model
 from pipeline.schedule import Schedule
 from tests.conftest import run_module
-from tests.test_train import ROOT, SMALL, ds_file, ok, train_cli
+from tests.helpers import ROOT, SMALL, ds_file, ok, train_cli
 
 
 @pytest.fixture(scope="module")

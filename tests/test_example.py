@@ -1,6 +1,6 @@
 """tf.train.Example bytes match TensorFlow's wire format, and the ImageNet schema round-trips."""
 
-from data_prep import example
+from pipeline.format import example
 
 
 def test_wire_format_matches_tensorflow_field_numbers():

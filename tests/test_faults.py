@@ -16,8 +16,8 @@ from pipeline import checkpoint, engine
 from pipeline.distributed import free_port, without_launcher
 from pipeline.faults import Guard, NumericFault
 from pipeline.schedule import Schedule
+from tests.helpers import ROOT, SMALL, ds_file, ok, train_cli
 from tests.shardsets import jpeg, write_shards
-from tests.test_train import ROOT, SMALL, ds_file, ok, train_cli
 
 FAULTY = str(ROOT / "tests" / "train_faulty.py")
 

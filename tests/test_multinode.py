@@ -12,9 +12,9 @@ import pytest
 from pipeline import checkpoint
 from pipeline.distributed import free_port
 from pipeline.shards import shard_bounds
+from tests.helpers import ROOT, SMALL, ds_file, metrics
 from tests.hosts import Hosts, command_line
 from tests.shardsets import labelled_set
-from tests.test_train import ROOT, SMALL, ds_file, metrics
 from tests.wandb_files import run_file
 
 pytestmark = pytest.mark.slow

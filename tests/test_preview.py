@@ -9,8 +9,8 @@ from PIL import Image
 
 from pipeline.preview import CAPTION
 from tests.conftest import run_module
+from tests.helpers import reference_val
 from tests.shardsets import colour_of, jpeg, labelled_set, smooth, write_shards
-from tests.test_data import reference_val
 
 
 def test_validation_preview_shows_the_first_samples_in_shard_order(tmp_path):

@@ -85,3 +85,27 @@ def test_bad_study_input_is_one_line(capsys):
     assert "include --base-batch 32 and a larger one" in capsys.readouterr().err
     assert scaling_study.main([*base, "--batch-sizes", "32,64", "--variants", "rule,lars"]) == 2
     assert "--variants rule,lars: choose from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_study_with_two_ranks_per_run(prepared, tmp_path):
+    """--nproc 2: every run is train.py on 2 ranks (torchrun), each rank half of the batch; a micro-batch the
+    ranks cannot share is refused before any run."""
+    refused = run_module("pipeline.scaling_study", "--data-dir", "x", "--base-batch", "32", "--batch-sizes", "32,64",
+                         "--out", str(tmp_path / "no"), "--epochs", "2", "--nproc", "2")  # fmt: skip
+    assert refused.returncode == 2 and "batch size 32 is not a positive multiple of --micro-batch 32 x --nproc 2" in (
+        refused.stderr)  # fmt: skip
+    out = tmp_path / "study"
+    proc = run_module(
+        "pipeline.scaling_study", "--data-dir", str(prepared), "--base-batch", "32", "--batch-sizes", "32,64",
+        "--variants", "rule+warmup", "--epochs", "1", "--warmup-epochs", "0", "--out", str(out), "--arch",
+        "resnet18", "--crop-size", "32", "--val-resize", "36", "--wandb-mode", "disabled", "--nproc", "2",
+        "--micro-batch", "16",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["b32-baseline", "b64-rule+warmup"]
+    for r in runs:
+        saved = yaml.safe_load((out / "runs" / r["name"] / "config.yaml").read_text())
+        assert saved["derived"]["world_size"] == 2 and saved["deepspeed"]["train_batch_size"] == r["batch_size"]
+        assert 0 <= r["final_val_top1"] <= 100 and r["train_error_curve"][-1][0] == 1

@@ -7,6 +7,7 @@ from deepspeed.runtime.lr_schedules import WarmupDecayLR
 from pipeline import engine, schedule
 from pipeline.scaling import Recipe
 from pipeline.schedule import Schedule, StepLR, derive, lr_at
+from tests.helpers import small_convnet
 
 # B = 8192 on ImageNet, 90 epochs, 5 of warmup: 157 steps per epoch.
 BS8K = Recipe(8192)
@@ -147,15 +148,6 @@ def test_a_compiled_engine_trains_and_keeps_plain_parameter_names(process_group)
         eng.step()
     assert not torch.equal(model[0].weight, before)
     assert set(eng.module.state_dict()) == {"0.weight", "0.bias", "2.weight", "2.bias"}
-
-
-def small_convnet() -> torch.nn.Module:
-    """Conv, BN, ReLU, pooling and a linear layer: every parameter kind a ResNet has."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
-    )  # fmt: skip
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -9,8 +9,8 @@ import sys
 import torch
 
 from pipeline.distributed import free_port, without_launcher
+from tests.helpers import ROOT
 from tests.sync_bn_ranks import batch, layers
-from tests.test_train import ROOT
 
 
 def test_two_ranks_with_sync_bn_compute_batch_norm_over_the_whole_batch(tmp_path):

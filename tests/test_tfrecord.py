@@ -4,7 +4,7 @@ import io
 
 import pytest
 
-from data_prep import tfrecord
+from pipeline.format import tfrecord
 
 
 def reference_crc32c(data: bytes) -> int:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from pipeline.distributed import without_launcher
-from tests.test_train import ROOT, SMALL, ds_file, ok, train_cli
+from tests.helpers import ROOT, SMALL, ds_file, ok, train_cli
 from tests.wandb_files import logged, run_file
 
 

@@ -7,50 +7,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint, scaling, train
-from pipeline.distributed import without_launcher
+from pipeline import checkpoint, train
+from pipeline.data import IGNORE
 from pipeline.schedule import Schedule, lr_at
 from pipeline.shards import shard_bounds
+from tests.helpers import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
 from tests.shardsets import labelled_set
 from tests.wandb_files import logged
-
-ROOT = Path(__file__).parent.parent
-TRAIN = str(ROOT / "pipeline" / "train.py")
-CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a host without usable CUDA does")
-SMALL = ["--arch", "resnet18", "--crop-size", "32", "--val-resize", "36", "--data-threads", "1"]
-
-
-def train_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python pipeline/train.py args` as a user would (one process, no launcher variables)."""
-    clean = without_launcher(os.environ)
-    proc = subprocess.run(
-        [sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=600, env={**clean, **(env or {})}
-    )
-    return proc
-
-
-def ok(proc: subprocess.CompletedProcess) -> str:
-    """stdout of a run that must have succeeded."""
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout
-
-
-def metrics(out: Path) -> tuple[list[dict], dict]:
-    """The epoch lines and the summary line of metrics.jsonl."""
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if "summary" not in x], lines[-1]
-
-
-def ds_file(folder: Path, batch: int, micro: int, precision: str) -> str:
-    """A DeepSpeed configuration from the linear scaling rule, for small test batches."""
-    path = folder / f"b{batch}-{micro}-{precision}.json"
-    path.write_text(scaling.render(scaling.ds_config(scaling.Recipe(batch, micro, precision, fused=False))))
-    return str(path)
 
 
 def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
@@ -121,12 +90,6 @@ def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
         "layout": "NHWC", "prefetch": 3, "hw_decoder_load": 0.5}  # fmt: skip
     conv = weights(out, 2)["conv1.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
-
-
-def weights(out: Path, step: int) -> dict[str, torch.Tensor]:
-    """The model state DeepSpeed saved at `step`."""
-    states = torch.load(out / "checkpoints" / checkpoint.tag(step) / "mp_rank_00_model_states.pt", weights_only=False)
-    return states["module"]
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
@@ -231,3 +194,61 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(prepared, tmp_path):
                      "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
                      "--resume", str(broken), "--wandb-mode", "disabled")  # fmt: skip
     assert proc.returncode == 2 and f"--resume {broken}: not a complete checkpoint" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def yaml_run(prepared, tmp_path_factory):
+    """One run configured by a --config YAML (3 epochs, validation every 2nd, label smoothing 0.1), with flags
+    overriding two of its keys, and the defaults for everything else (warmup included)."""
+    folder = tmp_path_factory.mktemp("yaml-run")
+    options = {"data_dir": str(prepared), "deepspeed_config": str(ROOT / "ds_configs" / "cpu.json"),
+               "arch": "resnet18", "crop_size": 32, "val_resize": 36, "data_threads": 1, "epochs": 3,
+               "eval_every": 2, "label_smoothing": 0.1, "seed": 5, "wandb_mode": "disabled",
+               "out_dir": str(folder / "ignored")}  # fmt: skip
+    (folder / "run.yaml").write_text(yaml.safe_dump(options))
+    proc = train_cli("--config", str(folder / "run.yaml"), "--out-dir", str(folder / "run"), "--seed", "7")
+    return folder / "run", ok(proc)
+
+
+def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
+    out, stdout = yaml_run
+    saved = yaml.safe_load((out / "config.yaml").read_text())["run"]
+    assert {k: saved[k] for k in ("arch", "epochs", "eval_every", "label_smoothing", "crop_size")} == {
+        "arch": "resnet18", "epochs": 3, "eval_every": 2, "label_smoothing": 0.1, "crop_size": 32}  # fmt: skip
+    assert saved["seed"] == 7 and saved["out_dir"] == str(out)  # the flags win over the file
+    # --epochs 3 with the default warmup is valid: Goyal et al.'s 5 of 90 epochs, scaled, printed with the schedule.
+    assert saved["warmup_epochs"] == pytest.approx(5 * 3 / 90) and "(--warmup-epochs 0.166667)" in stdout
+
+
+def test_eval_every_2_validates_every_second_epoch_and_the_last(yaml_run):
+    epochs, summary = metrics(yaml_run[0])
+    assert [(e["epoch"], e["val_top1"] is not None) for e in epochs] == [(0, False), (1, True), (2, True)]
+    assert summary["last_top1"] == epochs[2]["val_top1"]
+
+
+def test_label_smoothing_is_the_loss_the_run_trains_with(yaml_run):
+    """The run trains on cross-entropy with the configured smoothing: (1 - e) CE + e x the mean over classes of
+    -log p, padding labels left out."""
+    saved = yaml.safe_load((yaml_run[0] / "config.yaml").read_text())["run"]
+    run = SimpleNamespace(opts=SimpleNamespace(label_smoothing=saved["label_smoothing"]))
+    logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 4, 2, IGNORE, 1, 3])
+    logp = torch.log_softmax(logits, 1)[labels != IGNORE]
+    kept = labels[labels != IGNORE]
+    expected = (0.9 * -logp[torch.arange(5), kept] + 0.1 * -logp.mean(1)).mean()
+    assert train.loss_fn(run, logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    plain = train.loss_fn(SimpleNamespace(opts=SimpleNamespace(label_smoothing=0.0)), logits, labels).item()
+    assert plain == pytest.approx(-logp[torch.arange(5), kept].mean().item(), rel=1e-6)
+    assert abs(plain - expected.item()) > 1e-3
+
+
+def test_resume_with_another_schedule_is_refused(yaml_run, prepared):
+    """The YAML run's checkpoint under --epochs 4: another schedule, so resuming would train on the wrong lr."""
+    out = yaml_run[0]
+    cpu = str(ROOT / "ds_configs" / "cpu.json")
+    proc = train_cli("--deepspeed_config", cpu, "--data-dir", str(prepared), *SMALL, "--epochs", "4", "--out-dir",
+                     str(out), "--resume", "auto", "--wandb-mode", "disabled")  # fmt: skip
+    assert proc.returncode == 2
+    newest = checkpoint.complete(out / "checkpoints")[-1]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: --resume {newest}: it was trained on schedule ")
+    assert "resume with its --epochs, --schedule and DeepSpeed config, or a new --out-dir" in proc.stderr

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep import example, tfrecord
 from data_prep.verify import verify
+from pipeline.format import example, tfrecord
 from tests.conftest import run_module
 
 SHARD = "train-00001-of-00004"

@@ -1,0 +1,31 @@
+"""The on-disk format has one home, pipeline.format: the training code reads shards without data_prep, and
+importing it changes no other library's globals."""
+
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+PROBE = """
+import sys
+from PIL import Image
+before = Image.MAX_IMAGE_PIXELS
+import pipeline.train, pipeline.evaluate, pipeline.export, pipeline.data, pipeline.preview, pipeline.scaling_study
+loaded = sorted(m for m in sys.modules if m == "data_prep" or m.startswith("data_prep."))
+print(loaded, Image.MAX_IMAGE_PIXELS == before)
+"""
+
+
+def test_the_training_code_imports_nothing_from_data_prep_and_leaves_pillow_alone():
+    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("\n")[-2] == "[] True"
+
+
+def test_data_prep_writes_with_the_format_packages_names():
+    from data_prep import imagenet, verify
+    from pipeline.format import layout
+
+    # One definition of each name, used on both sides.
+    assert imagenet.SPLITS is layout.SPLITS and imagenet.MANIFEST is layout.MANIFEST
+    assert imagenet.shard_name is layout.shard_name and verify.missing_shards is layout.missing_shards
