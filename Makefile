@@ -57,8 +57,8 @@ demo-data: install
 	$(PY) -m data_prep.verify $(DEMO_DIR)/shards --full
 
 demo: demo-data
-	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split train --num 16 --out $(DEMO_DIR)/preview-train.png
-	$(PY) -m pipeline.data preview --data-dir $(DEMO_DIR)/shards --split validation --num 16 \
+	$(PY) -m pipeline.preview --data-dir $(DEMO_DIR)/shards --split train --num 16 --out $(DEMO_DIR)/preview-train.png
+	$(PY) -m pipeline.preview --data-dir $(DEMO_DIR)/shards --split validation --num 16 \
 		--out $(DEMO_DIR)/preview-validation.png
 	@# A fresh run each time: ResNet-18 at 128 px, 8 epochs, on the GPU when there is one (a few minutes on 2 CPU cores).
 	rm -rf $(DEMO_DIR)/run

@@ -1,8 +1,5 @@
 """Training and validation batches for one rank, from a shard directory, through DALI on the GPU or the CPU.
 
-    python -m pipeline.data preview --data-dir DIR --split {train,validation} --num N --out grid.png
-    python -m pipeline.data index --data-dir DIR
-
 Epoch rules (a mismatch in step counts between ranks deadlocks the all-reduce):
 - training: every rank runs `train_steps` steps. Each epoch has its own seed: the shard files are
   put in a new order (the same on every rank, so the ranks' slices stay disjoint), and the reader
@@ -14,7 +11,6 @@ Epoch rules (a mismatch in step counts between ranks deadlocks the all-reduce):
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -31,10 +27,9 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from pipeline import augment
 from pipeline.format.check import check_shard
 from pipeline.format.layout import SPLITS
-from pipeline.shards import DataError, ShardSet, find_bad_label, open_shards, shard_bounds
+from pipeline.shards import IGNORE, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
 
 # Label of validation padding samples: skip them in the loss (ignore_index) and in accuracy.
-IGNORE = -1
 DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
 
@@ -322,65 +317,3 @@ def _use_gpu(device: str) -> bool:
     if device == "gpu" and not torch.cuda.is_available():
         raise DataError("--data-device gpu: no CUDA device is visible; use --data-device auto or cpu")
     return device == "gpu" or (device == "auto" and torch.cuda.is_available())
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command line of `python -m pipeline.data`."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.data", description=__doc__.split("\n")[0])
-    commands = p.add_subparsers(dest="command", required=True)
-    preview = commands.add_parser("preview", help="save a grid picture of the first samples after augmentation")
-    index = commands.add_parser("index", help="build missing DALI index files and count the records")
-    for sub in (preview, index):
-        sub.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
-        sub.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
-        sub.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")
-    preview.add_argument("--split", choices=SPLITS, default="train")
-    preview.add_argument("--num", type=int, default=16, help="samples to show")
-    preview.add_argument("--out", required=True, help="picture to write (PNG)")
-    preview.add_argument("--save-npz", help="also save images (N,C,C,3 uint8) and labels (0-based) here")
-    preview.add_argument("--crop-size", type=int, default=224)
-    preview.add_argument("--val-resize", type=int, default=256)
-    preview.add_argument("--seed", type=int, default=0)
-    preview.add_argument("--data-device", choices=("auto", "gpu", "cpu"), default="auto")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; bad input ends with a one-line error and exit status 2."""
-    args = parse_args(argv)
-    try:
-        if args.command == "index":
-            shards = open_shards(args.data_dir, SPLITS, args.num_classes, args.index_dir)
-            for split in shards.splits.values():
-                print(
-                    f"{split.name}: {len(split.files)} shards, {split.images:,} records, indexes in "
-                    f"{sorted({os.path.dirname(i) for i in split.indexes})}"
-                )
-            return 0
-        from pipeline.preview import write_preview
-
-        if args.num < 1:
-            raise DataError(f"--num {args.num}: must be at least 1")
-        config = DataConfig(
-            args.data_dir,
-            batch_size=min(args.num, 64),
-            crop_size=args.crop_size,
-            val_resize=args.val_resize,
-            device=args.data_device,
-            seed=args.seed,
-            num_classes=args.num_classes,
-            index_dir=args.index_dir,
-        )
-        shown = write_preview(ImageNetData(config, splits=(args.split,)), args.split, args.num, args.out, args.save_npz)
-        print(
-            f"{args.out}: {shown} {args.split} samples"
-            + (f"; pixels and labels in {args.save_npz}" if args.save_npz else "")
-        )
-        return 0
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import distributed
-from pipeline.data import IGNORE
+from pipeline.shards import IGNORE
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

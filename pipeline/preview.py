@@ -1,8 +1,13 @@
-"""Pictures of what the model sees: the first samples of a split after augmentation, with their class names."""
+"""Pictures of what the model sees: the first samples of a split after augmentation, with their class names.
+
+python -m pipeline.preview --data-dir DIR --split {train,validation} --num N --out grid.png [--save-npz F]
+"""
 
 from __future__ import annotations
 
+import argparse
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +15,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from pipeline.augment import MEAN, STD
-from pipeline.data import IGNORE, ImageNetData
+from pipeline.data import DataConfig, ImageNetData
+from pipeline.format.layout import SPLITS
+from pipeline.shards import IGNORE, DataError
 
 CAPTION = 14  # pixels of text under each picture
 
@@ -60,3 +67,38 @@ def write_preview(data: ImageNetData, split: str, num: int, out: str, npz: str |
         Path(npz).parent.mkdir(parents=True, exist_ok=True)
         np.savez(npz, images=images, labels=labels.astype(np.int64))
     return len(images)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input ends with a one-line error and exit status 2."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
+    p.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
+    p.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
+    p.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")
+    p.add_argument("--split", choices=SPLITS, default="train")
+    p.add_argument("--num", type=int, default=16, help="samples to show")
+    p.add_argument("--out", required=True, help="picture to write (PNG)")
+    p.add_argument("--save-npz", help="also save images (N,C,C,3 uint8) and labels (0-based) here")
+    p.add_argument("--crop-size", type=int, default=224)
+    p.add_argument("--val-resize", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-device", choices=("auto", "gpu", "cpu"), default="auto")
+    args = p.parse_args(argv)
+    try:
+        if args.num < 1:
+            raise DataError(f"--num {args.num}: must be at least 1")
+        config = DataConfig(
+            args.data_dir, batch_size=min(args.num, 64), crop_size=args.crop_size, val_resize=args.val_resize,
+            device=args.data_device, seed=args.seed, num_classes=args.num_classes, index_dir=args.index_dir,
+        )  # fmt: skip
+        shown = write_preview(ImageNetData(config, splits=(args.split,)), args.split, args.num, args.out, args.save_npz)
+    except (DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    saved = f"; pixels and labels in {args.save_npz}" if args.save_npz else ""
+    print(f"{args.out}: {shown} {args.split} samples{saved}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

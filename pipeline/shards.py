@@ -4,14 +4,18 @@ Shards from `data_prep` come with `.idx` files, `manifest.json` and `labels.txt`
 TFRecord sets (the TensorFlow ImageNet build, for one) often have none of them: missing indexes
 are built here, beside the shards or, when the data folder is read-only, in a cache folder, and
 labels follow the TensorFlow convention (1-based, 1000 classes unless `--num-classes` says otherwise).
+
+    python -m pipeline.shards --data-dir DIR [--index-dir D] [--num-classes K]   (build missing indexes, count)
 """
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import functools
 import hashlib
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +33,9 @@ from pipeline.format.layout import (
     TF_NUM_CLASSES,
     missing_shards,
 )
+
+# The label of a padding sample in a batch (0-based labels otherwise): losses and counts leave it out.
+IGNORE = -1
 
 
 class DataError(ValueError):
@@ -254,3 +261,25 @@ def find_bad_label(split: Split, label_base: int, num_classes: int) -> str | Non
                 if label is None or not label_base <= label < label_base + num_classes:
                     return f"{path}: record at offset {record.offset} has label {label}"
     return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Build the missing DALI indexes of a shard folder and count its records; bad input: one line, exit 2."""
+    p = argparse.ArgumentParser(prog="python -m pipeline.shards", description=main.__doc__.split(";")[0])
+    p.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
+    p.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
+    p.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")
+    args = p.parse_args(argv)
+    try:
+        shards = open_shards(args.data_dir, SPLITS, args.num_classes, args.index_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for split in shards.splits.values():
+        where = sorted({os.path.dirname(i) for i in split.indexes})
+        print(f"{split.name}: {len(split.files)} shards, {split.images:,} records, indexes in {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from pipeline import checkpoint, config, distributed, engine, gpu, schedule
-from pipeline.data import IGNORE, DataConfig, ImageNetData
+from pipeline.data import DataConfig, ImageNetData
 from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, validate
 from pipeline.model import build_model, check_arch, sync_batch_norm, uses_channels_last
 from pipeline.scaling import Recipe
-from pipeline.shards import DataError, ShardSet, open_shards
+from pipeline.shards import IGNORE, DataError, ShardSet, open_shards
 from pipeline.tracking import PROJECT, Tracker, wandb_init_args, wandb_mode
 
 

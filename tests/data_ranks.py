@@ -10,7 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pipeline.data import IGNORE, DataConfig, ImageNetData
+from pipeline.data import DataConfig, ImageNetData
+from pipeline.shards import IGNORE
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data import IGNORE, DataConfig, ImageNetData, epoch_seed, train_steps_per_epoch
+from pipeline.data import DataConfig, ImageNetData, epoch_seed, train_steps_per_epoch
 from pipeline.preview import to_uint8
-from pipeline.shards import DataError
+from pipeline.shards import IGNORE, DataError
 from tests.conftest import read_shard, run_module, shards_of
 from tests.helpers import reference_val
 from tests.shardsets import colour_of, gradients, jpeg, labelled_set, smooth, write_manifest, write_shards

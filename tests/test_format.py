@@ -29,3 +29,16 @@ def test_data_prep_writes_with_the_format_packages_names():
     # One definition of each name, used on both sides.
     assert imagenet.SPLITS is layout.SPLITS and imagenet.MANIFEST is layout.MANIFEST
     assert imagenet.shard_name is layout.shard_name and verify.missing_shards is layout.missing_shards
+
+
+def test_no_pipeline_module_shadows_the_standard_library():
+    """pipeline/train.py runs as a script (the deepspeed launcher's path), so pipeline/ is first on sys.path and a
+    module named like a standard one (types.py, logging.py) would replace it for every library."""
+    names = {p.stem for p in (ROOT / "pipeline").iterdir() if p.suffix == ".py" or (p / "__init__.py").exists()}
+    assert not names & set(sys.stdlib_module_names)
+
+
+def test_train_runs_as_a_module_and_as_a_script():
+    for command in ([sys.executable, "-m", "pipeline.train"], [sys.executable, str(ROOT / "pipeline" / "train.py")]):
+        proc = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd="/", timeout=300)
+        assert proc.returncode == 0 and "--deepspeed_config" in proc.stdout and "--sync-bn" in proc.stdout

@@ -14,9 +14,8 @@ import torch
 import yaml
 
 from pipeline import checkpoint, train
-from pipeline.data import IGNORE
 from pipeline.schedule import Schedule, lr_at
-from pipeline.shards import shard_bounds
+from pipeline.shards import IGNORE, shard_bounds
 from tests.helpers import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
 from tests.shardsets import labelled_set
 from tests.wandb_files import logged
