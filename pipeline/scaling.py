@@ -91,6 +91,19 @@ class Recipe:
         return self.epochs * self.steps_per_epoch
 
 
+def warmup_decay_params(base_lr: float, peak_lr: float, warmup_steps: int, total_steps: int) -> dict:
+    """The `scheduler.params` of DeepSpeed's WarmupDecayLR for a schedule: the one place they are built."""
+    return {
+        "warmup_min_lr": base_lr,
+        "warmup_max_lr": peak_lr,
+        # DeepSpeed needs a warmup of at least a step (a batch under the reference has nothing to warm up).
+        "warmup_num_steps": max(1, warmup_steps),
+        # DeepSpeed's default warmup is logarithmic; the paper's is linear.
+        "warmup_type": "linear",
+        "total_num_steps": total_steps,
+    }
+
+
 def ds_config(r: Recipe) -> dict:
     """The DeepSpeed configuration of a recipe."""
     sgd = {"lr": r.peak_lr, "momentum": r.momentum, "nesterov": True, "weight_decay": r.weight_decay}
@@ -103,14 +116,7 @@ def ds_config(r: Recipe) -> dict:
         "optimizer": {"type": "SGD", "params": sgd},
         "scheduler": {
             "type": "WarmupDecayLR",
-            "params": {
-                "warmup_min_lr": r.base_lr,
-                "warmup_max_lr": r.peak_lr,
-                # DeepSpeed's default warmup is logarithmic; the paper's is linear.
-                "warmup_num_steps": r.warmup_steps,
-                "warmup_type": "linear",
-                "total_num_steps": r.total_steps,
-            },
+            "params": warmup_decay_params(r.base_lr, r.peak_lr, r.warmup_steps, r.total_steps),
         },
         "gradient_clipping": 0.0,
         "wall_clock_breakdown": False,

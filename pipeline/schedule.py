@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from pipeline.scaling import Recipe
+from pipeline.scaling import Recipe, warmup_decay_params
 
 SCHEDULES = ("warmup_decay", "goyal_steps")
 # Goyal et al.: the learning rate drops x0.1 at these epochs of a 90-epoch run.
@@ -86,13 +86,7 @@ def lr_at(s: Schedule, step: int) -> float:
 
 def deepspeed_params(s: Schedule) -> dict:
     """The `scheduler.params` of a DeepSpeed WarmupDecayLR that follows `s` (warmup_decay only)."""
-    return {
-        "warmup_min_lr": s.base_lr,
-        "warmup_max_lr": s.peak_lr,
-        "warmup_num_steps": max(1, s.warmup_steps),
-        "warmup_type": "linear",
-        "total_num_steps": s.total_steps,
-    }
+    return warmup_decay_params(s.base_lr, s.peak_lr, s.warmup_steps, s.total_steps)
 
 
 class StepLR:

@@ -1,7 +1,9 @@
-"""Where metrics go on rank 0: metrics.jsonl (one line per epoch), steps.jsonl (one per optimizer step), wandb,
-and the progress bar.
+"""Where metrics go: sinks behind one small interface, chosen once per run (`open_sinks`).
 
-Other ranks get a Tracker that does nothing, so the training loop never asks which rank it is on.
+A sink takes per-step rows, epoch rows, the summary and the run's notes: `JsonlSink` (metrics.jsonl, one line per
+epoch, and steps.jsonl, one per optimizer step), `WandbSink`, `ProgressSink` (the progress bar and the notes on
+the console) and `MemorySink` (tests). Rank 0 gets its sinks; every other rank gets none, so the training loop
+never asks which rank it is on.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import netrc
 import os
 import secrets
 from pathlib import Path
+from typing import Protocol
 
 from tqdm import tqdm
 
@@ -53,79 +56,204 @@ def wandb_init_args(flags: dict, defaults: dict) -> dict:
     return args
 
 
-class Tracker:
-    """Metric sinks of rank 0; `active=False` makes every call a no-op. `wandb_args` are wandb.init's arguments
-    (None: no wandb)."""
+class Sink(Protocol):
+    """What the training loop tells a metric sink. Every method may be a no-op."""
 
-    def __init__(self, out_dir: Path, active: bool, wandb_args: dict | None, config: dict):
-        self.out_dir, self.active, self.run, self.bar, self.run_total = out_dir, active, None, None, 0
-        if not active or wandb_args is None:
-            return
+    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
+        """An epoch's training starts: `total` steps, `initial` of them done; `run_total` is the run's last step."""
+
+    def steps(self, rows: list[dict]) -> None:
+        """Per-step rows since the last report, each with its `step`."""
+
+    def epoch(self, row: dict, step: int) -> None:
+        """An epoch's row (at optimizer step `step`)."""
+
+    def summary(self, row: dict) -> None:
+        """The run's final row (or the fault that ended it)."""
+
+    def note(self, line: str) -> None:
+        """A line for the person watching the run."""
+
+    def close(self) -> None:
+        """The run is over."""
+
+
+class JsonlSink:
+    """metrics.jsonl (epoch rows, then the summary) and steps.jsonl (step rows) in the run folder."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def _append(self, name: str, rows: list[dict]) -> None:
+        with open(self.out_dir / name, "a") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
+        pass
+
+    def steps(self, rows: list[dict]) -> None:
+        if rows:
+            self._append(STEPS, rows)
+
+    def epoch(self, row: dict, step: int) -> None:
+        self._append(METRICS, [row])
+
+    def summary(self, row: dict) -> None:
+        self._append(METRICS, [row])
+
+    def note(self, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class WandbSink:
+    """One wandb run per run folder: step rows under train/, epoch rows under epoch/, the summary as its summary.
+    `args` are wandb.init's arguments; a resumed run continues the same wandb run (unless WANDB_RUN_ID says which)."""
+
+    def __init__(self, out_dir: Path, args: dict, config: dict):
         import wandb  # imported lazily: a run with wandb disabled never loads it
 
-        # One wandb run per run folder: a resumed run continues the same one (unless WANDB_RUN_ID says which).
-        if "id" in wandb_args:
+        if "id" in args:
             id_file = out_dir / "wandb-id.txt"
-            wandb_args["id"] = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
-            id_file.write_text(wandb_args["id"])
-        self.run = wandb.init(config=config, resume="allow", **wandb_args)
+            args["id"] = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
+            id_file.write_text(args["id"])
+        self.run = wandb.init(config=config, resume="allow", **args)
+
+    @property
+    def files(self) -> Path:
+        """Where this run's wandb files are."""
+        return Path(self.run.settings.sync_dir)
+
+    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
+        pass
+
+    def steps(self, rows: list[dict]) -> None:
+        for row in rows:
+            self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
+
+    def epoch(self, row: dict, step: int) -> None:
+        self.run.log({f"epoch/{k}": v for k, v in row.items()}, step=step)
+
+    def summary(self, row: dict) -> None:
+        self.run.summary.update(row)
+
+    def note(self, line: str) -> None:
+        pass
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class ProgressSink:
+    """The console: a progress bar per epoch (loss, lr, loss scale, images/s, the run's ETA) and the notes."""
+
+    def __init__(self):
+        self.bar, self.run_total = None, 0
+
+    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
+        self.run_total = run_total
+        self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True)
+
+    def steps(self, rows: list[dict]) -> None:
+        if self.bar is None or not rows:
+            return
+        last = rows[-1]
+        per_step = sum(r["step_s"] for r in rows) / len(rows)
+        self.bar.set_postfix(
+            loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.4g}", scale=f"{last['loss_scale']:g}",
+            img_s=f"{last['images_per_sec']:.0f}",
+            run_eta=tqdm.format_interval(max(self.run_total - last["step"], 0) * per_step), refresh=False,
+        )  # fmt: skip
+        self.bar.update(len(rows))
+
+    def epoch(self, row: dict, step: int) -> None:
+        self.close()
+
+    def summary(self, row: dict) -> None:
+        pass
+
+    def note(self, line: str) -> None:
+        print(line, flush=True)
+
+    def close(self) -> None:
+        """Close an open progress bar (a run cut short leaves one)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MemorySink:
+    """Everything it is told, in lists: for tests."""
+
+    def __init__(self):
+        self.rows: dict[str, list] = {"steps": [], "epochs": [], "summaries": [], "notes": []}
+        self.closed = False
+
+    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
+        pass
+
+    def steps(self, rows: list[dict]) -> None:
+        self.rows["steps"] += rows
+
+    def epoch(self, row: dict, step: int) -> None:
+        self.rows["epochs"].append((row, step))
+
+    def summary(self, row: dict) -> None:
+        self.rows["summaries"].append(row)
+
+    def note(self, line: str) -> None:
+        self.rows["notes"].append(line)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Sinks:
+    """The run's sinks as one: each call goes to every sink (none on ranks other than 0)."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = sinks
 
     @property
     def wandb_dir(self) -> Path | None:
-        """Where this run's wandb files are (None without wandb)."""
-        return Path(self.run.settings.sync_dir) if self.run is not None else None
+        """Where the run's wandb files are (None without wandb)."""
+        return next((s.files for s in self.sinks if isinstance(s, WandbSink)), None)
 
     def progress(self, total: int, epoch: int, initial: int = 0, run_total: int = 0) -> None:
-        """Open the progress bar of an epoch's training steps (its ETA is the epoch's); `run_total` is the last
-        optimizer step of the run, for the run's ETA."""
-        if self.active:
-            self.run_total = run_total
-            self.bar = tqdm(total=total, initial=initial, desc=f"epoch {epoch}", unit="step", dynamic_ncols=True)
+        for s in self.sinks:
+            s.progress(total, epoch, initial, run_total)
 
     def steps(self, rows: list[dict]) -> None:
-        """Per-step metrics (each row holds its `step`) to steps.jsonl and wandb; the bar shows the last row."""
-        if not self.active or not rows:
-            return
-        with open(self.out_dir / STEPS, "a") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        if self.run is not None:
-            for row in rows:
-                self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
-        if self.bar is not None:
-            last = rows[-1]
-            per_step = sum(r["step_s"] for r in rows) / len(rows)
-            self.bar.set_postfix(
-                loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.4g}", scale=f"{last['loss_scale']:g}",
-                img_s=f"{last['images_per_sec']:.0f}",
-                run_eta=tqdm.format_interval(max(self.run_total - last["step"], 0) * per_step), refresh=False,
-            )  # fmt: skip
-            self.bar.update(len(rows))
+        for s in self.sinks:
+            s.steps(rows)
 
     def epoch(self, row: dict, step: int) -> None:
-        """One line of metrics.jsonl and the epoch's metrics in wandb."""
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        with open(self.out_dir / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.run is not None:
-            self.run.log({f"epoch/{k}": v for k, v in row.items()}, step=step)
+        for s in self.sinks:
+            s.epoch(row, step)
 
     def summary(self, row: dict) -> None:
-        """The final line of metrics.jsonl, also the wandb run summary."""
-        if not self.active:
-            return
-        with open(self.out_dir / METRICS, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.run is not None:
-            self.run.summary.update(row)
+        for s in self.sinks:
+            s.summary(row)
+
+    def note(self, line: str) -> None:
+        for s in self.sinks:
+            s.note(line)
 
     def close(self) -> None:
-        """Close an open progress bar (a run cut short leaves one) and finish the wandb run."""
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.run is not None:
-            self.run.finish()
+        for s in self.sinks:
+            s.close()
+
+
+def open_sinks(out_dir: Path, rank: int, wandb_args: dict | None, config: dict, progress: bool = True) -> Sinks:
+    """The run's sinks, chosen once: on rank 0 the JSONL files, wandb unless `wandb_args` is None, and the console
+    unless `progress` is False; none on other ranks."""
+    if rank != 0:
+        return Sinks([])
+    sinks: list[Sink] = [JsonlSink(out_dir)]
+    if wandb_args is not None:
+        sinks.append(WandbSink(out_dir, wandb_args, config))
+    if progress:
+        sinks.append(ProgressSink())
+    return Sinks(sinks)

@@ -27,7 +27,7 @@ from pipeline.meters import StepMeter, validate
 from pipeline.model import build_model, check_arch, sync_batch_norm, uses_channels_last
 from pipeline.scaling import Recipe
 from pipeline.shards import IGNORE, DataError, ShardSet, open_shards
-from pipeline.tracking import PROJECT, Tracker, wandb_init_args, wandb_mode
+from pipeline.tracking import PROJECT, Sinks, open_sinks, wandb_init_args, wandb_mode
 
 
 class Run:
@@ -111,25 +111,34 @@ def loss_fn(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits.float(), labels, label_smoothing=run.opts.label_smoothing, ignore_index=IGNORE)
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, meter: StepMeter) -> bool:
+def no_mark(phase: str) -> None:
+    """train_step's default phase hook: nothing."""
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, meter: StepMeter, mark=no_mark) -> bool:
     """One micro-batch: forward, loss, backward and DeepSpeed's step (the optimizer's at the accumulation
     boundary, then the schedule and the step's row of the meter); returns whether an optimizer step closed.
+    The one training step: the epoch loop and the throughput benchmark's harnesses all call it; `mark(phase)` is
+    called as "forward", "backward" and "optimizer" end (the benchmark's phase timer syncs and reads a clock there).
     No host-device sync in the autocast modes with fused SGD (the fp16/bf16 wrapper syncs in its step)."""
     eng = run.engine
     boundary, lr = eng.is_gradient_accumulation_boundary(), engine.lr(eng)
     images, labels = images.to(eng.device, non_blocking=True), labels.to(eng.device, non_blocking=True)
     logits = eng(images)
     loss = loss_fn(run, logits, labels)
+    mark("forward")
     eng.backward(loss)
+    mark("backward")
     eng.step()
     meter.micro_step(loss, logits, labels)
     if boundary:
         schedule.follow(eng)
         meter.optimizer_step(eng.global_steps, lr, *run.scale.now())
+    mark("optimizer")
     return boundary
 
 
-def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[StepMeter, bool]:
+def train_epoch(run: Run, epoch: int, skip: int, tracker: Sinks) -> tuple[StepMeter, bool]:
     """One epoch of training from optimizer step `skip` on; returns its meter and whether --max-steps was reached."""
     eng, o = run.engine, run.opts
     batches = run.data.train_epoch(epoch)
@@ -154,7 +163,7 @@ def train_epoch(run: Run, epoch: int, skip: int, tracker: Tracker) -> tuple[Step
     return meter, bool(o.max_steps and eng.global_steps >= o.max_steps)
 
 
-def report(run: Run, meter: StepMeter, tracker: Tracker) -> None:
+def report(run: Run, meter: StepMeter, tracker: Sinks) -> None:
     """Read the steps since the last report (a sync point), log them, then stop on a numeric fault among them."""
     rows = meter.flush()
     run.scale.resolve(rows)
@@ -205,7 +214,7 @@ def resume(run: Run) -> None:
     schedule.follow(run.engine)
 
 
-def fit(run: Run, tracker: Tracker) -> dict:
+def fit(run: Run, tracker: Sinks) -> dict:
     """The epoch loop: train, validate, record, checkpoint; returns the summary line."""
     o, eng, rows, began = run.opts, run.engine, [], time.perf_counter()
     for epoch in range(run.start["epoch"], o.epochs):
@@ -218,8 +227,8 @@ def fit(run: Run, tracker: Tracker) -> dict:
             run.start.update(best_top1=top1, best_epoch=epoch)
         rows.append(epoch_row(run, epoch, meter, top1, top5))
         tracker.epoch(rows[-1], eng.global_steps)
-        if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE and run.rank == 0:
-            print(input_bound_line(run, rows[-1]), flush=True)
+        if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
+            tracker.note(input_bound_line(run, rows[-1]))
         run.start["train_seconds"] += time.perf_counter() - began
         began = time.perf_counter()
         if stop or (epoch + 1) % o.save_every_epochs == 0 or epoch + 1 == o.epochs:
@@ -354,7 +363,7 @@ def wandb_names(run: Run) -> dict:
     }
 
 
-def open_tracker(run: Run) -> Tracker:
+def open_tracker(run: Run) -> Sinks:
     """Metric sinks: active on rank 0 only. wandb: a flag wins, then wandb's own environment variables, then ours."""
     o, names = run.opts, wandb_names(run)
     mode = wandb_mode(o.wandb_mode)
@@ -364,16 +373,15 @@ def open_tracker(run: Run) -> Tracker:
         defaults = {"mode": mode, "project": PROJECT, "group": names["group"], "name": names["name"],
                     "tags": names["tags"], "dir": str(run.out), "id": None, "job_type": "train"}  # fmt: skip
         wandb_args = wandb_init_args(flags, defaults)
-    return Tracker(run.out, run.rank == 0, wandb_args, {**names["config"], **run.describe()})
+    return open_sinks(run.out, run.rank, wandb_args, {**names["config"], **run.describe()})
 
 
-def finish(run: Run, tracker: Tracker, summary: dict) -> None:
+def finish(run: Run, tracker: Sinks, summary: dict) -> None:
     """Write the summary, close wandb and the process group, and say where everything is."""
     run.roll.stop()
     tracker.summary(summary)
     tracker.close()
-    if run.rank == 0:
-        print(done_line(summary, run.out, tracker.wandb_dir), flush=True)
+    tracker.note(done_line(summary, run.out, tracker.wandb_dir))
     distributed.close()
 
 
@@ -400,7 +408,7 @@ def train_to_end(run: Run) -> int:
     return 0
 
 
-def lost_ranks(run: Run, tracker: Tracker) -> None:
+def lost_ranks(run: Run, tracker: Sinks) -> None:
     """A collective failed because ranks went away: one line per node (its first rank) naming the ranks and nodes
     lost (the roll call), then every survivor leaves together. No close: the group is broken."""
     last = checkpoint.complete(run.out / "checkpoints")

@@ -174,3 +174,16 @@ def test_channels_last_weights_train_like_contiguous_ones(process_group, fused):
         assert eng.global_steps == 3 and eng.skipped_steps == 0
     for a, b in zip(masters[False], masters[True], strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("batch,warmup_epochs", [(64, 0.0), (256, 5.0), (1024, 0.0), (8192, 5.0)])
+def test_committed_configs_and_runs_build_the_same_scheduler(batch, warmup_epochs):
+    """The generated DeepSpeed file and a run's engine get WarmupDecayLR's parameters from one function, so they
+    agree, no-warmup recipes included."""
+    from pipeline import scaling
+    from pipeline.schedule import deepspeed_params, derive
+
+    r = scaling.Recipe(batch, 32, epochs=10, warmup_epochs=warmup_epochs, train_images=5000)
+    params = scaling.ds_config(r)["scheduler"]["params"]
+    assert params == deepspeed_params(derive("warmup_decay", r))
+    assert params["warmup_type"] == "linear" and params["warmup_num_steps"] == max(1, r.warmup_steps)

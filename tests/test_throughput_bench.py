@@ -8,7 +8,8 @@ import statistics
 import pytest
 import torch
 
-from bench import throughput
+from bench import children, throughput
+from bench import windows as timing
 from pipeline import scaling
 
 
@@ -18,7 +19,7 @@ def rows_for(steps: int, rate=lambda s: float(s)) -> list[dict]:
 
 
 def test_windows_are_closed_like_train_py_every_window_steps_and_at_epoch_ends():
-    clock = throughput.Windows(window=2, images_per_step=10, steps_per_epoch=5, gpu=False)
+    clock = timing.Windows(window=2, images_per_step=10, steps_per_epoch=5, gpu=False)
     for step in range(1, 11):
         clock.step(step)
     by_rate: dict[float, list[int]] = {}
@@ -32,23 +33,23 @@ def test_windows_are_closed_like_train_py_every_window_steps_and_at_epoch_ends()
 def test_steady_rates_keep_full_windows_that_open_no_epoch_after_warmup():
     # Windows of 2 in epochs of 5: {1,2} opens epoch 0, {5} and {6} are partial, {6} also opens epoch 1.
     rows = rows_for(10, rate=lambda s: 100.0 + (s - 1) // 2)
-    assert throughput.steady_rates(rows, steps_per_epoch=5, window=2, warmup=0) == [101.0, 103.0, 104.0]
-    assert throughput.steady_rates(rows, steps_per_epoch=5, window=2, warmup=4) == [103.0, 104.0]
+    assert timing.steady_rates(rows, steps_per_epoch=5, window=2, warmup=0) == [101.0, 103.0, 104.0]
+    assert timing.steady_rates(rows, steps_per_epoch=5, window=2, warmup=4) == [103.0, 104.0]
     # Windows aligned with epochs: only each epoch's first window goes.
-    assert len(throughput.steady_rates(rows_for(40), steps_per_epoch=10, window=5, warmup=0)) == 4
+    assert len(timing.steady_rates(rows_for(40), steps_per_epoch=10, window=5, warmup=0)) == 4
 
 
 @pytest.mark.parametrize("windows,warmup,window,per_epoch", [(3, 0, 2, 5), (6, 20, 10, 100), (2, 6, 3, 7)])
 def test_steps_needed_is_the_fewest_steps_that_give_the_windows(windows, warmup, window, per_epoch):
-    steps = throughput.steps_needed(windows, warmup, window, per_epoch)
+    steps = timing.steps_needed(windows, warmup, window, per_epoch)
     assert steps % window == 0
-    assert len(throughput.steady_rates(rows_for(steps), per_epoch, window, warmup)) >= windows
-    assert len(throughput.steady_rates(rows_for(steps - window), per_epoch, window, warmup)) < windows
+    assert len(timing.steady_rates(rows_for(steps), per_epoch, window, warmup)) >= windows
+    assert len(timing.steady_rates(rows_for(steps - window), per_epoch, window, warmup)) < windows
 
 
 def test_a_window_longer_than_an_epoch_is_refused():
     with pytest.raises(SystemExit, match="--window 10 is longer than an epoch"):
-        throughput.steps_needed(3, 0, 10, 7)
+        timing.steps_needed(3, 0, 10, 7)
 
 
 def test_lever_names_are_checked_and_auto_means_none_without_a_gpu():
@@ -60,7 +61,7 @@ def test_lever_names_are_checked_and_auto_means_none_without_a_gpu():
 
 
 def test_synthetic_batch_has_the_layout_and_type_asked_for():
-    images, labels = throughput._synthetic_batch(4, 16, 10, torch.bfloat16, True, torch.device("cpu"))
+    images, labels = children._synthetic_batch(4, 16, 10, torch.bfloat16, True, torch.device("cpu"))
     assert images.shape == (4, 3, 16, 16) and images.dtype == torch.bfloat16
     assert images.is_contiguous(memory_format=torch.channels_last)
     assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
@@ -102,7 +103,7 @@ def test_the_harness_measures_all_four_and_writes_its_results(prepared, tmp_path
     for row in result["rows"]:
         # Forward, backward and optimizer-step milliseconds per optimizer step, for both engines.
         assert set(row["phases_ms"]) == {"deepspeed", "amp"}
-        assert all(set(p) == set(throughput.PHASES) and min(p.values()) > 0 for p in row["phases_ms"].values())
+        assert all(set(p) == set(children.PHASES) and min(p.values()) > 0 for p in row["phases_ms"].values())
     best = max(result["rows"], key=lambda r: r["end_to_end_img_s"])
     assert result["micro_batch"] == best["micro_batch"] and result["end_to_end_img_s"] == best["end_to_end_img_s"]
     # ResNet-18 at 32 px: about 3 x 2 x 1.8 GMAC x (32/224)^2.

@@ -70,3 +70,24 @@ def test_wandb_environment_variables_work_and_a_flag_wins(prepared, tmp_path):
     ok(train_cli(*common(prepared, tmp_path / "c", "--wandb-project", "from-flag", "--wandb-mode", "offline"),
                  env={"WANDB_PROJECT": "from-env", "WANDB_MODE": "disabled"}))  # fmt: skip
     assert logged(tmp_path / "c" / "run")["run"]["project"] == "from-flag"
+
+
+def test_sinks_are_chosen_once_and_every_sink_gets_the_same_rows(tmp_path):
+    from pipeline.tracking import METRICS, STEPS, JsonlSink, MemorySink, Sinks, open_sinks
+
+    assert open_sinks(tmp_path, rank=1, wandb_args={"mode": "offline"}, config={}).sinks == []  # not rank 0: none
+    chosen = open_sinks(tmp_path, rank=0, wandb_args=None, config={}, progress=False)
+    assert [type(s).__name__ for s in chosen.sinks] == ["JsonlSink"] and chosen.wandb_dir is None
+    memory = MemorySink()
+    sinks = Sinks([JsonlSink(tmp_path), memory])
+    rows = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}]
+    sinks.progress(10, 0)
+    sinks.steps(rows)
+    sinks.epoch({"epoch": 0, "val_top1": 12.5}, 2)
+    sinks.summary({"summary": True, "steps": 2})
+    sinks.note("done")
+    sinks.close()
+    assert [json.loads(x) for x in (tmp_path / STEPS).read_text().splitlines()] == memory.rows["steps"] == rows
+    metrics = [json.loads(x) for x in (tmp_path / METRICS).read_text().splitlines()]
+    assert metrics == [memory.rows["epochs"][0][0], *memory.rows["summaries"]]
+    assert memory.rows["notes"] == ["done"] and memory.closed
