@@ -12,7 +12,7 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install lock test test-hosts test-gpu lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
+.PHONY: install lock test test-fast test-hosts test-gpu lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ test: install test-hosts
 test-hosts:
 	@test -x /usr/sbin/sshd && command -v pdsh >/dev/null && command -v ip >/dev/null || { \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server pdsh iproute2; }
+
+# The edit loop: everything but the end-to-end runs (about 20 s on 2 cores).
+test-fast: install
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow"
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

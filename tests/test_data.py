@@ -244,6 +244,7 @@ def test_prepared_shards_read_end_to_end(prepared):
     assert Counter(labels_of(data.train_epoch(0))).keys() <= set(range(data.num_classes))
 
 
+@pytest.mark.slow
 def test_two_real_processes_see_every_validation_image_once(labelled, tmp_path):
     out = tmp_path / "ranks.json"
     cmd = [

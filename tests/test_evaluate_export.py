@@ -32,6 +32,7 @@ def trained(prepared, tmp_path_factory) -> Path:
     return folder / "run"
 
 
+@pytest.mark.slow
 def test_export_is_a_plain_state_dict_torchvision_loads_with_its_card(trained, prepared, tmp_path):
     out = tmp_path / "export" / "model.pt"
     proc = run_module("pipeline.export", str(trained), "--out", str(out), check=True)
@@ -54,6 +55,7 @@ def test_export_is_a_plain_state_dict_torchvision_loads_with_its_card(trained, p
     assert other.keys() == weights.keys() and all(torch.equal(other[k], weights[k]) for k in weights)
 
 
+@pytest.mark.slow
 def test_exported_logits_equal_the_engines(trained, tmp_path, process_group):
     """The DeepSpeed engine restored from the same checkpoint and the exported torchvision model, on one batch:
     equal within 1e-5 (both fp32 on the CPU; the same weights, so only operation order could differ)."""
@@ -71,6 +73,7 @@ def test_exported_logits_equal_the_engines(trained, tmp_path, process_group):
         torch.testing.assert_close(exported.eval()(x), eng(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_evaluate_matches_the_export_and_is_the_same_on_two_ranks(trained, prepared, tmp_path, process_group):
     one = run_module("pipeline.evaluate", "--checkpoint", str(trained), "--data-dir", str(prepared),
                      "--out", str(tmp_path / "one.json"), "--data-threads", "1", check=True)  # fmt: skip
@@ -102,6 +105,7 @@ def test_evaluate_matches_the_export_and_is_the_same_on_two_ranks(trained, prepa
     assert (two["top1"], two["top5"]) == (pytest.approx(result["top1"]), pytest.approx(result["top5"]))
 
 
+@pytest.mark.slow
 def test_what_is_not_a_checkpoint_is_one_line(tmp_path, trained):
     proc = run_module("pipeline.evaluate", "--checkpoint", str(tmp_path), "--data-dir", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path}: neither a complete checkpoint")

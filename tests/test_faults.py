@@ -34,6 +34,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return line
 
 
+@pytest.mark.slow
 def test_nan_loss_in_fp32_stops_at_its_step_and_no_checkpoint_holds_it(prepared, tmp_path):
     out = tmp_path / "run"
     proc = faulty("nan@3", "--deepspeed_config", ds_file(tmp_path, 32, 16, "fp32"), "--data-dir", str(prepared), *SMALL,
@@ -47,6 +48,7 @@ def test_nan_loss_in_fp32_stops_at_its_step_and_no_checkpoint_holds_it(prepared,
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["fault"].startswith("step 3:")
 
 
+@pytest.mark.slow
 def test_nan_loss_in_bf16_stops_at_its_step(prepared, tmp_path):
     proc = faulty("inf@2+", "--deepspeed_config", ds_file(tmp_path, 32, 16, "bf16"), "--data-dir", str(prepared),
                   *SMALL, "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
@@ -97,6 +99,7 @@ def test_a_non_finite_loss_without_loss_scaling_stops(precision):
         guard.rows(rows((3.0, 0, 1.0), (float("inf"), 0, 1.0)))
 
 
+@pytest.mark.slow
 def test_a_record_that_does_not_decode_stops_training_naming_it(tmp_path):
     good = jpeg(np.full((40, 40, 3), 90, np.uint8))
     write_shards(tmp_path / "data", "train", [(good, 1)] * 12 + [(good[:300], 1)] + [(good, 1)] * 3, 2)
@@ -109,6 +112,7 @@ def test_a_record_that_does_not_decode_stops_training_naming_it(tmp_path):
                     error_line(proc))  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 def test_a_dead_or_silent_rank_ends_the_others(prepared, tmp_path, fault):
     """Two ranks started by hand (as on two hosts, no launcher to clean up); mid-training rank 1 is killed (its
@@ -145,6 +149,7 @@ def test_a_dead_or_silent_rank_ends_the_others(prepared, tmp_path, fault):
                     r"127\.0\.0\.1 \(.+\); the job is over", line), line  # fmt: skip
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
     """kill -9 while a checkpoint folder exists without complete.json; --resume auto takes the one before."""
     out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -173,6 +178,7 @@ def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
     assert all((p / checkpoint.COMPLETE).exists() for p in ckpts.glob("step*"))
 
 
+@pytest.mark.slow
 def test_autocast_fp16_skips_an_overflow_and_a_resume_keeps_its_loss_scale(prepared, tmp_path):
     """DeepSpeed's torch_autocast fp16 through train.py (on the CPU with --allow-cpu): an overflow at step 2 is a
     skipped step that halves GradScaler's scale; a resumed run goes on with that scale and skip count, which

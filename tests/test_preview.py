@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.preview import CAPTION
@@ -13,6 +14,7 @@ from tests.helpers import reference_val
 from tests.shardsets import colour_of, jpeg, labelled_set, smooth, write_shards
 
 
+@pytest.mark.slow
 def test_validation_preview_shows_the_first_samples_in_shard_order(tmp_path):
     data = labelled_set(tmp_path / "data")
     out, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
@@ -28,6 +30,7 @@ def test_validation_preview_shows_the_first_samples_in_shard_order(tmp_path):
     assert Image.open(out).size == (columns * 32, math.ceil(7 / columns) * (32 + CAPTION))
 
 
+@pytest.mark.slow
 def test_validation_preview_pixels_are_the_reference_center_crops(tmp_path):
     images = [(jpeg(smooth(w, h, seed=w), quality=97), 1) for w, h in [(120, 90), (90, 140), (300, 200)]]
     write_shards(tmp_path, "validation", images, 2)
@@ -59,6 +62,7 @@ def test_validation_preview_pixels_are_the_reference_center_crops(tmp_path):
         assert np.abs(got.astype(int) - reference_val(encoded, 72, 64)).max() <= 2
 
 
+@pytest.mark.slow
 def test_train_preview_and_bad_input(tmp_path):
     data = labelled_set(tmp_path / "data")
     npz = tmp_path / "t.npz"

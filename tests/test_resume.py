@@ -73,6 +73,7 @@ KILL_MID_SHARD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_kill_9_in_the_middle_of_a_shard_write_then_resume(tree, reference, tmp_path):
     out = tmp_path / "out"
     per_shard = (4 * (160 + 8)) // ARGS["train_shards"]  # usable train images: 160 + 8 quirks per class

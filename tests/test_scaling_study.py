@@ -34,6 +34,7 @@ def test_each_variant_gets_the_lr_and_warmup_the_rule_gives():
     assert runs["b1024-rule+warmup-lars"].optimizer == "lars" and runs["b256-rule"].optimizer == "sgd"
 
 
+@pytest.mark.slow
 def test_a_tiny_study_end_to_end(prepared, tmp_path):
     out = tmp_path / "study"
     proc = run_module(

@@ -134,6 +134,7 @@ def test_torch_sgd_needs_no_momentum_correction(nesterov):
     assert not torch.allclose(w.detach(), plain, atol=1e-2)
 
 
+@pytest.mark.slow
 def test_a_compiled_engine_trains_and_keeps_plain_parameter_names(process_group):
     """--compile: torch.compile through DeepSpeed's engine.compile, in place, so checkpoints keep their names."""
     s = Schedule("warmup_decay", 0.1, 0.1, warmup_steps=0, total_steps=4, steps_per_epoch=2)

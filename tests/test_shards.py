@@ -136,6 +136,7 @@ def run_without_write_access(folder: Path, *args: str) -> subprocess.CompletedPr
         os.chmod(folder, 0o755)
 
 
+@pytest.mark.slow
 def test_a_read_only_data_folder_gets_its_indexes_in_the_cache(tmp_path, monkeypatch):
     data = small_set(tmp_path / "data")
     proc = run_without_write_access(data)

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from pipeline.distributed import free_port, without_launcher
@@ -13,6 +14,7 @@ from tests.helpers import ROOT
 from tests.sync_bn_ranks import batch, layers
 
 
+@pytest.mark.slow
 def test_two_ranks_with_sync_bn_compute_batch_norm_over_the_whole_batch(tmp_path):
     env = {**without_launcher(os.environ), "SYNC_BN_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -67,6 +67,7 @@ def test_synthetic_batch_has_the_layout_and_type_asked_for():
     assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 10
 
 
+@pytest.mark.slow
 def test_the_harness_measures_all_four_and_writes_its_results(prepared, tmp_path):
     ds = tmp_path / "b16.json"
     ds.write_text(scaling.render(scaling.ds_config(scaling.Recipe(16, 8, "bf16", fused=False))))

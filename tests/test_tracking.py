@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pipeline.distributed import without_launcher
 from tests.helpers import ROOT, SMALL, ds_file, ok, train_cli
 from tests.wandb_files import logged, run_file
@@ -20,6 +22,7 @@ def common(prepared, tmp_path, *more: str) -> list[str]:
             "--log-every", "1", *more]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_slow_input_pipeline_is_named_at_the_epoch_end(prepared, tmp_path):
     env = {**without_launcher(os.environ), "SLOW": "0.5"}
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_slow_input.py"),
@@ -36,6 +39,7 @@ def test_a_slow_input_pipeline_is_named_at_the_epoch_end(prepared, tmp_path):
     assert 0.05 < epoch["data_wait_share"] <= 1 and epoch["peak_gpu_memory_bytes"] is None
 
 
+@pytest.mark.slow
 def test_wandb_names_runs_to_compare_and_keeps_flat_keys_and_a_summary(prepared, tmp_path):
     stdout = ok(train_cli(*common(prepared, tmp_path, "--wandb-mode", "offline")))
     run = logged(tmp_path / "run")
@@ -54,6 +58,7 @@ def test_wandb_names_runs_to_compare_and_keeps_flat_keys_and_a_summary(prepared,
     assert f"wandb files in {run_file(tmp_path / 'run').parent}" in stdout
 
 
+@pytest.mark.slow
 def test_wandb_environment_variables_work_and_a_flag_wins(prepared, tmp_path):
     # WANDB_MODE=disabled: no wandb at all (this used to write an offline run).
     stdout = ok(train_cli(*common(prepared, tmp_path / "a"), env={"WANDB_MODE": "disabled"}))

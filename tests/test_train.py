@@ -21,6 +21,7 @@ from tests.shardsets import labelled_set
 from tests.wandb_files import logged
 
 
+@pytest.mark.slow
 def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     out = tmp_path / "run"
     args = [
@@ -76,6 +77,7 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert run["summary"]["best_top1"] == summary["best_top1"]
 
 
+@pytest.mark.slow
 def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
     """The throughput levers as flags: channels-last on a CPU too, DALI's prefetch depth and hardware decoder share."""
     out = tmp_path / "run"
@@ -91,6 +93,7 @@ def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
     ds = ds_file(tmp_path, 32, 16, "fp32")
     common = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "1",
@@ -128,6 +131,7 @@ def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
     assert a["steps"] == b["steps"] == 2 * per_epoch and a["last_top1"] == pytest.approx(b["last_top1"])
 
 
+@pytest.mark.slow
 def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     """Ranks see disjoint slices of each epoch and end with identical weights (BN statistics stay per rank)."""
     data = labelled_set(tmp_path / "data", train=45, val=21)
@@ -186,6 +190,7 @@ def test_batch_that_does_not_split_over_the_ranks(prepared, capsys, monkeypatch)
     assert "train_batch_size 8192 is not a multiple of micro-batch 32 x 3 ranks" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_from_an_incomplete_checkpoint_is_refused(prepared, tmp_path):
     broken = tmp_path / "run" / "checkpoints" / checkpoint.tag(5)
     broken.mkdir(parents=True)
@@ -209,6 +214,7 @@ def yaml_run(prepared, tmp_path_factory):
     return folder / "run", ok(proc)
 
 
+@pytest.mark.slow
 def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
     out, stdout = yaml_run
     saved = yaml.safe_load((out / "config.yaml").read_text())["run"]
@@ -219,12 +225,14 @@ def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
     assert saved["warmup_epochs"] == pytest.approx(5 * 3 / 90) and "(--warmup-epochs 0.166667)" in stdout
 
 
+@pytest.mark.slow
 def test_eval_every_2_validates_every_second_epoch_and_the_last(yaml_run):
     epochs, summary = metrics(yaml_run[0])
     assert [(e["epoch"], e["val_top1"] is not None) for e in epochs] == [(0, False), (1, True), (2, True)]
     assert summary["last_top1"] == epochs[2]["val_top1"]
 
 
+@pytest.mark.slow
 def test_label_smoothing_is_the_loss_the_run_trains_with(yaml_run):
     """The run trains on cross-entropy with the configured smoothing: (1 - e) CE + e x the mean over classes of
     -log p, padding labels left out."""
@@ -241,6 +249,7 @@ def test_label_smoothing_is_the_loss_the_run_trains_with(yaml_run):
     assert abs(plain - expected.item()) > 1e-3
 
 
+@pytest.mark.slow
 def test_resume_with_another_schedule_is_refused(yaml_run, prepared):
     """The YAML run's checkpoint under --epochs 4: another schedule, so resuming would train on the wrong lr."""
     out = yaml_run[0]
