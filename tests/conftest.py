@@ -2,47 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from data_prep.imagenet import prepare
 from data_prep.synthetic import generate
-from pipeline.format import example, tfrecord
-
-# Small pictures keep the suite fast; the code paths are the same as for full-size photos.
-TREE = dict(classes=6, train_per_class=30, val_per_class=7, min_side=32, max_side=72, quirks=True)
-
-
-def run_module(module: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m module args...` as a user would, capturing its output (without this process's rendezvous
-    variables: a test's own process group is not the command's)."""
-    from pipeline.distributed import without_launcher
-
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
-                          env=without_launcher(os.environ))  # fmt: skip
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def read_shard(path: Path) -> list[dict]:
-    """Every record of a shard, decoded into {feature: first value}."""
-    with open(path, "rb") as f:
-        return [{k: v[0] for k, v in example.decode(r.data).items()} for r in tfrecord.read_records(f, str(path))]
-
-
-def shards_of(folder: Path, split: str) -> list[Path]:
-    """The shard files of one split, in order."""
-    return sorted(p for p in folder.glob(f"{split}-*") if not p.name.endswith(".idx"))
-
-
-def tree_bytes(folder: Path) -> dict[str, bytes]:
-    """{relative path: content} of every file under a folder."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.helpers import TREE
 
 
 @pytest.fixture(scope="session")

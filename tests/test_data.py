@@ -18,9 +18,19 @@ import torch
 from pipeline.data import DataConfig, ImageNetData, epoch_seed, train_steps_per_epoch
 from pipeline.preview import to_uint8
 from pipeline.shards import IGNORE, DataError
-from tests.conftest import read_shard, run_module, shards_of
-from tests.helpers import reference_val
-from tests.shardsets import colour_of, gradients, jpeg, labelled_set, smooth, write_manifest, write_shards
+from tests.helpers import (
+    colour_of,
+    gradients,
+    jpeg,
+    labelled_set,
+    read_shard,
+    reference_val,
+    run_module,
+    shards_of,
+    smooth,
+    write_manifest,
+    write_shards,
+)
 
 CROP, RESIZE = 32, 36
 REPO = Path(__file__).resolve().parents[1]

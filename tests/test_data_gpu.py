@@ -9,7 +9,7 @@ import torch
 from pipeline.data import DataConfig, ImageNetData
 from pipeline.preview import to_uint8
 from pipeline.shards import IGNORE
-from tests.shardsets import colour_of, jpeg, labelled_set, smooth, write_shards
+from tests.helpers import colour_of, jpeg, labelled_set, smooth, write_shards
 
 pytestmark = pytest.mark.gpu
 

@@ -18,8 +18,7 @@ from pipeline.distributed import free_port, without_launcher
 from pipeline.meters import validate
 from pipeline.model import build_model
 from pipeline.schedule import Schedule
-from tests.conftest import run_module
-from tests.helpers import ROOT, SMALL, ds_file, ok, train_cli
+from tests.helpers import ROOT, SMALL, ds_file, ok, run_module, train_cli
 
 
 @pytest.fixture(scope="module")

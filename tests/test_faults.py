@@ -16,8 +16,7 @@ from pipeline import checkpoint, engine
 from pipeline.distributed import free_port, without_launcher
 from pipeline.faults import Guard, NumericFault
 from pipeline.schedule import Schedule
-from tests.helpers import ROOT, SMALL, ds_file, ok, train_cli
-from tests.shardsets import jpeg, write_shards
+from tests.helpers import ROOT, SMALL, ds_file, jpeg, ok, train_cli, write_shards
 
 FAULTY = str(ROOT / "tests" / "train_faulty.py")
 

@@ -12,10 +12,8 @@ import pytest
 from pipeline import checkpoint
 from pipeline.distributed import free_port
 from pipeline.shards import shard_bounds
-from tests.helpers import ROOT, SMALL, ds_file, metrics
+from tests.helpers import ROOT, SMALL, ds_file, labelled_set, metrics, run_file
 from tests.hosts import Hosts, command_line
-from tests.shardsets import labelled_set
-from tests.wandb_files import run_file
 
 pytestmark = pytest.mark.slow
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")

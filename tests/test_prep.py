@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_prep.imagenet import PrepError, balanced_slices, prepare
 from data_prep.synthetic import generate
-from tests.conftest import TREE, read_shard, run_module, shards_of, tree_bytes
+from tests.helpers import TREE, read_shard, run_module, shards_of, tree_bytes
 
 # Per class, synthetic --quirks adds to train/: 5 files to re-encode (CMYK, YCCK, PNG named .JPEG,
 # alpha PNG, .PNG), 3 to skip (empty, truncated, not an image), 3 clean oddities (gray, progressive, .jpg);

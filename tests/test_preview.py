@@ -9,9 +9,7 @@ import pytest
 from PIL import Image
 
 from pipeline.preview import CAPTION
-from tests.conftest import run_module
-from tests.helpers import reference_val
-from tests.shardsets import colour_of, jpeg, labelled_set, smooth, write_shards
+from tests.helpers import colour_of, jpeg, labelled_set, reference_val, run_module, smooth, write_shards
 
 
 @pytest.mark.slow

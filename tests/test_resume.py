@@ -14,7 +14,7 @@ import pytest
 from data_prep.imagenet import STATE_DIR, PrepError, prepare
 from data_prep.journal import Journal
 from data_prep.synthetic import generate
-from tests.conftest import tree_bytes
+from tests.helpers import tree_bytes
 
 ARGS = dict(train_shards=6, val_shards=2, seed=3)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import scaling
-from tests.conftest import run_module
+from tests.helpers import run_module
 
 DS_CONFIGS = Path(__file__).parent.parent / "ds_configs"
 

@@ -9,8 +9,7 @@ from PIL import Image
 from pipeline import scaling_study
 from pipeline.scaling import Recipe
 from pipeline.scaling_study import VARIANTS, plan
-from tests.conftest import run_module
-from tests.wandb_files import logged
+from tests.helpers import logged, run_module
 
 
 def test_each_variant_gets_the_lr_and_warmup_the_rule_gives():

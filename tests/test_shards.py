@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.shards import DataError, build_index, default_index_cache, open_shards, shard_bounds
-from tests.shardsets import jpeg, write_manifest, write_shards
+from tests.helpers import jpeg, write_manifest, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from data_prep.source import SourceError, scan
 from data_prep.synthetic import jpeg_bytes
-from tests.conftest import run_module
+from tests.helpers import run_module
 
 JPEG = jpeg_bytes(Image.new("RGB", (8, 8), (10, 20, 30)), 90)
 

@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from data_prep.synthetic import generate, wnid
-from tests.conftest import run_module, tree_bytes
+from tests.helpers import run_module, tree_bytes
 
 
 def mean_hue(path) -> float:

@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from pipeline.distributed import without_launcher
-from tests.helpers import ROOT, SMALL, ds_file, ok, train_cli
-from tests.wandb_files import logged, run_file
+from tests.helpers import ROOT, SMALL, ds_file, logged, ok, run_file, train_cli
 
 
 def common(prepared, tmp_path, *more: str) -> list[str]:

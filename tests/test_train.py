@@ -16,9 +16,7 @@ import yaml
 from pipeline import checkpoint, train
 from pipeline.schedule import Schedule, lr_at
 from pipeline.shards import IGNORE, shard_bounds
-from tests.helpers import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
-from tests.shardsets import labelled_set
-from tests.wandb_files import logged
+from tests.helpers import CPU_ONLY, ROOT, SMALL, ds_file, labelled_set, logged, metrics, ok, train_cli, weights
 
 
 @pytest.mark.slow

@@ -14,8 +14,7 @@ import torch
 from pipeline import engine, train
 from pipeline.distributed import without_launcher
 from pipeline.meters import StepMeter
-from tests.helpers import ROOT, metrics, ok, weights
-from tests.shardsets import labelled_set
+from tests.helpers import ROOT, labelled_set, metrics, ok, weights
 
 pytestmark = pytest.mark.gpu
 

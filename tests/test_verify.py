@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.verify import verify
 from pipeline.format import example, tfrecord
-from tests.conftest import run_module
+from tests.helpers import run_module
 
 SHARD = "train-00001-of-00004"
 
