@@ -194,10 +194,16 @@ class RollCall:
         self.stopped, self.store = threading.Event(), None
         if world == 1:
             return
-        # A client of its own: the default group's client is not shared with a thread.
-        self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                   timeout=datetime.timedelta(seconds=5))  # fmt: skip
-        self.store.set(f"{self.KEY}/where/{rank}", where())
+        try:
+            # A client of its own: the default group's client is not shared with a thread.
+            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                       timeout=datetime.timedelta(seconds=5))  # fmt: skip
+            self.store.set(f"{self.KEY}/where/{rank}", where())
+        except (RuntimeError, KeyError, ValueError):
+            # No store at MASTER_ADDR:MASTER_PORT (a launcher whose rendezvous lives elsewhere): no roll call; a
+            # failed collective is then reported without naming the lost ranks.
+            self.store = None
+            return
         threading.Thread(target=self._beat, name="rollcall", daemon=True).start()
 
     def _beat(self) -> None:
@@ -214,11 +220,11 @@ class RollCall:
     def _left(self, rank: int) -> bool:
         return self.store.check([f"{self.KEY}/left/{rank}"])
 
-    def lost(self) -> str | None:
-        """What this rank lost, in words ("ranks 2, 3 on 10.0.0.12 (node-b)", or rank 0's node), or None when
-        every rank still answers. Takes 5 heartbeats, or 10 s more when the store does not answer."""
+    def lost(self) -> str:
+        """What this rank lost, in words ("ranks 2, 3 on 10.0.0.12 (node-b)", or rank 0's node). Takes 5
+        heartbeats, or 10 s more when the store does not answer."""
         if self.store is None:
-            return None
+            return "contact with a peer (no roll call in this job: its rendezvous store was out of reach)"
         nodes = _bounded(self._dead_by_node, 5 * self.BEAT_S + 10)
         if nodes is None:
             # A store op on a link that went down blocks in the socket past the store's own timeout.
@@ -226,7 +232,7 @@ class RollCall:
             return (f"rank 0's node: the rendezvous store in rank 0 at {self.master} does not answer (that node is "
                     f"down, or this node's link to it)")  # fmt: skip
         if not nodes:
-            return None
+            return "contact with a peer, though every rank still answers the roll call"
         return "; ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))} on {node}" for node, r in nodes.items())
 
     def _dead_by_node(self) -> dict[str, list[int]]:

@@ -412,7 +412,7 @@ def lost_ranks(run: Run, tracker: Sinks) -> None:
     """A collective failed because ranks went away: one line per node (its first rank) naming the ranks and nodes
     lost (the roll call), then every survivor leaves together. No close: the group is broken."""
     last = checkpoint.complete(run.out / "checkpoints")
-    what = run.roll.lost() or "contact with a peer, though every rank still answers the roll call"
+    what = run.roll.lost()
     line = (f"error: rank {run.rank} of {run.world} on {distributed.where()}: a collective failed at step "
             f"{run.engine.global_steps}: lost {what}; the job is over: when every node is back, rerun with "
             f"--resume auto (last complete checkpoint: {last[-1].name if last else 'none'})")  # fmt: skip
