@@ -97,8 +97,9 @@ class DeepSpeedSteps:
         if isinstance(self.run, int):
             raise SystemExit(self.run)
         dtype = getattr(torch, engine.DATA_DTYPES[self.run.precision])
-        self.images, self.labels = _synthetic_batch(self.run.micro, self.run.opts.crop_size, self.run.data.num_classes,
-                                                    dtype, self.run.channels_last, self.run.engine.device)  # fmt: skip
+        run = self.run
+        self.images, self.labels = _synthetic_batch(run.micro, run.opts.data.crop_size, run.data.num_classes, dtype,
+                                                    run.channels_last, run.engine.device)  # fmt: skip
         self.meter = StepMeter(self.run.world * self.run.micro, self.run.schedule.steps_per_epoch,
                                self.run.engine.device)  # fmt: skip
 

@@ -11,6 +11,7 @@ Epoch rules (a mismatch in step counts between ranks deadlocks the all-reduce):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -25,6 +26,7 @@ from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipeline import augment
+from pipeline.config import DataOptions
 from pipeline.format.check import check_shard
 from pipeline.format.layout import SPLITS
 from pipeline.shards import IGNORE, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
@@ -41,52 +43,30 @@ def _default_threads(gpu: bool) -> int:
 
 
 @dataclass(frozen=True)
-class DataConfig:
-    """How to read, decode and augment the shards."""
+class DataConfig(DataOptions):
+    """How to read, decode and augment the shards: the run's data options (validated there) and what the run
+    derives from its DeepSpeed configuration and model."""
 
-    # Folder of train-*/validation-* TFRecord shards (make prep-imagenet).
-    data_dir: str
     # Images per rank per step: the batch-norm batch, 32 in the paper.
     batch_size: int = 32
-    # Side of the square images the model sees.
-    crop_size: int = 224
-    # Validation: the shorter side is resized to this, then the center `crop_size` square is taken.
-    val_resize: int = 256
     # Element type of image batches: float16 for fp16 runs; bfloat16 is cast from float32 in torch.
     dtype: str = "float32"
     # NHWC (channels-last) or NCHW memory; batches are always indexed (N, C, H, W).
     layout: str = "NCHW"
-    # Where decoding and augmentation run: auto (the GPU when there is one), gpu or cpu.
-    device: str = "auto"
-    # DALI CPU threads per rank (default: this host's cores divided by its ranks, at most 4 when the GPU decodes).
-    num_threads: int = 0
-    # Samples each rank's reader shuffles through (more mixes further, costs host memory).
-    shuffle_buffer: int = 8192
-    # Base seed; each epoch's file order, shuffle and augmentation derive from it and the epoch.
-    seed: int = 0
-    # Class count of shards without manifest.json (their labels are taken as 1-based, TF style).
-    num_classes: int | None = None
-    # Where missing indexes go when the data folder is read-only (default: under ~/.cache).
-    index_dir: str | None = None
-    # Share of JPEGs sent to the GPU's hardware decoder (default: per GPU model, see augment.py).
-    hw_decoder_load: float | None = None
-    # Batches DALI prepares ahead of the model.
-    prefetch: int = 2
 
     def __post_init__(self):
+        super().__post_init__()
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout {self.layout!r}: use NCHW or NHWC")
-        if self.device not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"device {self.device!r}: use auto, gpu or cpu")
-        for name in ("batch_size", "crop_size", "prefetch", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} {getattr(self, name)}: must be at least 1")
-        if self.val_resize < self.crop_size:
-            raise ValueError(f"val_resize {self.val_resize} is smaller than crop_size {self.crop_size}")
-        if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
-            raise ValueError(f"hw_decoder_load {self.hw_decoder_load}: must be within 0..1")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size {self.batch_size}: must be at least 1")
+
+    @classmethod
+    def of(cls, options: DataOptions, **derived) -> DataConfig:
+        """The run's data options with what it derives (batch_size, dtype, layout, or a changed device)."""
+        return cls(**{**dataclasses.asdict(options), **derived})
 
 
 class Batch(NamedTuple):

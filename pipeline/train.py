@@ -30,63 +30,116 @@ from pipeline.shards import IGNORE, DataError, ShardSet, open_shards
 from pipeline.tracking import PROJECT, Sinks, open_sinks, wandb_init_args, wandb_mode
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Parse, build, train, close; bad input ends with a one-line error and exit status 2, a numeric fault 3."""
+    run = start(argv)
+    return run if isinstance(run, int) else train_to_end(run)
+
+
+def start(argv: list[str] | None = None) -> Run | int:
+    """Validate everything cheap first, then join the process group and build the run; an int is an exit status."""
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    first_rank, first_on_node = os.environ.get("RANK", "0") == "0", os.environ.get("LOCAL_RANK", "0") == "0"
+    try:
+        opts = config.load(argv)
+        ds = config.read_ds_config(opts.optim.deepspeed_config)
+        check_arch(opts.optim.arch)
+        # Before the process group forms, so a bad batch/world pair (slots that do not divide the batch) or a GPU
+        # configuration on a host where CUDA is not usable fails fast, said once: every rank finds the same.
+        cuda = torch.cuda.is_available()
+        engine.fit(ds, opts.optim.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)), cuda, opts.optim.allow_cpu)
+        if opts.data.device == "gpu" and not cuda and not opts.optim.allow_cpu:
+            raise ValueError(gpu.refusal("--data-device gpu"))
+    except ValueError as e:
+        if first_rank:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        shards = open_shards(opts.data.data_dir, num_classes=opts.data.num_classes)
+    except (ValueError, DataError) as e:
+        # A node's own view of the data (shared storage not mounted there): said once per node.
+        if first_on_node:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        rank, world = distributed.init(opts.cluster.dist_timeout, opts.cluster.join_timeout)
+    except distributed.JoinError as e:
+        if first_on_node:
+            print(f"error: {e}", file=sys.stderr)
+        return 4
+    try:
+        run = Run(opts, ds, rank, world, shards)
+        run.out.mkdir(parents=True, exist_ok=True)
+        resume(run)
+    except (ValueError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        distributed.close()
+        return 2
+    if rank == 0:
+        opts.dump(run.out / "config.yaml", **{k: v for k, v in run.describe().items() if k != "run"})
+        for note in run.notes:
+            print(f"note: {note}")
+        batch = f"B={run.ds['train_batch_size']} = {world} ranks x {run.micro} x {run.accum} accumulation"
+        warmup = f"--warmup-epochs {opts.optim.warmup_epochs:g}"
+        print(f"schedule {run.schedule.describe()} ({warmup}); {batch}; {run.precision}; {run.zeroed} residual BN "
+              "gammas zeroed")  # fmt: skip
+    return run
+
+
 class Run:
     """Everything a run is built from: options, data, schedule, engine, metric sinks, and where it starts."""
 
-    def __init__(self, run: config.RunConfig, ds_file: dict, rank: int, world: int, shards: ShardSet):
-        self.opts, self.rank, self.world = run, rank, world
-        self.out = Path(run.out_dir)
+    def __init__(self, opts: config.RunConfig, ds_file: dict, rank: int, world: int, shards: ShardSet):
+        self.opts, self.rank, self.world = opts, rank, world
+        self.out = Path(opts.checkpoint.out_dir)
         self.cuda = torch.cuda.is_available()
         # NHWC from DALI through every convolution: the layout Tensor Cores read without transposes.
-        self.channels_last = uses_channels_last(run.memory_format, self.cuda)
+        self.channels_last = uses_channels_last(opts.optim.memory_format, self.cuda)
         if self.cuda:
             # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest (numerics: the chosen
             # convolution algorithms, and so the last bits of the results, may differ from run to run).
             torch.backends.cudnn.benchmark = True
-        ds, self.notes = engine.fit(ds_file, run.deepspeed_config, world, self.cuda, run.allow_cpu)
-        engine.check_combination(ds, run.deepspeed_config, self.channels_last, run.compile)
+        ds, self.notes = engine.fit(ds_file, opts.optim.deepspeed_config, world, self.cuda, opts.optim.allow_cpu)
+        engine.check_combination(ds, opts.optim.deepspeed_config, self.channels_last, opts.optim.compile)
         self.precision = engine.precision(ds)
         self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
         self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum, shards=shards)
         images = self.data.shards.splits["train"].images
-        recipe = Recipe(ds["train_batch_size"], self.micro, epochs=run.epochs, warmup_epochs=run.warmup_epochs,
-                        train_images=images, reference_batch=run.reference_batch,
-                        reference_lr=run.reference_lr)  # fmt: skip
-        self.schedule = schedule.derive(run.schedule, recipe)
+        o = opts.optim
+        recipe = Recipe(ds["train_batch_size"], self.micro, epochs=o.epochs, warmup_epochs=o.warmup_epochs,
+                        train_images=images, reference_batch=o.reference_batch,
+                        reference_lr=o.reference_lr)  # fmt: skip
+        self.schedule = schedule.derive(opts.optim.schedule, recipe)
         self.ds = engine.with_schedule(ds, self.schedule)
         # The same initial weights on every rank and in every session with this seed.
-        torch.manual_seed(run.seed)
-        model, self.zeroed = build_model(run.arch, self.data.num_classes)
-        if run.sync_bn:
+        torch.manual_seed(opts.data.seed)
+        model, self.zeroed = build_model(opts.optim.arch, self.data.num_classes)
+        if opts.optim.sync_bn:
             model = sync_batch_norm(model, self.cuda)
-        self.engine = engine.build(model, self.ds, self.schedule, run.optimizer, run.lars_trust, run.compile,
+        self.engine = engine.build(model, self.ds, self.schedule, o.optimizer, o.lars_trust, o.compile,
                                    channels_last=self.channels_last)  # fmt: skip
         # Where training starts, the best accuracy so far and the training time so far (restored by a resume).
         self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None, "train_seconds": 0.0}
         self.scale = engine.LossScale(self.engine)
         min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
-        self.guard = Guard(self.precision, run.max_skipped_steps, min_scale)
+        self.guard = Guard(self.precision, opts.optim.max_skipped_steps, min_scale)
         # DeepSpeed formed its own groups: they give up on a silent peer after --dist-timeout too.
-        distributed.apply_timeout(run.dist_timeout)
+        distributed.apply_timeout(opts.cluster.dist_timeout)
         # Heartbeats, so that a rank whose collective fails can say which ranks were lost.
         self.roll = distributed.RollCall(rank, world)
 
     def _data_config(self) -> DataConfig:
-        """The reader's settings: the micro-batch, the precision's dtype, the model's memory layout."""
-        o = self.opts
-        return DataConfig(
-            o.data_dir, batch_size=self.micro, crop_size=o.crop_size, val_resize=o.val_resize,
-            dtype=engine.DATA_DTYPES[self.precision], layout="NHWC" if self.channels_last else "NCHW",
-            device=self._data_device(), num_threads=o.data_threads, seed=o.seed, num_classes=o.num_classes,
-            prefetch=o.data_prefetch, hw_decoder_load=o.hw_decoder_load,
-        )  # fmt: skip
+        """The run's data options with what it derives: the micro-batch, the precision's dtype, the model's memory
+        layout, and the device decoding runs on."""
+        return DataConfig.of(self.opts.data, batch_size=self.micro, dtype=engine.DATA_DTYPES[self.precision],
+                             layout="NHWC" if self.channels_last else "NCHW", device=self._data_device())  # fmt: skip
 
     def _data_device(self) -> str:
         """--data-device; gpu on a host where CUDA is not usable decodes on the CPU (--allow-cpu: start checked)."""
-        if self.opts.data_device == "gpu" and not self.cuda:
+        if self.opts.data.device == "gpu" and not self.cuda:
             self.notes.append("--allow-cpu: --data-device gpu without a usable GPU; decoding on the CPU")
             return "cpu"
-        return self.opts.data_device
+        return self.opts.data.device
 
     def describe(self) -> dict:
         """The run config, the DeepSpeed config it ended up with and the derived numbers, for the log and wandb."""
@@ -106,9 +159,94 @@ class Run:
         }  # fmt: skip
 
 
-def loss_fn(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in fp32 (numerics: fp16 logits are upcast first), skipping padding labels."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=run.opts.label_smoothing, ignore_index=IGNORE)
+def open_tracker(run: Run) -> Sinks:
+    """Metric sinks: active on rank 0 only. wandb: a flag wins, then wandb's own environment variables, then ours."""
+    o, names = run.opts, wandb_names(run)
+    mode = wandb_mode(o.tracking.wandb_mode)
+    wandb_args = None
+    if mode != "disabled":
+        flags = {"mode": o.tracking.wandb_mode, "project": o.tracking.wandb_project, "group": o.tracking.wandb_group}
+        defaults = {"mode": mode, "project": PROJECT, "group": names["group"], "name": names["name"],
+                    "tags": names["tags"], "dir": str(run.out), "id": None, "job_type": "train"}  # fmt: skip
+        wandb_args = wandb_init_args(flags, defaults)
+    return open_sinks(run.out, run.rank, wandb_args, {**names["config"], **run.describe()})
+
+
+def train_to_end(run: Run) -> int:
+    """Train and close; a numeric fault ends the run with a one-line error and exit status 3, bad data with 2, and
+    ranks lost from the job (a node died or its link went down) with 4."""
+    tracker = open_tracker(run)
+    try:
+        summary = fit(run, tracker)
+    except (NumericFault, DataError) as e:
+        tracker.summary({"fault": str(e)})
+        tracker.close()
+        # A numeric fault is the same on every rank (its values are all-reduced); bad data is this rank's own.
+        if run.rank == 0 or isinstance(e, DataError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        distributed.close()
+        return 3 if isinstance(e, NumericFault) else 2
+    except RuntimeError as e:
+        if distributed.lost_peer(e) is None:
+            raise
+        lost_ranks(run, tracker)
+        return 4
+    finish(run, tracker, summary)
+    return 0
+
+
+def fit(run: Run, tracker: Sinks) -> dict:
+    """The epoch loop: train, validate, record, checkpoint; returns the summary line."""
+    o, eng, rows, began = run.opts, run.engine, [], time.perf_counter()
+    for epoch in range(run.start["epoch"], o.optim.epochs):
+        skip = run.start["step_in_epoch"] if epoch == run.start["epoch"] else 0
+        if run.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        meter, stop = train_epoch(run, epoch, skip, tracker)
+        last = stop or epoch + 1 == o.optim.epochs
+        top1, top5 = evaluate(run) if last or (epoch + 1) % o.tracking.eval_every == 0 else (None, None)
+        if top1 is not None and (run.start["best_top1"] is None or top1 > run.start["best_top1"]):
+            run.start.update(best_top1=top1, best_epoch=epoch)
+        rows.append(epoch_row(run, epoch, meter, top1, top5))
+        tracker.epoch(rows[-1], eng.global_steps)
+        if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
+            tracker.note(input_bound_line(run, rows[-1]))
+        run.start["train_seconds"] += time.perf_counter() - began
+        began = time.perf_counter()
+        if last or (epoch + 1) % o.checkpoint.save_every_epochs == 0:
+            save(run, epoch)
+        if stop:
+            break
+    best = {k: run.start[k] for k in ("best_top1", "best_epoch")}
+    speed = sum(r["images_per_sec"] for r in rows) / len(rows) if rows else None
+    return dict(summary=True, **best, last_top1=rows[-1]["val_top1"] if rows else None, steps=eng.global_steps,
+                skipped_steps=run.scale.skipped, images_per_sec=speed,
+                train_wall_s=round(run.start["train_seconds"], 1))  # fmt: skip
+
+
+def train_epoch(run: Run, epoch: int, skip: int, tracker: Sinks) -> tuple[StepMeter, bool]:
+    """One epoch of training from optimizer step `skip` on; returns its meter and whether --max-steps was reached."""
+    eng, o = run.engine, run.opts
+    batches = run.data.train_epoch(epoch)
+    # Resuming mid-epoch: an epoch's batches are the same in every session, so those already trained on are dropped.
+    for _ in range(skip * run.accum):
+        next(batches)
+    meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, eng.device)
+    last = min(o.optim.epochs * run.schedule.steps_per_epoch, o.optim.max_steps or math.inf)
+    tracker.progress(run.schedule.steps_per_epoch, epoch, initial=skip, run_total=last)
+    eng.train()
+    for images, labels in meter.timed(batches):
+        if not train_step(run, images, labels, meter):
+            continue
+        saving = o.checkpoint.save_every_steps and eng.global_steps % o.checkpoint.save_every_steps == 0
+        if saving or eng.global_steps % o.tracking.log_every == 0:
+            report(run, meter, tracker)  # sync point: every --log-every steps and before a checkpoint
+        if saving:
+            save(run, epoch)
+        if o.optim.max_steps and eng.global_steps >= o.optim.max_steps:
+            break
+    report(run, meter, tracker)  # sync point: the epoch's last steps
+    return meter, bool(o.optim.max_steps and eng.global_steps >= o.optim.max_steps)
 
 
 def no_mark(phase: str) -> None:
@@ -138,29 +276,9 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, meter: Step
     return boundary
 
 
-def train_epoch(run: Run, epoch: int, skip: int, tracker: Sinks) -> tuple[StepMeter, bool]:
-    """One epoch of training from optimizer step `skip` on; returns its meter and whether --max-steps was reached."""
-    eng, o = run.engine, run.opts
-    batches = run.data.train_epoch(epoch)
-    # Resuming mid-epoch: an epoch's batches are the same in every session, so those already trained on are dropped.
-    for _ in range(skip * run.accum):
-        next(batches)
-    meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, eng.device)
-    last = min(o.epochs * run.schedule.steps_per_epoch, o.max_steps or math.inf)
-    tracker.progress(run.schedule.steps_per_epoch, epoch, initial=skip, run_total=last)
-    eng.train()
-    for images, labels in meter.timed(batches):
-        if not train_step(run, images, labels, meter):
-            continue
-        saving = o.save_every_steps and eng.global_steps % o.save_every_steps == 0
-        if saving or eng.global_steps % o.log_every == 0:
-            report(run, meter, tracker)  # sync point: every --log-every steps and before a checkpoint
-        if saving:
-            save(run, epoch)
-        if o.max_steps and eng.global_steps >= o.max_steps:
-            break
-    report(run, meter, tracker)  # sync point: the epoch's last steps
-    return meter, bool(o.max_steps and eng.global_steps >= o.max_steps)
+def loss_fn(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in fp32 (numerics: fp16 logits are upcast first), skipping padding labels."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=run.opts.optim.label_smoothing, ignore_index=IGNORE)
 
 
 def report(run: Run, meter: StepMeter, tracker: Sinks) -> None:
@@ -188,14 +306,14 @@ def save(run: Run, epoch: int) -> None:
     state = {**run.start, "epoch": position[0], "step_in_epoch": position[1], "schedule": run.schedule.as_dict(),
              "run": dataclasses.asdict(run.opts), "loss_scale": run.scale.state_dict(),
              "model": model_card(run)}  # fmt: skip
-    checkpoint.save(run.engine, run.out / "checkpoints", state, run.opts.keep_checkpoints)
+    checkpoint.save(run.engine, run.out / "checkpoints", state, run.opts.checkpoint.keep_checkpoints)
 
 
 def resume(run: Run) -> None:
     """Continue from --resume's checkpoint, if any, refusing one made with a different schedule."""
-    if not run.opts.resume:
+    if not run.opts.checkpoint.resume:
         return
-    path = checkpoint.find(run.opts.resume, run.out / "checkpoints")
+    path = checkpoint.find(run.opts.checkpoint.resume, run.out / "checkpoints")
     if path is None:
         if run.rank == 0:
             print(f"--resume auto: no complete checkpoint in {run.out / 'checkpoints'} yet; starting afresh")
@@ -212,34 +330,6 @@ def resume(run: Run) -> None:
     # A checkpoint of another memory layout (or DeepSpeed's loading) can leave momentum laid out unlike its weight.
     engine.match_state_layout(run.engine.optimizer)
     schedule.follow(run.engine)
-
-
-def fit(run: Run, tracker: Sinks) -> dict:
-    """The epoch loop: train, validate, record, checkpoint; returns the summary line."""
-    o, eng, rows, began = run.opts, run.engine, [], time.perf_counter()
-    for epoch in range(run.start["epoch"], o.epochs):
-        skip = run.start["step_in_epoch"] if epoch == run.start["epoch"] else 0
-        if run.cuda:
-            torch.cuda.reset_peak_memory_stats()
-        meter, stop = train_epoch(run, epoch, skip, tracker)
-        top1, top5 = evaluate(run) if stop or (epoch + 1) % o.eval_every == 0 or epoch + 1 == o.epochs else (None, None)
-        if top1 is not None and (run.start["best_top1"] is None or top1 > run.start["best_top1"]):
-            run.start.update(best_top1=top1, best_epoch=epoch)
-        rows.append(epoch_row(run, epoch, meter, top1, top5))
-        tracker.epoch(rows[-1], eng.global_steps)
-        if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
-            tracker.note(input_bound_line(run, rows[-1]))
-        run.start["train_seconds"] += time.perf_counter() - began
-        began = time.perf_counter()
-        if stop or (epoch + 1) % o.save_every_epochs == 0 or epoch + 1 == o.epochs:
-            save(run, epoch)
-        if stop:
-            break
-    best = {k: run.start[k] for k in ("best_top1", "best_epoch")}
-    speed = sum(r["images_per_sec"] for r in rows) / len(rows) if rows else None
-    return dict(summary=True, **best, last_top1=rows[-1]["val_top1"] if rows else None, steps=eng.global_steps,
-                skipped_steps=run.scale.skipped, images_per_sec=speed,
-                train_wall_s=round(run.start["train_seconds"], 1))  # fmt: skip
 
 
 # Share of an epoch's time the loop may wait for batches before the run says the input pipeline limits it.
@@ -275,6 +365,15 @@ def input_bound_line(run: Run, row: dict) -> str:
     )
 
 
+def finish(run: Run, tracker: Sinks, summary: dict) -> None:
+    """Write the summary, close wandb and the process group, and say where everything is."""
+    run.roll.stop()
+    tracker.summary(summary)
+    tracker.close()
+    tracker.note(done_line(summary, run.out, tracker.wandb_dir))
+    distributed.close()
+
+
 def done_line(summary: dict, out: Path, wandb: Path | None) -> str:
     """The run's last line: accuracy, and where its files are."""
     top1, best = summary["last_top1"], summary["best_top1"]
@@ -285,127 +384,6 @@ def done_line(summary: dict, out: Path, wandb: Path | None) -> str:
     if wandb:
         where += f"; wandb files in {wandb}"
     return f"done: {result} after {summary['steps']} steps; {where}"
-
-
-def start(argv: list[str] | None = None) -> Run | int:
-    """Validate everything cheap first, then join the process group and build the run; an int is an exit status."""
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
-    first_rank, first_on_node = os.environ.get("RANK", "0") == "0", os.environ.get("LOCAL_RANK", "0") == "0"
-    try:
-        opts = config.load(argv)
-        ds = config.read_ds_config(opts.deepspeed_config)
-        check_arch(opts.arch)
-        # Before the process group forms, so a bad batch/world pair (slots that do not divide the batch) or a GPU
-        # configuration on a host where CUDA is not usable fails fast, said once: every rank finds the same.
-        cuda = torch.cuda.is_available()
-        engine.fit(ds, opts.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)), cuda, opts.allow_cpu)
-        if opts.data_device == "gpu" and not cuda and not opts.allow_cpu:
-            raise ValueError(gpu.refusal("--data-device gpu"))
-    except ValueError as e:
-        if first_rank:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        shards = open_shards(opts.data_dir, num_classes=opts.num_classes)
-    except (ValueError, DataError) as e:
-        # A node's own view of the data (shared storage not mounted there): said once per node.
-        if first_on_node:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        rank, world = distributed.init(opts.dist_timeout, opts.join_timeout)
-    except distributed.JoinError as e:
-        if first_on_node:
-            print(f"error: {e}", file=sys.stderr)
-        return 4
-    try:
-        run = Run(opts, ds, rank, world, shards)
-        run.out.mkdir(parents=True, exist_ok=True)
-        resume(run)
-    except (ValueError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        distributed.close()
-        return 2
-    if rank == 0:
-        opts.dump(run.out / "config.yaml", **{k: v for k, v in run.describe().items() if k != "run"})
-        for note in run.notes:
-            print(f"note: {note}")
-        batch = f"B={run.ds['train_batch_size']} = {world} ranks x {run.micro} x {run.accum} accumulation"
-        warmup = f"--warmup-epochs {opts.warmup_epochs:g}"
-        print(f"schedule {run.schedule.describe()} ({warmup}); {batch}; {run.precision}; {run.zeroed} residual BN "
-              "gammas zeroed")  # fmt: skip
-    return run
-
-
-def model_card(run: Run) -> dict:
-    """What a checkpoint's weights need to be used without this run: the model, its classes and its input (saved
-    with every checkpoint, in complete.json too; pipeline.evaluate and pipeline.export read it)."""
-    o = run.opts
-    return {"arch": o.arch, "num_classes": run.data.num_classes, "classes": list(run.data.shards.class_names),
-            "crop_size": o.crop_size, "val_resize": o.val_resize}  # fmt: skip
-
-
-def wandb_names(run: Run) -> dict:
-    """The run's name, group and tags in wandb, so a project dashboard compares runs by arch, global batch,
-    precision and rank count as they come in, and the flat config keys to filter on."""
-    o, batch = run.opts, run.ds["train_batch_size"]
-    device = "GPU" if run.cuda else "CPU"
-    flat = {"arch": o.arch, "global_batch": batch, "micro_batch": run.micro, "grad_accum": run.accum,
-            "world_size": run.world, "precision": run.precision, "device": device, "peak_lr": run.schedule.peak_lr,
-            "epochs": o.epochs, "warmup_epochs": o.warmup_epochs, "schedule_kind": run.schedule.kind,
-            "optimizer": o.optimizer, "label_smoothing": o.label_smoothing, "crop_size": o.crop_size,
-            "channels_last": run.channels_last, "compile": o.compile}  # fmt: skip
-    return {
-        "name": f"{o.arch} B={batch} {run.precision} {run.world}x{device}",
-        "group": f"{o.arch} B={batch}",
-        "tags": [o.arch, f"B={batch}", run.precision, f"{run.world}x{device}"],
-        "config": flat,
-    }
-
-
-def open_tracker(run: Run) -> Sinks:
-    """Metric sinks: active on rank 0 only. wandb: a flag wins, then wandb's own environment variables, then ours."""
-    o, names = run.opts, wandb_names(run)
-    mode = wandb_mode(o.wandb_mode)
-    wandb_args = None
-    if mode != "disabled":
-        flags = {"mode": o.wandb_mode, "project": o.wandb_project, "group": o.wandb_group}
-        defaults = {"mode": mode, "project": PROJECT, "group": names["group"], "name": names["name"],
-                    "tags": names["tags"], "dir": str(run.out), "id": None, "job_type": "train"}  # fmt: skip
-        wandb_args = wandb_init_args(flags, defaults)
-    return open_sinks(run.out, run.rank, wandb_args, {**names["config"], **run.describe()})
-
-
-def finish(run: Run, tracker: Sinks, summary: dict) -> None:
-    """Write the summary, close wandb and the process group, and say where everything is."""
-    run.roll.stop()
-    tracker.summary(summary)
-    tracker.close()
-    tracker.note(done_line(summary, run.out, tracker.wandb_dir))
-    distributed.close()
-
-
-def train_to_end(run: Run) -> int:
-    """Train and close; a numeric fault ends the run with a one-line error and exit status 3, bad data with 2, and
-    ranks lost from the job (a node died or its link went down) with 4."""
-    tracker = open_tracker(run)
-    try:
-        summary = fit(run, tracker)
-    except (NumericFault, DataError) as e:
-        tracker.summary({"fault": str(e)})
-        tracker.close()
-        # A numeric fault is the same on every rank (its values are all-reduced); bad data is this rank's own.
-        if run.rank == 0 or isinstance(e, DataError):
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        distributed.close()
-        return 3 if isinstance(e, NumericFault) else 2
-    except RuntimeError as e:
-        if distributed.lost_peer(e) is None:
-            raise
-        lost_ranks(run, tracker)
-        return 4
-    finish(run, tracker, summary)
-    return 0
 
 
 def lost_ranks(run: Run, tracker: Sinks) -> None:
@@ -421,7 +399,7 @@ def lost_ranks(run: Run, tracker: Sinks) -> None:
     first_on_node = int(os.environ.get("LOCAL_RANK", 0)) == 0
     if first_on_node:
         print(line, file=sys.stderr, flush=True)
-    wait = run.opts.dist_timeout + 10
+    wait = run.opts.cluster.dist_timeout + 10
     if run.roll.store is None and not first_on_node:
         # No store to wait on: leave the line to this node's first rank (the launcher ends this one when it exits).
         time.sleep(wait)
@@ -429,10 +407,30 @@ def lost_ranks(run: Run, tracker: Sinks) -> None:
     run.roll.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse, build, train, close; bad input ends with a one-line error and exit status 2, a numeric fault 3."""
-    run = start(argv)
-    return run if isinstance(run, int) else train_to_end(run)
+def model_card(run: Run) -> dict:
+    """What a checkpoint's weights need to be used without this run: the model, its classes and its input (saved
+    with every checkpoint, in complete.json too; pipeline.evaluate and pipeline.export read it)."""
+    o = run.opts
+    return {"arch": o.optim.arch, "num_classes": run.data.num_classes, "classes": list(run.data.shards.class_names),
+            "crop_size": o.data.crop_size, "val_resize": o.data.val_resize}  # fmt: skip
+
+
+def wandb_names(run: Run) -> dict:
+    """The run's name, group and tags in wandb, so a project dashboard compares runs by arch, global batch,
+    precision and rank count as they come in, and the flat config keys to filter on."""
+    o, batch = run.opts, run.ds["train_batch_size"]
+    device = "GPU" if run.cuda else "CPU"
+    flat = {"arch": o.optim.arch, "global_batch": batch, "micro_batch": run.micro, "grad_accum": run.accum,
+            "world_size": run.world, "precision": run.precision, "device": device, "peak_lr": run.schedule.peak_lr,
+            "epochs": o.optim.epochs, "warmup_epochs": o.optim.warmup_epochs, "schedule_kind": run.schedule.kind,
+            "optimizer": o.optim.optimizer, "label_smoothing": o.optim.label_smoothing, "crop_size": o.data.crop_size,
+            "channels_last": run.channels_last, "compile": o.optim.compile}  # fmt: skip
+    return {
+        "name": f"{o.optim.arch} B={batch} {run.precision} {run.world}x{device}",
+        "group": f"{o.optim.arch} B={batch}",
+        "tags": [o.optim.arch, f"B={batch}", run.precision, f"{run.world}x{device}"],
+        "config": flat,
+    }
 
 
 if __name__ == "__main__":

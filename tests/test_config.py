@@ -17,11 +17,11 @@ REQUIRED = ["--data-dir", "d", "--deepspeed_config", "c.json"]
 
 
 def test_a_bool_option_parses_as_one(tmp_path):
-    assert config.load(REQUIRED).allow_cpu is False
-    assert config.load([*REQUIRED, "--allow-cpu"]).allow_cpu is True
-    assert config.load([*REQUIRED, "--allow-cpu", "false"]).allow_cpu is False
+    assert config.load(REQUIRED).optim.allow_cpu is False
+    assert config.load([*REQUIRED, "--allow-cpu"]).optim.allow_cpu is True
+    assert config.load([*REQUIRED, "--allow-cpu", "false"]).optim.allow_cpu is False
     (tmp_path / "run.yaml").write_text("allow-cpu: true\n")
-    assert config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")]).allow_cpu is True
+    assert config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")]).optim.allow_cpu is True
     (tmp_path / "run.yaml").write_text("allow-cpu: maybe\n")
     with pytest.raises(ValueError, match="allow_cpu 'maybe' is not a bool"):
         config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")])
@@ -31,12 +31,18 @@ def test_yaml_then_flags(tmp_path):
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text("data-dir: /data/in\narch: resnet18\nepochs: 30\nwarmup_epochs: 2\nlabel_smoothing: 0.1\n")
     run = config.load(["--config", str(run_yaml), "--deepspeed_config", "x.json", "--epochs", "40", "--local_rank=3"])
-    assert (run.data_dir, run.arch, run.epochs, run.warmup_epochs, run.label_smoothing) == (
+    o = run.optim
+    assert (run.data.data_dir, o.arch, o.epochs, o.warmup_epochs, o.label_smoothing) == (
         "/data/in", "resnet18", 40, 2.0, 0.1)  # fmt: skip
-    assert run.schedule == "warmup_decay" and run.crop_size == 224 and run.resume is None
+    assert o.schedule == "warmup_decay" and run.data.crop_size == 224 and run.checkpoint.resume is None
     run.dump(tmp_path / "config.yaml", schedule={"peak_lr": 3.2})
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert config.RunConfig(**saved["run"]) == run and saved["schedule"] == {"peak_lr": 3.2}
+    assert list(saved["run"]) == ["data", "optim", "checkpoint", "tracking", "cluster"]
+    assert config.RunConfig.from_options(saved["run"]) == run and saved["schedule"] == {"peak_lr": 3.2}
+    # A YAML file may also write the sections out; flags still win.
+    run_yaml.write_text("data:\n  data-dir: /data/in\n  crop_size: 192\n  data_prefetch: 4\noptim:\n  epochs: 30\n")
+    run = config.load(["--config", str(run_yaml), "--deepspeed_config", "x.json", "--data-threads", "3"])
+    assert (run.data.crop_size, run.data.num_threads, run.data.prefetch, run.optim.epochs) == (192, 3, 4, 30)
 
 
 @pytest.mark.parametrize(

@@ -58,7 +58,8 @@ def test_a_tiny_study_end_to_end(prepared, tmp_path):
         assert saved["schedule"]["peak_lr"] == pytest.approx(r["lr"])
         assert saved["schedule"]["base_lr"] == pytest.approx(summary["base_lr"])
         assert saved["schedule"]["warmup_steps"] == round(r["warmup_epochs"] * per_epoch)
-        assert saved["run"]["optimizer"] == r["optimizer"] and saved["run"]["wandb_group"] == "scaling-study-study"
+        assert saved["run"]["optim"]["optimizer"] == r["optimizer"]
+        assert saved["run"]["tracking"]["wandb_group"] == "scaling-study-study"
         # In wandb each run is named after its variant, in the study's group.
         assert logged(out / "runs" / r["name"])["run"] | {"tags": None, "id": None} == {
             "project": "imagenet-pipeline", "name": r["name"], "group": "scaling-study-study", "job_type": "train",

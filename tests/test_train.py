@@ -43,7 +43,7 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert f"done: val top-1 {epochs[-1]['val_top1']:.1f}%" in stdout and str(out / "wandb") in stdout
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["run"]["arch"] == "resnet18" and saved["derived"]["train_images"] == images
+    assert saved["run"]["optim"]["arch"] == "resnet18" and saved["derived"]["train_images"] == images
     assert saved["schedule"]["total_steps"] == 3 * per_epoch and saved["deepspeed"]["gradient_accumulation_steps"] == 2
     # On a CPU: NCHW batches and model, bf16 batches cast from DALI's float32, two batches prefetched.
     assert not saved["derived"]["channels_last"]
@@ -215,7 +215,9 @@ def yaml_run(prepared, tmp_path_factory):
 @pytest.mark.slow
 def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
     out, stdout = yaml_run
-    saved = yaml.safe_load((out / "config.yaml").read_text())["run"]
+    # config.yaml holds the options by section; the YAML in and the flags name them flat.
+    saved = {k: v for section in yaml.safe_load((out / "config.yaml").read_text())["run"].values() for k, v in
+             section.items()}  # fmt: skip
     assert {k: saved[k] for k in ("arch", "epochs", "eval_every", "label_smoothing", "crop_size")} == {
         "arch": "resnet18", "epochs": 3, "eval_every": 2, "label_smoothing": 0.1, "crop_size": 32}  # fmt: skip
     assert saved["seed"] == 7 and saved["out_dir"] == str(out)  # the flags win over the file
@@ -234,15 +236,16 @@ def test_eval_every_2_validates_every_second_epoch_and_the_last(yaml_run):
 def test_label_smoothing_is_the_loss_the_run_trains_with(yaml_run):
     """The run trains on cross-entropy with the configured smoothing: (1 - e) CE + e x the mean over classes of
     -log p, padding labels left out."""
-    saved = yaml.safe_load((yaml_run[0] / "config.yaml").read_text())["run"]
-    run = SimpleNamespace(opts=SimpleNamespace(label_smoothing=saved["label_smoothing"]))
+    smoothing = yaml.safe_load((yaml_run[0] / "config.yaml").read_text())["run"]["optim"]["label_smoothing"]
+    run = SimpleNamespace(opts=SimpleNamespace(optim=SimpleNamespace(label_smoothing=smoothing)))
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 4, 2, IGNORE, 1, 3])
     logp = torch.log_softmax(logits, 1)[labels != IGNORE]
     kept = labels[labels != IGNORE]
     expected = (0.9 * -logp[torch.arange(5), kept] + 0.1 * -logp.mean(1)).mean()
     assert train.loss_fn(run, logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
-    plain = train.loss_fn(SimpleNamespace(opts=SimpleNamespace(label_smoothing=0.0)), logits, labels).item()
+    unsmoothed = SimpleNamespace(opts=SimpleNamespace(optim=SimpleNamespace(label_smoothing=0.0)))
+    plain = train.loss_fn(unsmoothed, logits, labels).item()
     assert plain == pytest.approx(-logp[torch.arange(5), kept].mean().item(), rel=1e-6)
     assert abs(plain - expected.item()) > 1e-3
 
