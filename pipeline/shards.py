@@ -31,6 +31,7 @@ from pipeline.format.layout import (
     SPLITS,
     TF_LABEL_BASE,
     TF_NUM_CLASSES,
+    index_path,
     missing_shards,
 )
 
@@ -125,11 +126,11 @@ def _locked(folder: Path) -> Iterator[None]:
 
 def _index_records(index: Path, shard: Path) -> int | None:
     """Records listed in `index` if it covers exactly the bytes of `shard`, else None."""
-    lines = index.read_text().split()
-    if not lines or len(lines) % 2:
+    spans = tfrecord.index_spans(index.read_text())
+    if not spans:
         return None
-    offset, size = int(lines[-2]), int(lines[-1])
-    return len(lines) // 2 if offset + size == shard.stat().st_size else None
+    offset, size = spans[-1]
+    return len(spans) if offset + size == shard.stat().st_size else None
 
 
 def build_index(shard: Path, index: Path) -> int:
@@ -147,7 +148,7 @@ def build_index(shard: Path, index: Path) -> int:
 
 def ensure_index(shard: Path, home: Callable[[], Path]) -> tuple[Path, int]:
     """The index of `shard` and its record count, building a missing one in the folder `home()` names."""
-    beside = shard.with_name(shard.name + ".idx")
+    beside = index_path(shard)
     if beside.is_file():
         count = _index_records(beside, shard)
         if count is None:

@@ -41,6 +41,14 @@ def index_line(offset: int, size: int) -> str:
     return f"{offset} {size}\n"
 
 
+def index_spans(text: str) -> list[tuple[int, int]] | None:
+    """The (offset, size) entries of a DALI index file's text, or None when it is not one."""
+    fields = text.split()
+    if not fields or len(fields) % 2 or not all(f.isdigit() for f in fields):
+        return None
+    return [(int(fields[i]), int(fields[i + 1])) for i in range(0, len(fields), 2)]
+
+
 @dataclass(frozen=True)
 class Record:
     """A record read back from a file: where it starts, its framed size, and its payload."""
