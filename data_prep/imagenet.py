@@ -235,18 +235,20 @@ def _changed(recorded: dict, settings: Settings) -> str:
     return ", ".join(sorted(k for k, v in asdict(settings).items() if recorded.get(k) != v))
 
 
-def _complete(out: Path, settings: Settings) -> bool:
-    """True when OUT already holds the finished output of these settings, intact."""
+def _complete(out: Path, settings: Settings) -> manifests.Manifest | None:
+    """OUT's manifest when OUT already holds the finished output of these settings, intact; else None."""
     manifest = _read_manifest(out)
     if manifest is None:
-        return False
+        return None
     changed = _changed(manifest.settings, settings)
     if changed:
         raise PrepError(f"{manifest.path}: OUT was prepared with other settings ({changed}); use a new --out")
-    return all(_intact(out, s) for s in _shard_records(manifest)) and (out / LABELS).is_file()
+    intact = all(_intact(out, s) for s in _shard_records(manifest)) and (out / LABELS).is_file()
+    return manifest if intact else None
 
 
 def _read_manifest(out: Path) -> manifests.Manifest | None:
+    """OUT's manifest.json (None without one); one that cannot be read is a PrepError."""
     try:
         return manifests.load(out)
     except manifests.ManifestError as e:
@@ -352,9 +354,10 @@ def prepare(
     if out_dir.exists() and not out_dir.is_dir():
         raise PrepError(f"--out {out}: is a file; give a folder")
     out_dir.mkdir(parents=True, exist_ok=True)
-    if _complete(out_dir, settings):
+    done = _complete(out_dir, settings)
+    if done is not None:
         print(f"{out_dir}: complete and matching {MANIFEST}; nothing to do")
-        return _read_manifest(out_dir).raw
+        return done.raw
     state = _claim_output(out_dir, settings)
     orders = {split: shuffled(source.files[split], seed, split) for split in SPLITS}
     results, plans, shards = {}, {}, {}

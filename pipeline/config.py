@@ -224,12 +224,7 @@ class RunConfig:
     @classmethod
     def from_options(cls, options: dict) -> RunConfig:
         """Sections from flat `name: value` options (or section mappings), each section validated once."""
-        flat = {}
-        for key, value in options.items():
-            if key in SECTIONS and isinstance(value, dict):
-                flat.update(value)
-            else:
-                flat[key] = value
+        flat = _spread(options)
         owner = {f.name: section for section, kind in SECTIONS.items() for f in fields(kind)}
         unknown = sorted(set(flat) - set(owner))
         if unknown:
@@ -246,6 +241,18 @@ class RunConfig:
 
 SECTIONS = {"data": DataOptions, "optim": OptimOptions, "checkpoint": CheckpointOptions,
             "tracking": TrackingOptions, "cluster": ClusterOptions}  # fmt: skip
+
+
+def _spread(options: dict, name=lambda key: key) -> dict:
+    """Flat `name: value` options: a section written as a mapping of its options is spread out; keys go
+    through `name`."""
+    flat = {}
+    for key, value in options.items():
+        if name(key) in SECTIONS and isinstance(value, dict):
+            flat.update({name(k): v for k, v in value.items()})
+        else:
+            flat[name(key)] = value
+    return flat
 
 
 def option_fields() -> list[dataclasses.Field]:
@@ -330,13 +337,7 @@ def _from_yaml(path: str) -> dict:
         key = str(key).replace("-", "_")
         return alias.get(key, key)
 
-    options = {}
-    for key, value in values.items():
-        # A section may be written as a mapping of its options.
-        if name(key) in SECTIONS and isinstance(value, dict):
-            options.update({name(k): v for k, v in value.items()})
-        else:
-            options[name(key)] = value
+    options = _spread(values, name)
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"--config {path}: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")

@@ -31,7 +31,6 @@ from pipeline.format.check import check_shard
 from pipeline.format.layout import SPLITS
 from pipeline.shards import IGNORE, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
 
-# Label of validation padding samples: skip them in the loss (ignore_index) and in accuracy.
 DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
 

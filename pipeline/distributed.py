@@ -76,7 +76,7 @@ def init(timeout_s: int = 600, join_timeout_s: int = 300) -> tuple[int, int]:
             dist_backend="nccl" if torch.cuda.is_available() else "gloo",
             timeout=datetime.timedelta(seconds=join_timeout_s),
         )
-    except (RuntimeError, dist.DistError) as e:
+    except RuntimeError as e:  # torch's DistError (a store timeout) among them
         raise JoinError(joined(e, join_timeout_s)) from e
     apply_timeout(timeout_s)
     return dist.get_rank(), dist.get_world_size()

@@ -179,9 +179,8 @@ def _open_split(root: Path, split: str, home: Callable[[], Path]) -> Split:
     return Split(split, tuple(map(str, files)), tuple(str(i) for i, _ in indexed), tuple(n for _, n in indexed))
 
 
-def _labels_from(root: Path, num_classes: int | None) -> tuple[int, int, str]:
+def _labels_from(manifest: manifests.Manifest | None, num_classes: int | None) -> tuple[int, int, str]:
     """(label_base, num_classes, where they came from): manifest.json first, else the TensorFlow convention."""
-    manifest = _manifest(root)
     if manifest is None:
         if num_classes is not None and num_classes < 1:
             raise DataError(f"--num-classes {num_classes}: must be at least 1")
@@ -212,9 +211,8 @@ def _class_names(root: Path, num_classes: int) -> tuple[str, ...]:
     return names
 
 
-def _check_manifest_counts(root: Path, splits: dict[str, Split]) -> None:
+def _check_manifest_counts(root: Path, manifest: manifests.Manifest | None, splits: dict[str, Split]) -> None:
     """The indexes must hold as many records as manifest.json says each split has."""
-    manifest = _manifest(root)
     if manifest is None:
         return
     for name, split in splits.items():
@@ -245,8 +243,9 @@ def open_shards(
         return root if _writable(root) else cache
 
     opened = {s: _open_split(root, s, home) for s in splits}
-    _check_manifest_counts(root, opened)
-    base, classes, source = _labels_from(root, num_classes)
+    manifest = _manifest(root)
+    _check_manifest_counts(root, manifest, opened)
+    base, classes, source = _labels_from(manifest, num_classes)
     return ShardSet(root, opened, base, classes, _class_names(root, classes), source)
 
 

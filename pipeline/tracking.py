@@ -13,7 +13,6 @@ import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Protocol
 
 from tqdm import tqdm
 
@@ -56,8 +55,8 @@ def wandb_init_args(flags: dict, defaults: dict) -> dict:
     return args
 
 
-class Sink(Protocol):
-    """What the training loop tells a metric sink. Every method may be a no-op."""
+class Sink:
+    """What the training loop tells a metric sink; each method does nothing unless a sink overrides it."""
 
     def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
         """An epoch's training starts: `total` steps, `initial` of them done; `run_total` is the run's last step."""
@@ -78,7 +77,7 @@ class Sink(Protocol):
         """The run is over."""
 
 
-class JsonlSink:
+class JsonlSink(Sink):
     """metrics.jsonl (epoch rows, then the summary) and steps.jsonl (step rows) in the run folder."""
 
     def __init__(self, out_dir: Path):
@@ -87,9 +86,6 @@ class JsonlSink:
     def _append(self, name: str, rows: list[dict]) -> None:
         with open(self.out_dir / name, "a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
-
-    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
-        pass
 
     def steps(self, rows: list[dict]) -> None:
         if rows:
@@ -101,14 +97,8 @@ class JsonlSink:
     def summary(self, row: dict) -> None:
         self._append(METRICS, [row])
 
-    def note(self, line: str) -> None:
-        pass
 
-    def close(self) -> None:
-        pass
-
-
-class WandbSink:
+class WandbSink(Sink):
     """One wandb run per run folder: step rows under train/, epoch rows under epoch/, the summary as its summary.
     `args` are wandb.init's arguments; a resumed run continues the same wandb run (unless WANDB_RUN_ID says which)."""
 
@@ -126,9 +116,6 @@ class WandbSink:
         """Where this run's wandb files are."""
         return Path(self.run.settings.sync_dir)
 
-    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
-        pass
-
     def steps(self, rows: list[dict]) -> None:
         for row in rows:
             self.run.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=row["step"])
@@ -139,14 +126,11 @@ class WandbSink:
     def summary(self, row: dict) -> None:
         self.run.summary.update(row)
 
-    def note(self, line: str) -> None:
-        pass
-
     def close(self) -> None:
         self.run.finish()
 
 
-class ProgressSink:
+class ProgressSink(Sink):
     """The console: a progress bar per epoch (loss, lr, loss scale, images/s, the run's ETA) and the notes."""
 
     def __init__(self):
@@ -171,9 +155,6 @@ class ProgressSink:
     def epoch(self, row: dict, step: int) -> None:
         self.close()
 
-    def summary(self, row: dict) -> None:
-        pass
-
     def note(self, line: str) -> None:
         print(line, flush=True)
 
@@ -184,15 +165,12 @@ class ProgressSink:
             self.bar = None
 
 
-class MemorySink:
+class MemorySink(Sink):
     """Everything it is told, in lists: for tests."""
 
     def __init__(self):
         self.rows: dict[str, list] = {"steps": [], "epochs": [], "summaries": [], "notes": []}
         self.closed = False
-
-    def progress(self, total: int, epoch: int, initial: int, run_total: int) -> None:
-        pass
 
     def steps(self, rows: list[dict]) -> None:
         self.rows["steps"] += rows
