@@ -115,6 +115,9 @@ class OptimOptions:
     # Stop after this many optimizer steps in a row skipped for overflow (0: never; fp16 also stops when
     # an overflow happens at the minimum loss scale).
     max_skipped_steps: int = 25
+    # fp16's dynamic loss scale doubles after this many optimizer steps without an overflow (0: the
+    # configuration's: fp16.loss_scale_window for DeepSpeed's wrapper, GradScaler's 2000 for autocast fp16).
+    loss_scale_window: int = 0
     # Batch-norm statistics over the whole global batch (torch's SyncBatchNorm) instead of each rank's own
     # micro-batch, as Goyal et al. keep them; costs an all-reduce per BN layer in the forward and backward passes.
     sync_bn: bool = False
@@ -146,7 +149,7 @@ class OptimOptions:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
-        _at_least(self, ("max_steps", "max_skipped_steps"), 0)
+        _at_least(self, ("max_steps", "max_skipped_steps", "loss_scale_window"), 0)
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"--memory-format {self.memory_format}: use one of {', '.join(MEMORY_FORMATS)}")
         if self.compile not in COMPILE_MODES:

@@ -60,12 +60,21 @@ def grad_accum(ds: dict, path: str, world_size: int) -> int:
     return batch // (micro * world_size)
 
 
-def fit(ds: dict, path: str, world_size: int, cuda: bool, allow_cpu: bool = False) -> tuple[dict, list[str]]:
+def fit(
+    ds: dict, path: str, world_size: int, cuda: bool, allow_cpu: bool = False, loss_scale_window: int = 0
+) -> tuple[dict, list[str]]:
     """The configuration fitted to this world and host, and one line per change made to the committed file.
-    A configuration for GPUs (fp16) on a host where CUDA is not usable stops here unless `allow_cpu`."""
+    A configuration for GPUs (fp16) on a host where CUDA is not usable stops here unless `allow_cpu`.
+    `loss_scale_window` (when not 0) becomes DeepSpeed's fp16.loss_scale_window; see set_growth_interval for the
+    autocast mode's GradScaler."""
     ds, notes = copy.deepcopy(ds), []
     ds["gradient_accumulation_steps"] = grad_accum(ds, path, world_size)
     mode = precision(ds)
+    if loss_scale_window and mode not in ("fp16", "autocast-fp16"):
+        raise ValueError(f"--loss-scale-window {loss_scale_window}: {path} trains in {mode}, which has no loss "
+                         "scale; leave the flag out or use an fp16 configuration")  # fmt: skip
+    if loss_scale_window and mode == "fp16":
+        ds["fp16"]["loss_scale_window"] = loss_scale_window
     if "gradient_clipping" not in ds:
         # Numerics: DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the recipe does not clip.
         ds["gradient_clipping"] = 0.0
@@ -270,6 +279,14 @@ def one_read_overflow_check(engine):
             return bool(found.item())
 
     return OneRead(engine.optimizer.fp16_groups, mpu=engine.mpu, deepspeed=engine)
+
+
+def set_growth_interval(engine, steps: int) -> None:
+    """Autocast fp16: torch's GradScaler (built by DeepSpeed with its default of 2000) doubles the loss scale
+    after `steps` optimizer steps without an overflow; 0 keeps the default. Nothing to do in other modes."""
+    scaler = engine.torch_autocast_z0_gradscaler
+    if steps and scaler is not None:
+        scaler.set_growth_interval(steps)
 
 
 class LossScale:

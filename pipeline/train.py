@@ -47,7 +47,8 @@ def start(argv: list[str] | None = None) -> Run | int:
         # Before the process group forms, so a bad batch/world pair (slots that do not divide the batch) or a GPU
         # configuration on a host where CUDA is not usable fails fast, said once: every rank finds the same.
         cuda = torch.cuda.is_available()
-        engine.fit(ds, opts.optim.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)), cuda, opts.optim.allow_cpu)
+        o = opts.optim
+        engine.fit(ds, o.deepspeed_config, int(os.environ.get("WORLD_SIZE", 1)), cuda, o.allow_cpu, o.loss_scale_window)
         if opts.data.device == "gpu" and not cuda and not opts.optim.allow_cpu:
             raise ValueError(gpu.refusal("--data-device gpu"))
     except ValueError as e:
@@ -99,13 +100,13 @@ class Run:
             # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest (numerics: the chosen
             # convolution algorithms, and so the last bits of the results, may differ from run to run).
             torch.backends.cudnn.benchmark = True
-        ds, self.notes = engine.fit(ds_file, opts.optim.deepspeed_config, world, self.cuda, opts.optim.allow_cpu)
+        o = opts.optim
+        ds, self.notes = engine.fit(ds_file, o.deepspeed_config, world, self.cuda, o.allow_cpu, o.loss_scale_window)
         engine.check_combination(ds, opts.optim.deepspeed_config, self.channels_last, opts.optim.compile)
         self.precision = engine.precision(ds)
         self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
         self.data = ImageNetData(self._data_config(), rank, world, grad_accum=self.accum, shards=shards)
         images = self.data.shards.splits["train"].images
-        o = opts.optim
         recipe = Recipe(ds["train_batch_size"], self.micro, epochs=o.epochs, warmup_epochs=o.warmup_epochs,
                         train_images=images, reference_batch=o.reference_batch,
                         reference_lr=o.reference_lr)  # fmt: skip
@@ -120,6 +121,7 @@ class Run:
                                    channels_last=self.channels_last)  # fmt: skip
         # Where training starts, the best accuracy so far and the training time so far (restored by a resume).
         self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None, "train_seconds": 0.0}
+        engine.set_growth_interval(self.engine, o.loss_scale_window)
         self.scale = engine.LossScale(self.engine)
         min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
         self.guard = Guard(self.precision, opts.optim.max_skipped_steps, min_scale)

@@ -123,6 +123,42 @@ def test_autocast_fp16_scales_the_loss_and_counts_skipped_steps(process_group):
     assert again.skipped == 1 and again.scaler.get_scale() == 32768.0
 
 
+def test_the_autocast_loss_scale_grows_after_the_window_and_halves_on_an_overflow(process_group):
+    """--loss-scale-window 2 (the GradScaler's growth interval; 2000 by default): the scale doubles after every
+    2 clean steps, and an overflow halves it and starts the count again. A growth is not a skip."""
+    eng = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
+    engine.set_growth_interval(eng, 2)
+    scale, meter = engine.LossScale(eng), StepMeter(4, SCHEDULE.steps_per_epoch, torch.device("cpu"))
+    labels = torch.arange(4) % 3
+    for step in range(1, 6):
+        logits = eng(images() * (float("inf") if step == 3 else 1.0))
+        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        eng.backward(loss)
+        eng.step()
+        meter.micro_step(loss, logits, labels)
+        meter.optimizer_step(eng.global_steps, 0.5, *scale.now())
+    rows = meter.flush()
+    scale.resolve(rows)
+    assert [r["loss_scale"] for r in rows] == [65536.0, 131072.0, 65536.0, 65536.0, 131072.0]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
+    default = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
+    engine.set_growth_interval(default, 0)
+    assert default.torch_autocast_z0_gradscaler.get_growth_interval() == 2000
+
+
+def test_the_loss_scale_window_reaches_deepspeeds_fp16_and_is_refused_without_a_loss_scale():
+    fp16 = {**ds_of("fp32"), "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000}}
+    fitted, _ = engine.fit(fp16, "f.json", 1, cuda=True, loss_scale_window=50)
+    assert fitted["fp16"]["loss_scale_window"] == 50 and fp16["fp16"]["loss_scale_window"] == 1000
+    assert engine.fit(fp16, "f.json", 1, cuda=True)[0]["fp16"]["loss_scale_window"] == 1000
+    # The autocast mode's window goes to its GradScaler (set_growth_interval), not into the configuration.
+    autocast = engine.fit(ds_of("autocast-fp16"), "a.json", 1, cuda=True, loss_scale_window=50)[0]
+    assert "fp16" not in autocast and engine.precision(autocast) == "autocast-fp16"
+    for mode in ("bf16", "fp32", "autocast-bf16"):
+        with pytest.raises(ValueError, match=f"--loss-scale-window 50: b.json trains in {mode}, which has no loss"):
+            engine.fit(ds_of(mode), "b.json", 1, cuda=True, loss_scale_window=50)
+
+
 def test_one_steps_gradients_leave_in_one_fused_all_reduce_per_dtype(process_group):
     """Tensor fusion (Jia et al.): DeepSpeed flattens the gradients into buckets of up to 500M elements before the
     all-reduce, so ResNet-18's 62 gradient tensors leave a rank in one all-reduce per dtype (16-bit weights, fp32

@@ -166,6 +166,8 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
         (["--arch", "resnet51"], "--arch resnet51: not a torchvision classification model"),
         (["--deepspeed_config", "missing.json"], "--deepspeed_config missing.json: cannot read it as JSON"),
         (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3.0: must lie in [0, --epochs 2)"),
+        (["--loss-scale-window", "-1"], "--loss-scale-window -1: must not be negative"),
+        (["--loss-scale-window", "50"], "cpu.json trains in bf16, which has no loss scale"),
         # No silent CPU fallback: a GPU configuration on a host without usable CUDA stops, naming why.
         pytest.param(["--deepspeed_config", str(ROOT / "ds_configs" / "bs256-autocast.json")],
                      "bs256-autocast.json asks for autocast-fp16, but CUDA is not usable on this host", marks=CPU_ONLY),

@@ -16,7 +16,10 @@ for p in manylinux_2_34 manylinux_2_31 manylinux_2_28 manylinux_2_27 manylinux_2
     PLATFORM="$PLATFORM --platform ${p}_x86_64"
 done
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/1 .gpu/2 .gpu/3 .gpu/4
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+# .gpu/ travels only as a carried path, so git must ignore it (a fresh clone may have no .git/info yet).
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
 # DeepSpeed is published as a source archive: its wheel (pure Python, ops built on first use) is built here.
 $PY -m pip wheel -q --no-deps -w .gpu/1 "deepspeed==$DS_VERSION"
 # Missing from the image: DeepSpeed's hjson and pydantic; DALI's own needs; the CUDA 13 nvJPEG and nvImageCodec
