@@ -3,6 +3,7 @@
     python bench/throughput.py [--micro-batches 32,128,256] [--arch resnet50] [--crop-size 224]
         [--deepspeed-config ds_configs/bs256.json] [--images 25600] [--window 10] [--windows 6]
         [--levers auto|none|all|NAME,...] [--lever-micro-batch N] [--repeats 1] [--profile] [--results DIR]
+        [--tag NAME]
 
 --profile also runs, per micro-batch, a profiled synthetic run (top operators, written beside the results)
 and the phases of an optimizer step (forward, backward, optimizer) for DeepSpeed and for plain AMP.
@@ -23,7 +24,7 @@ B=256) and the first --warmup-steps are left out, and the median of the rest is 
 
 On a GPU the defaults are the issue's setting (ResNet-50 at 224, fp16, ds_configs/bs256.json, micro-batches
 32/128/256, every lever); on a CPU a small one that ends in minutes. Writes bench/results/<date>-<device>.json
-and .md (the README's table).
+and .md (the README's table) at the end, and each measurement as it ends to <date>-<device>-progress.jsonl.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lever-micro-batch", type=int, help="micro-batch of the lever runs (default: the largest)")
     p.add_argument("--profile", action="store_true", help="also profile each micro-batch (see above)")
     p.add_argument("--results", default=str(BENCH / "results"), help="folder for the results")
+    p.add_argument("--tag", default="", help="added to the results' file names (<date>-<device>-<tag>.json)")
     p.add_argument("--work", default=str(BENCH / "work" / "throughput"), help="folder for the runs (emptied first)")
     args = p.parse_args(argv)
     args.micro_batches = [int(m) for m in args.micro_batches.split(",")]
@@ -134,6 +136,13 @@ class Bench:
         fitted, self.notes = engine.fit(self.base, args.deepspeed_config, 1, self.gpu)
         self.precision = engine.precision(fitted)
         self.runs = 0
+        self.info, self.date = machine(), datetime.date.today().isoformat()
+        self.stem = Path(args.results) / "-".join(filter(None, [self.date, device_slug(self.info), args.tag]))
+        self.stem.parent.mkdir(parents=True, exist_ok=True)
+        # Every measurement is appended here as soon as it ends: a run cut short (a lent GPU's time limit)
+        # still leaves its figures. The .json and .md are written when every measurement is done.
+        self.progress = Path(f"{self.stem}-progress.jsonl")
+        self.progress.unlink(missing_ok=True)
 
     def ds_file(self, micro: int, fused: bool | None = None) -> tuple[Path, dict]:
         """The configuration at `micro` images per forward pass, keeping its batch (by accumulation) where it can."""
@@ -198,6 +207,7 @@ class Bench:
         if mode == "phases":
             phases = json.loads((folder / "result.json").read_text())["phases_ms"]
             print("    " + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items()), flush=True)
+            self.log(mode, micro, settings, {"phases_ms": phases, "steps": steps})
             return {"phases_ms": phases, "steps": steps}
         if mode in ("end_to_end", "synthetic"):
             lines = (folder / "out" / "steps.jsonl").read_text().splitlines()
@@ -213,7 +223,15 @@ class Bench:
         if (folder / "profile.txt").exists():
             result["profile"] = (folder / "profile.txt").read_text()
         print(f"    {result['img_s']:.0f} img/s (windows: {', '.join(f'{r:.0f}' for r in rates)})", flush=True)
+        self.log(mode, micro, settings, {k: v for k, v in result.items() if k != "profile"})
         return result
+
+    def log(self, mode: str, micro: int, settings: dict, result: dict) -> None:
+        """Append one measurement to the progress file."""
+        line = {"mode": mode, "micro_batch": micro, "settings": settings, "precision": self.precision,
+                "arch": self.args.arch, "device": self.info["gpu"] or "cpu", **result}  # fmt: skip
+        with open(self.progress, "a") as f:
+            f.write(json.dumps(line) + "\n")
 
     def repeated(self, runs: list[tuple[str, dict]], micro: int) -> list[dict]:
         """Each (mode, settings) measured --repeats times, taking turns (a drift of the machine hits all alike);
@@ -267,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     import deepspeed
     import nvidia.dali
 
-    info = machine()
+    info = bench.info
     best = max(rows, key=lambda r: r["end_to_end_img_s"])
     result = {
         "device": info["gpu"] or f"CPU only ({info['cpu']}, {info['cores']} cores)",
         "gpu": bool(info["gpu"]),
-        "date": datetime.date.today().isoformat(),
+        "date": bench.date,
         "command": " ".join(["python", "bench/throughput.py", *(sys.argv[1:] if argv is None else argv)]),
         "model": args.arch,
         "crop_size": args.crop_size,
@@ -298,8 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     if result["gpu"]:
         result["share_of_matrix_rate"] = best["synthetic_img_s"] * result["train_flop"] / HOPPER_MATRIX_FLOP_S
     result["verdicts"] = verdicts(result)
-    stem = Path(args.results) / f"{result['date']}-{device_slug(info)}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem = bench.stem
     for row in rows:
         if "profile" in row:
             profile = Path(f"{stem}-profile-mb{row['micro_batch']}.txt")
@@ -309,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(result)
     Path(f"{stem}.md").write_text(text)
     print(text)
-    print(f"written: {stem}.json, {stem}.md")
+    print(f"written: {stem}.json, {stem}.md (and each measurement as it ended: {bench.progress.name})")
     return 0
 
 

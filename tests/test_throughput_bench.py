@@ -114,6 +114,13 @@ def test_the_harness_measures_all_four_and_writes_its_results(prepared, tmp_path
     backward = result["rows"][0]["phases_ms"]["amp"]["backward"]
     assert f"| 4 | amp | {result['rows'][0]['phases_ms']['amp']['forward']:.1f} | {backward:.1f} |" in table
     assert math.isfinite(result["rows"][0]["deepspeed_vs_amp"])
+    # Each measurement was logged as it ended: the same figures, in the order they were taken.
+    logged = [json.loads(line) for line in (results / json_file.name.replace(".json", "-progress.jsonl")).open()]
+    assert len(logged) == len(list((tmp_path / "work").glob("run*")))
+    first = result["rows"][0]["details"]
+    assert [(x["mode"], x["micro_batch"]) for x in logged[:4]] == [(m, 4) for m in throughput.MODES]
+    assert [x["img_s"] for x in logged[:4]] == [first[m]["per_run"][0] for m in throughput.MODES]
+    assert logged[-1]["mode"] == "phases" and logged[-1]["settings"] == {"engine": "amp"}
 
 
 @pytest.mark.gpu
