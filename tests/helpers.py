@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from wandb.proto import wandb_internal_pb2
 
 from pipeline import checkpoint, scaling
 from pipeline.distributed import without_launcher
@@ -214,8 +213,11 @@ BLOCK, HEADER = 32768, 7
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
-def records(path: Path) -> list[wandb_internal_pb2.Record]:
-    """Every record of a .wandb file, in order."""
+def records(path: Path) -> list:
+    """Every record of a .wandb file, in order (wandb_internal_pb2.Record)."""
+    # Imported here: the GPU image has no wandb, and the gpu tests use these helpers too.
+    from wandb.proto import wandb_internal_pb2
+
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path} is not a wandb run file"
     pos, chunks, out = HEADER, b"", []
