@@ -65,6 +65,25 @@ def test_run_sh_tests_step_writes_the_summary_and_versions_into_the_returned_tar
     assert " skipped, " in (tmp_path / "out" / "log.txt").read_text()
 
 
+@pytest.mark.slow
+def test_run_sh_throughput_step_tags_results_by_configuration(prepared, tmp_path):
+    from pipeline import scaling
+
+    ds = tmp_path / "b8-bf16.json"
+    ds.write_text(scaling.render(scaling.ds_config(scaling.Recipe(8, 4, "bf16", fused=False))))
+    proc = run_sh(tmp_path, "throughput", "--deepspeed-config", str(ds), "--data-dir", str(prepared),
+                  "--micro-batches", "4", "--arch", "resnet18", "--crop-size", "32", "--window", "2", "--windows", "2",
+                  "--data-threads", "1", "--levers", "none", "--work", str(tmp_path / "work"))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    with tarfile.open(tmp_path / "out" / "results.tar") as tar:
+        names = sorted(n.removeprefix("./") for n in tar.getnames())
+    (stem,) = [n.removesuffix(".json") for n in names if n.endswith(".json")]
+    assert stem.endswith("-b8-bf16") and set(names) == {f"{stem}.json", f"{stem}.md", f"{stem}-progress.jsonl"}
+    result = json.loads((tmp_path / "results" / f"{stem}.json").read_text())
+    assert result["deepspeed_config"] == str(ds) and result["rows"][0]["micro_batch"] == 4
+    assert "written: " in (tmp_path / "out" / "log.txt").read_text()
+
+
 def test_loss_scale_moves_count_skips_and_growths():
     scales = [65536, 65536, 131072, 65536, 65536, 131072, 262144]
     skips = [0, 0, 0, 1, 1, 1, 1]

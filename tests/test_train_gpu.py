@@ -31,8 +31,11 @@ def small_config(tmp_path, name: str, batch: int = 64) -> str:
 def test_fp16_resnet50_trains_and_its_loss_scale_moves(tmp_path, name, conv_dtype):
     data, out = labelled_set(tmp_path / "data", train=160, val=21), tmp_path / "run"
     args = ["--deepspeed_config", small_config(tmp_path, name), "--data-dir", str(data), "--epochs", "2",
-            "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled", "--log-every", "1"]  # fmt: skip
+            "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled", "--log-every", "1",
+            "--loss-scale-window", "2"]  # fmt: skip
     # Infinite pixels in step 2's images: its gradients overflow, the step is skipped and the scale halves.
+    # --loss-scale-window 2: after 2 clean steps it doubles again (3 for DeepSpeed's wrapper, which counts from
+    # the step after the overflow).
     proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_faulty.py"), *args], capture_output=True,
                           text=True, timeout=600, env={**without_launcher(os.environ), "FAULT": "inf@2"})  # fmt: skip
     stdout = ok(proc)
@@ -43,6 +46,7 @@ def test_fp16_resnet50_trains_and_its_loss_scale_moves(tmp_path, name, conv_dtyp
     assert rows[1]["loss_scale"] == rows[0]["loss_scale"] / 2
     for before, after in zip(rows, rows[1:], strict=False):
         assert (after["skipped_steps"] > before["skipped_steps"]) == (after["loss_scale"] < before["loss_scale"])
+    assert any(after["loss_scale"] > before["loss_scale"] for before, after in zip(rows[1:], rows[2:], strict=False))
     epochs, summary = metrics(out)
     assert summary["steps"] == 2 * 3 and summary["skipped_steps"] >= 1 and all(e["images_per_sec"] > 0 for e in epochs)
     saved = weights(out, summary["steps"])

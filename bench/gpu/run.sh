@@ -4,9 +4,12 @@
 # after 30 s idle, and the parts carried earlier go with it):
 #
 #     carry [".gpu/1"]: true                              (then .gpu/2 and .gpu/3 the same way)
-#     carry [".gpu/4"]: bash bench/gpu/run.sh tests numerics       (about 5 minutes)
-#     bash bench/gpu/run.sh throughput --profile --levers none      (ResNet-50 at 32/128/256, both fp16 modes)
-#     bash bench/gpu/run.sh throughput --levers all --micro-batches 256
+#     carry [".gpu/4"]: bash bench/gpu/run.sh tests numerics       (about 5 minutes: an estimate)
+#     bash bench/gpu/run.sh throughput --profile --levers none --deepspeed-config ds_configs/bs256.json
+#     bash bench/gpu/run.sh throughput --profile --levers none --deepspeed-config ds_configs/bs256-autocast.json
+#     bash bench/gpu/run.sh throughput --levers all --micro-batches 256 --deepspeed-config <the faster mode's>
+#
+# (ResNet-50 at micro-batches 32/128/256; each measurement is a process of about half a minute, also an estimate.)
 #
 # Steps, in the order given:
 #   tests       the gpu-marked tests (make test-gpu) and the library versions -> <date>-<gpu>-tests.txt
@@ -76,14 +79,20 @@ numerics() {
 }
 
 throughput() {
-    if printf '%s\n' "$@" | grep -q -- '--deepspeed-config'; then
-        $PYTHON bench/throughput.py --results "$RESULTS" "$@"
-    else
-        for ds in bs256 bs256-autocast; do
-            $PYTHON bench/throughput.py --results "$RESULTS" --deepspeed-config "ds_configs/$ds.json" --tag "$ds" "$@"
-            collect
-        done
-    fi
+    local configs=(ds_configs/bs256.json ds_configs/bs256-autocast.json) args=("$@") i
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        if [ "${args[i]}" = --deepspeed-config ]; then
+            configs=("${args[i + 1]}")
+            unset 'args[i]' 'args[i+1]'
+            break
+        fi
+    done
+    for ds in "${configs[@]}"; do
+        # Tagged with the configuration: the results of each fp16 mode keep their own files.
+        $PYTHON bench/throughput.py --results "$RESULTS" --deepspeed-config "$ds" --tag "$(basename "$ds" .json)" \
+            "${args[@]}"
+        collect
+    done
 }
 
 install
