@@ -282,11 +282,14 @@ def one_read_overflow_check(engine):
 
 
 def set_growth_interval(engine, steps: int) -> None:
-    """Autocast fp16: torch's GradScaler (built by DeepSpeed with its default of 2000) doubles the loss scale
-    after `steps` optimizer steps without an overflow; 0 keeps the default. Nothing to do in other modes."""
-    scaler = engine.torch_autocast_z0_gradscaler
+    """The fp16 loss scale doubles after `steps` optimizer steps without an overflow (0: leave it as it is).
+    Autocast fp16: torch's GradScaler, built by DeepSpeed with its default of 2000. DeepSpeed's wrapper: its
+    scaler, for after a resume, which restores the window saved in the checkpoint. Nothing to do in other modes."""
+    scaler, wrapper = engine.torch_autocast_z0_gradscaler, getattr(engine.optimizer, "loss_scale_config", None)
     if steps and scaler is not None:
         scaler.set_growth_interval(steps)
+    elif steps and getattr(wrapper, "dynamic_loss_scale", False):
+        wrapper.scale_window = steps
 
 
 class LossScale:

@@ -328,6 +328,8 @@ def resume(run: Run) -> None:
         )
     run.start.update({k: state.get(k, run.start[k]) for k in run.start})
     run.scale.load_state_dict(state.get("loss_scale", {}))
+    # The checkpoint brought back its loss-scale window; the flag of this session wins.
+    engine.set_growth_interval(run.engine, run.opts.optim.loss_scale_window)
     run.guard.skipped = run.scale.skipped
     # A checkpoint of another memory layout (or DeepSpeed's loading) can leave momentum laid out unlike its weight.
     engine.match_state_layout(run.engine.optimizer)

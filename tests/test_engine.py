@@ -141,6 +141,12 @@ def test_the_autocast_loss_scale_grows_after_the_window_and_halves_on_an_overflo
     scale.resolve(rows)
     assert [r["loss_scale"] for r in rows] == [65536.0, 131072.0, 65536.0, 65536.0, 131072.0]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
+    # A resume brings back the checkpoint's window; set again, the new session's flag wins.
+    resumed = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
+    engine.LossScale(resumed).load_state_dict(scale.state_dict())
+    assert resumed.torch_autocast_z0_gradscaler.get_growth_interval() == 2
+    engine.set_growth_interval(resumed, 5)
+    assert resumed.torch_autocast_z0_gradscaler.get_growth_interval() == 5
     default = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
     engine.set_growth_interval(default, 0)
     assert default.torch_autocast_z0_gradscaler.get_growth_interval() == 2000
