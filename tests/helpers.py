@@ -263,3 +263,17 @@ def logged(out_dir: Path) -> dict:
         elif kind == "summary":
             summary.update({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.summary.update})
     return {"run": run, "config": config, "history": history, "summary": summary}
+
+
+RUN_SH = ROOT / "bench" / "gpu" / "run.sh"
+
+
+def run_sh(tmp_path, *steps: str, script: Path = RUN_SH, site: Path | None = None) -> subprocess.CompletedProcess:
+    """bench/gpu/run.sh with this venv's Python, its libraries counted as installed, results under tmp_path."""
+    if site is None:
+        site = tmp_path / "site"
+        site.mkdir(exist_ok=True)
+        (site / ".installed").touch()
+    env = {**os.environ, "PYTHON": sys.executable, "SITE": str(site), "OUT": str(tmp_path / "out"),
+           "RESULTS": str(tmp_path / "results")}  # fmt: skip
+    return subprocess.run(["bash", str(script), *steps], capture_output=True, text=True, env=env, timeout=600)

@@ -4,7 +4,6 @@ scarce, so a broken script must not be found there."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,20 +12,7 @@ import tarfile
 import pytest
 
 from bench import numerics
-from tests.helpers import ROOT
-
-RUN_SH = ROOT / "bench" / "gpu" / "run.sh"
-
-
-def run_sh(tmp_path, *steps: str, script=RUN_SH, site=None) -> subprocess.CompletedProcess:
-    """bench/gpu/run.sh with this venv's Python, its libraries counted as installed, results under tmp_path."""
-    if site is None:
-        site = tmp_path / "site"
-        site.mkdir(exist_ok=True)
-        (site / ".installed").touch()
-    env = {**os.environ, "PYTHON": sys.executable, "SITE": str(site), "OUT": str(tmp_path / "out"),
-           "RESULTS": str(tmp_path / "results")}  # fmt: skip
-    return subprocess.run(["bash", str(script), *steps], capture_output=True, text=True, env=env, timeout=300)
+from tests.helpers import ROOT, RUN_SH, run_sh
 
 
 def test_the_gpu_tests_import_without_wandb():
@@ -63,25 +49,6 @@ def test_run_sh_tests_step_writes_the_summary_and_versions_into_the_returned_tar
     # No GPU here: every gpu test skips, and make test-gpu passes.
     assert " skipped, " in text and text.rstrip().endswith("make test-gpu: exit 0")
     assert " skipped, " in (tmp_path / "out" / "log.txt").read_text()
-
-
-@pytest.mark.slow
-def test_run_sh_throughput_step_tags_results_by_configuration(prepared, tmp_path):
-    from pipeline import scaling
-
-    ds = tmp_path / "b8-bf16.json"
-    ds.write_text(scaling.render(scaling.ds_config(scaling.Recipe(8, 4, "bf16", fused=False))))
-    proc = run_sh(tmp_path, "throughput", "--deepspeed-config", str(ds), "--data-dir", str(prepared),
-                  "--micro-batches", "4", "--arch", "resnet18", "--crop-size", "32", "--window", "2", "--windows", "2",
-                  "--data-threads", "1", "--levers", "none", "--work", str(tmp_path / "work"))  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    with tarfile.open(tmp_path / "out" / "results.tar") as tar:
-        names = sorted(n.removeprefix("./") for n in tar.getnames())
-    (stem,) = [n.removesuffix(".json") for n in names if n.endswith(".json")]
-    assert stem.endswith("-b8-bf16") and set(names) == {f"{stem}.json", f"{stem}.md", f"{stem}-progress.jsonl"}
-    result = json.loads((tmp_path / "results" / f"{stem}.json").read_text())
-    assert result["deepspeed_config"] == str(ds) and result["rows"][0]["micro_batch"] == 4
-    assert "written: " in (tmp_path / "out" / "log.txt").read_text()
 
 
 def test_loss_scale_moves_count_skips_and_growths():
