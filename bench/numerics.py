@@ -39,10 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from bench.common import BENCH, machine  # noqa: E402
-from bench.report import device_slug  # noqa: E402
+from bench.report import device_name, device_slug  # noqa: E402
 from pipeline import checkpoint, scaling  # noqa: E402
 from pipeline.distributed import without_launcher  # noqa: E402
-from pipeline.tracking import METRICS, STEPS  # noqa: E402
+from pipeline.scaling_study import final_top1  # noqa: E402
+from pipeline.tracking import STEPS  # noqa: E402
 
 GPU_MODES, CPU_MODES = "fp32,fp16,autocast-fp16", "fp32,bf16,autocast-bf16"
 LOSS_SCALED = ("fp16", "autocast-fp16")
@@ -128,25 +129,25 @@ def loss_scale_moves(rows: list[dict]) -> dict:
     """Overflow skips and growths of the loss scale in a run's per-step rows."""
     growths = sum(after["loss_scale"] > before["loss_scale"] for before, after in zip(rows, rows[1:], strict=False))
     scales = [r["loss_scale"] for r in rows]
-    skipped = rows[-1]["skipped_steps"] if rows else 0
-    return {"skipped_steps": skipped, "growths": growths, "skipped_share": skipped / max(len(rows), 1),
+    skipped = rows[-1]["skipped_steps"]
+    return {"skipped_steps": skipped, "growths": growths, "skipped_share": skipped / len(rows),
             "first_scale": scales[0], "min_scale": min(scales), "max_scale": max(scales),
             "last_scale": scales[-1]}  # fmt: skip
 
 
-def measure(args: argparse.Namespace, mode: str, folder: Path, reference: dict | None) -> dict:
-    """One mode's run and what the checks need from it."""
+def measure(args: argparse.Namespace, mode: str, folder: Path, reference: tuple | None) -> tuple[dict, dict | None]:
+    """One mode's run: what the checks need from it, and its BN statistics (None if it failed). `reference` is
+    fp32's (run, BN statistics) to compare with."""
     status, command = train(args, mode, folder)
     if status:
         tail = (folder / "log.txt").read_text()[-2000:]
-        return {"mode": mode, "failed": f"exit {status}", "log_tail": tail, "command": " ".join(command)}
+        return {"mode": mode, "failed": f"exit {status}", "log_tail": tail, "command": " ".join(command)}, None
     run = folder / "run"
-    summary = json.loads((run / METRICS).read_text().splitlines()[-1])
     rows = [json.loads(line) for line in (run / STEPS).read_text().splitlines()]
     stats = bn_statistics(run)
     found = {
         "mode": mode,
-        "top1": summary["last_top1"],
+        "top1": final_top1(run),
         "steps": len(rows),
         "final_loss": rows[-1]["loss"],
         "bn_finite": all(bool(torch.isfinite(v).all()) for v in stats.values()),
@@ -154,14 +155,12 @@ def measure(args: argparse.Namespace, mode: str, folder: Path, reference: dict |
         "loss_scale": loss_scale_moves(rows) if mode in LOSS_SCALED else None,
         "command": " ".join(command),
     }
-    torch.save(stats, folder / "bn.pt")
     if reference is not None:
-        ref = torch.load(Path(reference["folder"]) / "bn.pt")
-        found["top1_vs_fp32"] = found["top1"] - reference["top1"]
-        found["bn_distance"] = bn_distance(stats, ref)
-    found["folder"] = str(folder)
+        fp32, fp32_stats = reference
+        found["top1_vs_fp32"] = found["top1"] - fp32["top1"]
+        found["bn_distance"] = bn_distance(stats, fp32_stats)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    return found
+    return found, stats
 
 
 def verdicts(runs: list[dict], args: argparse.Namespace) -> list[str]:
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     info = machine()
     result = {
-        "device": info["gpu"] or f"CPU only ({info['cpu']}, {info['cores']} cores)",
+        "device": device_name(info),
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", "bench/numerics.py", *(sys.argv[1:] if argv is None else argv)]),
         **{k: getattr(args, k) for k in ("arch", "epochs", "crop_size", "batch", "micro_batch", "seed",
@@ -232,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     }  # fmt: skip
     stem = Path(args.results) / f"{result['date']}-{device_slug(info)}-numerics"
     stem.parent.mkdir(parents=True, exist_ok=True)
+    reference = None  # fp32's run and BN statistics, once it has run
     for mode in args.modes:
-        reference = result["runs"][0] if result["runs"] and "failed" not in result["runs"][0] else None
-        if mode != "fp32" and reference is None:
-            result["runs"].append({"mode": mode, "failed": "no fp32 reference"})
+        if mode == "fp32":
+            found, stats = measure(args, mode, work / mode, None)
+            reference = None if stats is None else (found, stats)
+        elif reference is None:
+            found = {"mode": mode, "failed": "no fp32 reference"}
         else:
-            result["runs"].append(measure(args, mode, work / mode, None if mode == "fp32" else reference))
+            found, _ = measure(args, mode, work / mode, reference)
+        result["runs"].append(found)
         result["verdicts"] = verdicts(result["runs"], args)
         Path(f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
         Path(f"{stem}.md").write_text(markdown(result))

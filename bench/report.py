@@ -29,6 +29,11 @@ def train_flop(arch: str, crop: int) -> float:
     return 3.0 * counter.get_total_flops()
 
 
+def device_name(info: dict) -> str:
+    """The machine in words for the results: the GPU's name, or the CPU's with its cores."""
+    return info["gpu"] or f"CPU only ({info['cpu']}, {info['cores']} cores)"
+
+
 def device_slug(info: dict) -> str:
     """The results' file name part for this machine: the GPU's name, or cpu-<host>."""
     name = info["gpu"] or f"cpu-{info['host']}"

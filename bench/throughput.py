@@ -48,7 +48,7 @@ if str(ROOT) not in sys.path:
 from bench.children import child_main  # noqa: E402
 from bench.common import BENCH, bench_tree, machine  # noqa: E402
 from bench.data_bench import bench_shards  # noqa: E402
-from bench.report import HOPPER_MATRIX_FLOP_S, device_slug, markdown, train_flop, verdicts  # noqa: E402
+from bench.report import HOPPER_MATRIX_FLOP_S, device_name, device_slug, markdown, train_flop, verdicts  # noqa: E402
 from bench.windows import steady_rates, steps_needed  # noqa: E402
 from pipeline import engine  # noqa: E402
 from pipeline.distributed import without_launcher  # noqa: E402
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     info = bench.info
     best = max(rows, key=lambda r: r["end_to_end_img_s"])
     result = {
-        "device": info["gpu"] or f"CPU only ({info['cpu']}, {info['cores']} cores)",
+        "device": device_name(info),
         "gpu": bool(info["gpu"]),
         "date": bench.date,
         "command": " ".join(["python", "bench/throughput.py", *(sys.argv[1:] if argv is None else argv)]),

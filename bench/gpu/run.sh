@@ -52,7 +52,7 @@ collect() {
 }
 (while sleep 20; do collect; done) </dev/null >/dev/null 2>&1 &
 LOOP=$!
-trap 'kill $LOOP 2>/dev/null; collect' EXIT
+trap 'kill $LOOP 2>/dev/null; collect; rm -f "$START"' EXIT
 
 tests() {
     local file
