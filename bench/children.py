@@ -105,7 +105,8 @@ class DeepSpeedSteps:
 
     def micro(self, mark) -> None:
         """One micro-batch through train.train_step."""
-        train.train_step(self.run, self.images, self.labels, self.meter, mark)
+        run = self.run
+        train.train_step(run.engine, run.scale, run.criterion, self.images, self.labels, self.meter, mark)
 
 
 def baseline_child(spec: dict) -> dict:

@@ -6,8 +6,10 @@
 
 Every run is pipeline/train.py itself with the same seed, data order, schedule and epochs; only the precision
 differs. On a GPU the modes are fp32 (with TF32 off: NVIDIA_TF32_OVERRIDE=0, so the reference is true fp32),
-DeepSpeed's fp16 wrapper and the autocast fp16 mode (torch's GradScaler). On a CPU, where DeepSpeed refuses
-fp16 and fp16 kernels are about 100x slower than bf16 ones, they are fp32, bf16 and autocast-bf16.
+DeepSpeed's fp16 wrapper and the autocast fp16 mode (torch's GradScaler). On a CPU they are fp32, bf16 and
+autocast-bf16; --fp16-on-cpu runs the fp16 modes there too (DeepSpeed refuses its fp16 wrapper on a CPU:
+bench/fp16_cpu_train.py lets it). Without native 16-bit instructions every 16-bit mode is emulated on a CPU,
+about 30x slower than fp32 (pipeline/cpu.py): use a small setting there.
 
 The checks:
 - each 16-bit run ends within --top1-tolerance points of fp32's final validation top-1;
@@ -66,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-scale-window", type=int, default=25, help="fp16: clean steps before the scale doubles")
     p.add_argument("--top1-tolerance", type=float, default=1.0, help="points of top-1 a 16-bit run may lose")
     p.add_argument("--bn-tolerance", type=float, default=0.1, help="relative distance of BN statistics to fp32's")
+    p.add_argument("--fp16-on-cpu", action="store_true", help="on a CPU, run the fp16 modes anyway: DeepSpeed's fp16 "
+                   "wrapper through bench/fp16_cpu_train.py, both with --allow-cpu (slow: emulated fp16)")  # fmt: skip
     p.add_argument("--results", default=str(BENCH / "results"), help="folder for the results")
     p.add_argument("--work", default=str(BENCH / "work" / "numerics"), help="folder for the runs (emptied first)")
     args = p.parse_args(argv)
@@ -85,8 +89,10 @@ def train(args: argparse.Namespace, mode: str, folder: Path) -> tuple[int, list[
                             fused=gpu)  # fmt: skip
     folder.mkdir(parents=True)
     (folder / "ds.json").write_text(scaling.render(scaling.ds_config(recipe)))
+    fp16_on_cpu = args.fp16_on_cpu and not gpu and mode in LOSS_SCALED
+    script = ROOT / ("bench/fp16_cpu_train.py" if fp16_on_cpu else "pipeline/train.py")
     argv = [
-        sys.executable, str(ROOT / "pipeline" / "train.py"), "--deepspeed_config", str(folder / "ds.json"),
+        sys.executable, str(script), "--deepspeed_config", str(folder / "ds.json"),
         "--data-dir", args.data_dir, "--arch", args.arch, "--epochs", str(args.epochs),
         "--warmup-epochs", str(args.warmup_epochs), "--crop-size", str(args.crop_size),
         "--val-resize", str(args.val_resize), "--seed", str(args.seed), "--out-dir", str(folder / "run"),
@@ -95,6 +101,8 @@ def train(args: argparse.Namespace, mode: str, folder: Path) -> tuple[int, list[
     ]  # fmt: skip
     if mode in LOSS_SCALED:
         argv += ["--loss-scale-window", str(args.loss_scale_window)]
+    if fp16_on_cpu:
+        argv += ["--allow-cpu"]
     # Numerics: TF32 would round fp32 convolutions' inputs to 10 mantissa bits; the reference is true fp32.
     env = {**without_launcher(os.environ), **({"NVIDIA_TF32_OVERRIDE": "0"} if mode == "fp32" and gpu else {})}
     print(f"[{mode}] {' '.join(argv[1:])}", flush=True)

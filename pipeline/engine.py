@@ -18,9 +18,9 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from pipeline import gpu
+from pipeline import cpu, gpu
 from pipeline.model import param_groups
-from pipeline.schedule import Schedule, StepLR, deepspeed_params
+from pipeline.schedule import LRSchedule, Schedule
 
 # Element type of the image batches for each precision: what the first convolution computes in.
 DATA_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "autocast-fp16": "float16",
@@ -69,6 +69,7 @@ def fit(
     autocast mode's GradScaler."""
     ds, notes = copy.deepcopy(ds), []
     ds["gradient_accumulation_steps"] = grad_accum(ds, path, world_size)
+    notes += resolve_auto_bf16(ds, path, cuda)
     mode = precision(ds)
     if loss_scale_window and mode not in ("fp16", "autocast-fp16"):
         raise ValueError(f"--loss-scale-window {loss_scale_window}: {path} trains in {mode}, which has no loss "
@@ -79,22 +80,62 @@ def fit(
         # Numerics: DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the recipe does not clip.
         ds["gradient_clipping"] = 0.0
         notes.append(f"{path}: no gradient_clipping given; not clipping (DeepSpeed's default would clip at 1.0)")
+    if "scheduler" in ds:
+        # Numerics: DeepSpeed's WarmupDecayLR cannot decay to 0 from a warmup that starts at 0.1 (schedule.py).
+        kind = ds.pop("scheduler").get("type")
+        notes.append(f"{path}: its scheduler ({kind}) is not used: the run derives its learning-rate schedule from the "
+                     "batch and the data (--schedule)")  # fmt: skip
     if "timers" not in ds:
         # Sync: DeepSpeed's throughput timer is on by default and synchronises the device twice per micro-step.
         ds["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
     if mode in ("fp16", "autocast-fp16") and not cuda:
         if not allow_cpu:
             raise ValueError(gpu.refusal(f"{path} asks for {mode}"))
-        if mode == "fp16":
-            # DeepSpeed refuses its fp16 wrapper without a GPU; bf16 keeps the same fp32 master weights.
+        if mode == "fp16" and not accelerator_fp16():
+            # DeepSpeed's CPU accelerator refuses its fp16 wrapper; bf16 keeps the same fp32 master weights.
             ds.pop("fp16")
             ds["bf16"] = {"enabled": True}
-            notes.append(f"{path}: --allow-cpu: fp16 needs a CUDA GPU; this CPU host trains in bf16 (no loss scaling)")
+            notes.append(f"{path}: --allow-cpu: DeepSpeed's fp16 wrapper needs an accelerator with fp16; this CPU host "
+                         "trains in bf16 (no loss scaling)")  # fmt: skip
         else:
-            notes.append(f"{path}: --allow-cpu: autocast fp16 on this CPU host (slow: CPUs have no fast fp16 kernels)")
+            notes.append(f"{path}: --allow-cpu: {mode} on this CPU host")
+    mode = precision(ds)
+    if mode in ("fp16", "bf16") and "communication_data_type" not in ds:
+        # Numerics: the wrapper's default all-reduces in its 16-bit type, which would round batch norm's fp32
+        # gradients to 16 bits and sum the ranks' 16-bit gradients in 16 bits; fp32 does neither.
+        ds["communication_data_type"] = "fp32"
+        notes.append(f"{path}: no communication_data_type given; all-reducing gradients in fp32 (DeepSpeed's default "
+                     f"would round batch norm's fp32 gradients to {mode})")  # fmt: skip
+    if not cuda and mode != "fp32" and not cpu.native(mode.removeprefix("autocast-")):
+        notes.append(
+            f"{path}: {mode} on a CPU without native {mode.removeprefix('autocast-')} ({cpu.capability()}): its "
+            f"kernels are emulated, {cpu.EMULATED_SLOWDOWN}; for fp32 use ds_configs/cpu.json or a configuration "
+            "from python -m pipeline.scaling --precision fp32"
+        )
     if not cuda and ds.get("optimizer", {}).get("params", {}).pop("fused", False):
         notes.append(f"{path}: fused SGD kernels are for CUDA; using torch's default SGD on this CPU host")
     return ds, notes
+
+
+def accelerator_fp16() -> bool:
+    """Whether DeepSpeed's accelerator builds its fp16 wrapper here (CUDA; its CPU accelerator says no)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().is_fp16_supported()
+
+
+def resolve_auto_bf16(ds: dict, path: str, cuda: bool) -> list[str]:
+    """Settle `"bf16": {"enabled": "auto"}` (ds_configs/cpu.json) in place: bf16 where this host computes it
+    natively (a GPU with bf16, a CPU with bf16 instructions), fp32 elsewhere; returns the note saying which."""
+    if ds.get("bf16", {}).get("enabled") != "auto":
+        return []
+    native = torch.cuda.is_bf16_supported() if cuda else cpu.native("bf16")
+    where = "this GPU" if cuda else f"this CPU ({cpu.described()})"
+    if native:
+        ds["bf16"]["enabled"] = True
+    else:
+        ds.pop("bf16")
+    return [f'{path}: bf16 "auto": {"bf16" if native else "fp32"} on {where}']
 
 
 def check_combination(ds: dict, path: str, channels_last: bool, compile_mode: str) -> None:
@@ -117,13 +158,9 @@ def check_combination(ds: dict, path: str, channels_last: bool, compile_mode: st
 
 
 def with_schedule(ds: dict, schedule: Schedule) -> dict:
-    """The configuration with the schedule derived from the real dataset in place of the committed one."""
+    """The configuration with the peak lr of the schedule derived from the real dataset (the schedule itself is
+    handed to deepspeed.initialize: schedule.LRSchedule)."""
     ds = copy.deepcopy(ds)
-    if schedule.kind == "warmup_decay":
-        ds["scheduler"] = {"type": "WarmupDecayLR", "params": deepspeed_params(schedule)}
-    else:
-        # goyal_steps is not a DeepSpeed scheduler: StepLR is handed to deepspeed.initialize instead.
-        ds.pop("scheduler", None)
     ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = schedule.peak_lr
     return ds
 
@@ -158,10 +195,13 @@ def build(
         # A client optimizer replaces the configuration's; DeepSpeed still wraps it for fp16/bf16 and fp32 masters.
         ds = {k: v for k, v in ds.items() if k != "optimizer"}
         client_optimizer = lars(groups, sgd, lars_trust)
-    client_scheduler = None if schedule.kind == "warmup_decay" else (lambda opt: StepLR(opt, schedule))
     initial = {p: p.detach().clone() for p in model.parameters()}
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=groups, optimizer=client_optimizer, config=ds, lr_scheduler=client_scheduler
+        model=model,
+        model_parameters=groups,
+        optimizer=client_optimizer,
+        config=ds,
+        lr_scheduler=lambda opt: LRSchedule(opt, schedule),
     )
     keep_norms_fp32(engine)
     undo_startup_step(engine, initial)
@@ -292,15 +332,65 @@ def set_growth_interval(engine, steps: int) -> None:
         wrapper.scale_window = steps
 
 
+def wrapper_scale(engine):
+    """The loss-scale state of DeepSpeed's fp16 wrapper (its `cur_scale` divides every gradient in `step()`), or
+    None where no wrapper scales the loss (fp32, bf16, the autocast modes)."""
+    scale = getattr(engine.optimizer, "loss_scale_config", None)
+    return scale if getattr(scale, "use_grad_scaling", False) else None
+
+
+def deepspeed_scales_loss(engine) -> bool:
+    """Whether `engine.backward` multiplies the loss by the fp16 wrapper's scale itself, found by running it once on
+    a loss of 0 and reading the gradient that reaches that loss: 1 where it does not (DeepSpeed 0.19.8 without ZeRO:
+    only ZeRO optimizers and the autocast GradScaler scale there), the scale where it does (the fix proposed
+    upstream, deepspeedai/DeepSpeed pull request 8393). Every rank calls it (the backward all-reduces); it leaves
+    no gradient behind."""
+    scale = wrapper_scale(engine)
+    param = next(p for p in engine.module.parameters() if p.requires_grad)
+    seen = []
+    zero = param.reshape(-1)[0].float() * 0
+    zero.register_hook(lambda grad: seen.append(grad))
+    engine.backward(zero, scale_wrt_gas=False)
+    for p in engine.module.parameters():
+        p.grad = None
+    # Sync: one read, once, when the engine is built.
+    factor = float(seen[0])
+    if factor not in (1.0, scale.cur_scale):
+        raise RuntimeError(
+            f"DeepSpeed {_deepspeed_version()} multiplied the fp16 loss by {factor}, neither 1 nor the loss scale "
+            f"{scale.cur_scale}: check pipeline/engine.py's loss scaling against it"
+        )
+    return factor != 1.0
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
 class LossScale:
     """The loss scale of an engine and the optimizer steps skipped for overflow, read without a host-device sync:
     from DeepSpeed's fp16 wrapper as host numbers, from torch's GradScaler (autocast fp16) as device values that
-    `resolve` reads at the next flush. DeepSpeed does not count GradScaler skips: a drop of the scale is one."""
+    `resolve` reads at the next flush. DeepSpeed does not count GradScaler skips: a drop of the scale is one.
+
+    Trap: DeepSpeed's fp16 wrapper divides every gradient by its scale (2^16 at the start) in its step, but
+    DeepSpeed 0.19.8's `engine.backward` never multiplies the loss by it without ZeRO, so every update would be
+    2^-16 of its size. `for_backward` scales the loss where the installed DeepSpeed does not (found once, by
+    `deepspeed_scales_loss`), and never twice."""
 
     def __init__(self, engine):
         self.engine, self.scaler = engine, engine.torch_autocast_z0_gradscaler
         # GradScaler mode: skips counted here, and the scale after the last resolved step (None: not started).
         self.scaler_skipped, self.last = 0, None
+        # The fp16 wrapper's scale state, where this code must apply it to the loss.
+        wrapper = wrapper_scale(engine)
+        self.to_apply = wrapper if wrapper is not None and not deepspeed_scales_loss(engine) else None
+
+    def for_backward(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to hand to engine.backward: multiplied by the fp16 wrapper's current scale where DeepSpeed
+        leaves that to us (a host float: no sync), else as it is."""
+        return loss if self.to_apply is None else loss.float() * self.to_apply.cur_scale
 
     def now(self) -> tuple[float | torch.Tensor, int | None]:
         """After an optimizer step: the loss scale and the skipped steps so far (None until `resolve`)."""

@@ -25,7 +25,8 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1
 # fp16/bf16: DeepSpeed's wrapper (16-bit weights, fp32 masters); autocast-*: fp32 weights under torch.autocast,
 # fp16 with torch's GradScaler (pipeline/engine.py says what each keeps in which precision).
-PRECISIONS = ("fp16", "bf16", "fp32", "autocast-fp16", "autocast-bf16")
+# auto: bf16 where the host computes it natively, fp32 elsewhere (settled at start: engine.resolve_auto_bf16).
+PRECISIONS = ("fp16", "bf16", "fp32", "autocast-fp16", "autocast-bf16", "auto")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,8 @@ class Recipe:
     # Images per rank per forward pass: the batch-norm batch, not a distributed-training knob.
     micro_batch: int = 32
     # fp16 (DeepSpeed's wrapper: dynamic loss scaling, fp32 master weights), bf16, fp32, or autocast-fp16 /
-    # autocast-bf16 (DeepSpeed's torch_autocast: plain PyTorch AMP's numerics).
+    # autocast-bf16 (DeepSpeed's torch_autocast: plain PyTorch AMP's numerics), or auto (bf16 where the host has
+    # native bf16, else fp32).
     precision: str = "fp16"
     # Epochs of the schedule and of its warmup.
     epochs: int = 90
@@ -72,7 +74,7 @@ class Recipe:
 
     @property
     def base_lr(self) -> float:
-        """Where warmup starts and WarmupDecayLR ends: the reference lr, or the peak for batches under the reference."""
+        """Where warmup starts: the reference lr, or the peak for batches under the reference."""
         return min(self.reference_lr, self.peak_lr)
 
     @property
@@ -91,19 +93,6 @@ class Recipe:
         return self.epochs * self.steps_per_epoch
 
 
-def warmup_decay_params(base_lr: float, peak_lr: float, warmup_steps: int, total_steps: int) -> dict:
-    """The `scheduler.params` of DeepSpeed's WarmupDecayLR for a schedule: the one place they are built."""
-    return {
-        "warmup_min_lr": base_lr,
-        "warmup_max_lr": peak_lr,
-        # DeepSpeed needs a warmup of at least a step (a batch under the reference has nothing to warm up).
-        "warmup_num_steps": max(1, warmup_steps),
-        # DeepSpeed's default warmup is logarithmic; the paper's is linear.
-        "warmup_type": "linear",
-        "total_num_steps": total_steps,
-    }
-
-
 def ds_config(r: Recipe) -> dict:
     """The DeepSpeed configuration of a recipe."""
     sgd = {"lr": r.peak_lr, "momentum": r.momentum, "nesterov": True, "weight_decay": r.weight_decay}
@@ -113,11 +102,8 @@ def ds_config(r: Recipe) -> dict:
         "train_batch_size": r.batch_size,
         "train_micro_batch_size_per_gpu": r.micro_batch,
         "steps_per_print": 10**9,
+        # No "scheduler": pipeline/train.py derives the schedule from the batch and the real data (schedule.py).
         "optimizer": {"type": "SGD", "params": sgd},
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": warmup_decay_params(r.base_lr, r.peak_lr, r.warmup_steps, r.total_steps),
-        },
         "gradient_clipping": 0.0,
         "wall_clock_breakdown": False,
         # Sync: the throughput timer is on by default and synchronises the device twice per micro-step.
@@ -126,8 +112,12 @@ def ds_config(r: Recipe) -> dict:
     if r.precision == "fp16":
         # loss_scale 0: dynamic loss scaling, starting at 2^16 and halving on every overflow.
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000}
-    elif r.precision == "bf16":
-        config["bf16"] = {"enabled": True}
+    elif r.precision in ("bf16", "auto"):
+        config["bf16"] = {"enabled": True if r.precision == "bf16" else "auto"}
+    if r.precision in ("fp16", "bf16", "auto"):
+        # The wrapper's gradients are all-reduced in fp32: its default, the 16-bit type, would round batch norm's
+        # fp32 gradients and sum the ranks' gradients in 16 bits.
+        config["communication_data_type"] = "fp32"
     elif r.precision.startswith("autocast-"):
         # fp16 gets torch's GradScaler (starts at 2^16, halves on an overflow, doubles after 2000 clean steps).
         config["torch_autocast"] = {"enabled": True, "dtype": r.precision.removeprefix("autocast-")}
@@ -144,8 +134,9 @@ CONFIGS = {
     "bs256-autocast": Recipe(256, precision="autocast-fp16"),
     "bs1k-autocast": Recipe(1024, precision="autocast-fp16"),
     "bs8k-autocast": Recipe(8192, precision="autocast-fp16"),
-    # CPU hosts and the demo: bf16 runs about twice as fast as fp32 on a CPU with bf16 instructions.
-    "cpu": Recipe(64, precision="bf16", fused=False),
+    # CPU hosts and the demo: bf16 where the processor has bf16 instructions, fp32 elsewhere (pipeline/cpu.py: on
+    # other CPUs 16-bit kernels are emulated, about 30x slower than fp32).
+    "cpu": Recipe(64, precision="auto", fused=False),
 }
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import scaling
+from pipeline import cpu, scaling
 from pipeline.distributed import free_port, without_launcher
 from pipeline.tracking import METRICS, STEPS, wandb_mode
 
@@ -75,7 +75,7 @@ def plan(base_batch: int, batch_sizes: list[int], variants: list[str], lr0: floa
 
 def train_command(run: StudyRun, args: argparse.Namespace, folder: Path, group: str) -> list[str]:
     """The pipeline/train.py command line of one run (through torchrun for several ranks)."""
-    precision = args.precision or ("fp16" if torch.cuda.is_available() else "bf16")
+    precision = args.precision or ("fp16" if torch.cuda.is_available() else cpu.default_precision())
     recipe = scaling.Recipe(run.batch_size, args.micro_batch, precision, epochs=args.epochs,
                             warmup_epochs=run.warmup_epochs, fused=torch.cuda.is_available(),
                             reference_batch=run.reference_batch, reference_lr=args.base_lr)  # fmt: skip
@@ -209,7 +209,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-size", type=int, default=224)
     p.add_argument("--val-resize", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=32, help="images per forward pass (the BN batch)")
-    p.add_argument("--precision", choices=("fp16", "bf16", "fp32"), help="default: fp16 on a GPU, else bf16")
+    p.add_argument(
+        "--precision",
+        choices=("fp16", "bf16", "fp32"),
+        help="default: fp16 on a GPU; on a CPU bf16 where it is native, else fp32",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nproc", type=int, default=1, help="ranks per run (torchrun), e.g. the GPUs of this host")
     p.add_argument("--points-per-epoch", type=int, default=4, help="training-error curve resolution")

@@ -1,20 +1,26 @@
 """The learning-rate schedule: a pure function of the optimizer step, derived from the batch and the data.
 
-Two schedules share Goyal's gradual warmup (from 0.1 up to 0.1*B/256 in equal increments per
-optimizer step):
-- `warmup_decay` (default): DeepSpeed's `WarmupDecayLR`, linear decay back to 0.1 at the last step.
+Two schedules share Goyal's gradual warmup (from the reference lr 0.1 up to 0.1*B/256 in equal increments per
+optimizer step; a batch at or below the reference starts at its peak):
+- `warmup_decay` (default): then a linear decay that reaches 0 at the end of training (step `total_steps`).
 - `goyal_steps`: the paper's x0.1 at epochs 30, 60 and 80 of 90, scaled to the run's epochs.
 
-Trap: DeepSpeed steps its scheduler only on applied optimizer steps, so each fp16 overflow skip
-would shift the whole schedule one step later. `follow` sets the scheduler from the engine's
-global step (which counts skipped steps too) after every optimizer step.
+Why not DeepSpeed's `WarmupDecayLR`: its decay ends at `warmup_min_lr`, the value its warmup starts from, so it
+cannot warm up from 0.1 and decay to 0; with 0.1 as the minimum the last step of a B=8192 run still trains at 0.1
+(30x Goyal's final 0.0032), and a batch of 256 or less, whose warmup starts at its peak, never decays at all.
+`LRSchedule` is handed to `deepspeed.initialize` instead, for both kinds.
+
+Trap: DeepSpeed steps its scheduler only on applied optimizer steps, so each fp16 overflow skip would shift the
+whole schedule one step later. `follow` sets the scheduler from the engine's global step (which counts skipped
+steps too) after every optimizer step.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from pipeline.scaling import Recipe, warmup_decay_params
+from pipeline.scaling import Recipe
 
 SCHEDULES = ("warmup_decay", "goyal_steps")
 # Goyal et al.: the learning rate drops x0.1 at these epochs of a 90-epoch run.
@@ -26,11 +32,13 @@ class Schedule:
     """Every number of a run's learning-rate schedule, counted in optimizer steps."""
 
     kind: str
-    # Warmup starts here (the reference lr); warmup_decay also ends here.
+    # Warmup starts here (the reference lr, or the peak for a batch at or below the reference).
     base_lr: float
     # 0.1 * B / 256.
     peak_lr: float
+    # Steps of linear warmup (0 when base_lr is the peak: nothing to warm up).
     warmup_steps: int
+    # The end of training: warmup_decay reaches lr 0 here.
     total_steps: int
     steps_per_epoch: int
     # goyal_steps: the steps at which the lr is multiplied by 0.1.
@@ -38,12 +46,21 @@ class Schedule:
 
     def describe(self) -> str:
         """One line with the derived numbers, for the log."""
-        if self.base_lr == self.peak_lr:
-            warmup = f"lr {self.peak_lr:g} (B < 256: no warmup)"
+        if self.warmup_steps:
+            text = f"lr {self.base_lr:g} -> {self.peak_lr:g} over {self.warmup_steps} warmup steps"
         else:
-            warmup = f"lr {self.base_lr:g} -> {self.peak_lr:g} over {self.warmup_steps} warmup steps"
-        text = f"{self.kind}: {warmup}, {self.total_steps} steps ({self.steps_per_epoch} per epoch)"
-        return text + (f", x0.1 at steps {', '.join(map(str, self.milestones))}" if self.milestones else "")
+            text = f"lr {self.peak_lr:g} from the first step (no warmup: the batch is at or below the reference)"
+        if self.kind == "warmup_decay":
+            text += f", then linearly to 0 at step {self.total_steps}"
+        else:
+            text += f", x0.1 at steps {', '.join(map(str, self.milestones))}"
+        ends = f"peak {self.peak_lr:g}, end {self.end_lr:g}"
+        return f"{self.kind}: {text}; {ends}; {self.total_steps} steps ({self.steps_per_epoch} per epoch)"
+
+    @property
+    def end_lr(self) -> float:
+        """The lr the schedule ends at, after its last step (0 for warmup_decay)."""
+        return lr_at(self, self.total_steps)
 
     def as_dict(self) -> dict:
         """The numbers, for the run config and wandb."""
@@ -62,7 +79,8 @@ def derive(kind: str, recipe: Recipe) -> Schedule:
         kind=kind,
         base_lr=recipe.base_lr,
         peak_lr=recipe.peak_lr,
-        warmup_steps=recipe.warmup_steps,
+        # A batch at or below the reference starts at its peak: there is nothing to warm up.
+        warmup_steps=recipe.warmup_steps if recipe.base_lr < recipe.peak_lr else 0,
         total_steps=recipe.total_steps,
         steps_per_epoch=per_epoch,
         milestones=milestones,
@@ -71,26 +89,44 @@ def derive(kind: str, recipe: Recipe) -> Schedule:
 
 def lr_at(s: Schedule, step: int) -> float:
     """The learning rate of optimizer step `step` (0-based, skipped steps included)."""
-    if s.kind == "warmup_decay":
-        # DeepSpeed's WarmupDecayLR formula at iteration `step`; it warms up over at least 2 steps.
-        warmup = max(2, s.warmup_steps)
-        if step < warmup:
-            gamma = step / warmup
-        else:
-            gamma = max(0.0, (s.total_steps - step) / max(1.0, s.total_steps - warmup))
-        return s.base_lr + (s.peak_lr - s.base_lr) * gamma
     if step < s.warmup_steps:
         return s.base_lr + (s.peak_lr - s.base_lr) * step / s.warmup_steps
+    if s.kind == "warmup_decay":
+        return s.peak_lr * max(0.0, (s.total_steps - step) / (s.total_steps - s.warmup_steps))
     return s.peak_lr * 0.1 ** sum(step >= m for m in s.milestones)
 
 
-def deepspeed_params(s: Schedule) -> dict:
-    """The `scheduler.params` of a DeepSpeed WarmupDecayLR that follows `s` (warmup_decay only)."""
-    return warmup_decay_params(s.base_lr, s.peak_lr, s.warmup_steps, s.total_steps)
+def plot(s: Schedule, path: Path) -> None:
+    """A small PNG of the whole schedule: lr against optimizer steps, epochs on a second axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 2.6), dpi=80)
+    steps = _plot_steps(s)
+    ax.plot(steps, [lr_at(s, i) for i in steps], lw=1.2)
+    ax.set(xlabel="optimizer step", ylabel="learning rate", xlim=(0, s.total_steps), ylim=(0, None))
+    ax.set_title(f"{s.kind}: peak {s.peak_lr:g}, end {s.end_lr:g}", fontsize=9)
+    per_epoch = s.steps_per_epoch
+    top = ax.secondary_xaxis("top", functions=(lambda x: x / per_epoch, lambda e: e * per_epoch))
+    top.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
-class StepLR:
-    """A DeepSpeed-compatible scheduler that sets `lr_at(schedule, iteration)` on every parameter group."""
+def _plot_steps(s: Schedule, points: int = 2000) -> list[int]:
+    """Steps enough to draw the schedule exactly: an even spread, and both sides of every corner."""
+    corners = {0, s.warmup_steps, s.total_steps, *s.milestones, *(m - 1 for m in s.milestones)}
+    spread = range(0, s.total_steps + 1, max(1, s.total_steps // points))
+    return sorted({*spread, *(c for c in corners if 0 <= c <= s.total_steps)})
+
+
+class LRSchedule:
+    """The run's scheduler, handed to deepspeed.initialize: sets `lr_at(schedule, iteration)` on every parameter
+    group (DeepSpeed calls `step()` after each applied optimizer step; `follow` corrects it for skipped ones)."""
 
     def __init__(self, optimizer, schedule: Schedule):
         self.optimizer, self.schedule = optimizer, schedule

@@ -10,11 +10,13 @@ Run options come from `--config run.yaml` and the flags (pipeline/config.py); ou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -78,6 +80,7 @@ def start(argv: list[str] | None = None) -> Run | int:
         return 2
     if rank == 0:
         opts.dump(run.out / "config.yaml", **{k: v for k, v in run.describe().items() if k != "run"})
+        schedule.plot(run.schedule, run.out / "lr.png")
         for note in run.notes:
             print(f"note: {note}")
         batch = f"B={run.ds['train_batch_size']} = {world} ranks x {run.micro} x {run.accum} accumulation"
@@ -123,6 +126,7 @@ class Run:
         self.start = {"epoch": 0, "step_in_epoch": 0, "best_top1": None, "best_epoch": None, "train_seconds": 0.0}
         engine.set_growth_interval(self.engine, o.loss_scale_window)
         self.scale = engine.LossScale(self.engine)
+        self.criterion = functools.partial(cross_entropy, label_smoothing=o.label_smoothing)
         min_scale = self.ds.get("fp16", {}).get("min_loss_scale", 1.0)
         self.guard = Guard(self.precision, opts.optim.max_skipped_steps, min_scale)
         # DeepSpeed formed its own groups: they give up on a silent peer after --dist-timeout too.
@@ -238,7 +242,7 @@ def train_epoch(run: Run, epoch: int, skip: int, tracker: Sinks) -> tuple[StepMe
     tracker.progress(run.schedule.steps_per_epoch, epoch, initial=skip, run_total=last)
     eng.train()
     for images, labels in meter.timed(batches):
-        if not train_step(run, images, labels, meter):
+        if not train_step(eng, run.scale, run.criterion, images, labels, meter):
             continue
         saving = o.checkpoint.save_every_steps and eng.global_steps % o.checkpoint.save_every_steps == 0
         if saving or eng.global_steps % o.tracking.log_every == 0:
@@ -255,32 +259,40 @@ def no_mark(phase: str) -> None:
     """train_step's default phase hook: nothing."""
 
 
-def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor, meter: StepMeter, mark=no_mark) -> bool:
+def train_step(
+    eng,
+    scale: engine.LossScale,
+    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    meter: StepMeter,
+    mark: Callable[[str], None] = no_mark,
+) -> bool:
     """One micro-batch: forward, loss, backward and DeepSpeed's step (the optimizer's at the accumulation
     boundary, then the schedule and the step's row of the meter); returns whether an optimizer step closed.
     The one training step: the epoch loop and the throughput benchmark's harnesses all call it; `mark(phase)` is
     called as "forward", "backward" and "optimizer" end (the benchmark's phase timer syncs and reads a clock there).
     No host-device sync in the autocast modes with fused SGD (the fp16/bf16 wrapper syncs in its step)."""
-    eng = run.engine
     boundary, lr = eng.is_gradient_accumulation_boundary(), engine.lr(eng)
     images, labels = images.to(eng.device, non_blocking=True), labels.to(eng.device, non_blocking=True)
     logits = eng(images)
-    loss = loss_fn(run, logits, labels)
+    loss = criterion(logits, labels)
     mark("forward")
-    eng.backward(loss)
+    # Numerics: the fp16 wrapper's loss scale is applied here where DeepSpeed does not apply it (LossScale).
+    eng.backward(scale.for_backward(loss))
     mark("backward")
     eng.step()
     meter.micro_step(loss, logits, labels)
     if boundary:
         schedule.follow(eng)
-        meter.optimizer_step(eng.global_steps, lr, *run.scale.now())
+        meter.optimizer_step(eng.global_steps, lr, *scale.now())
     mark("optimizer")
     return boundary
 
 
-def loss_fn(run: Run, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Cross-entropy in fp32 (numerics: fp16 logits are upcast first), skipping padding labels."""
-    return F.cross_entropy(logits.float(), labels, label_smoothing=run.opts.optim.label_smoothing, ignore_index=IGNORE)
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, ignore_index=IGNORE)
 
 
 def report(run: Run, meter: StepMeter, tracker: Sinks) -> None:

@@ -8,7 +8,15 @@ import pytest
 
 from data_prep.imagenet import prepare
 from data_prep.synthetic import generate
+from tests import procs
 from tests.helpers import TREE
+
+
+@pytest.fixture(autouse=True)
+def no_process_outlives_its_test():
+    """Whatever a test started (launchers, ranks, training runs) ends with it, passed, failed or timed out."""
+    yield
+    procs.end_all()
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +46,14 @@ def process_group():
         env.setenv("MASTER_PORT", str(free_port()))
         deepspeed.init_distributed(dist_backend="gloo")
         yield
+
+
+@pytest.fixture
+def fp16_cpu(monkeypatch):
+    """DeepSpeed's fp16 wrapper on its CPU accelerator, for this test (as bench/fp16_cpu_train.py allows it)."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(get_accelerator(), "is_fp16_supported", lambda: True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -25,6 +25,7 @@ from PIL import Image
 from pipeline import checkpoint, scaling
 from pipeline.distributed import without_launcher
 from pipeline.format import example, tfrecord
+from tests import procs
 
 # Small pictures keep the suite fast; the code paths are the same as for full-size photos.
 TREE = dict(classes=6, train_per_class=30, val_per_class=7, min_side=32, max_side=72, quirks=True)
@@ -32,12 +33,15 @@ ROOT = Path(__file__).parent.parent
 TRAIN = str(ROOT / "pipeline" / "train.py")
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="shows what a host without usable CUDA does")
 SMALL = ["--arch", "resnet18", "--crop-size", "32", "--val-resize", "36", "--data-threads", "1"]
+# Runs in 16 bits: on a CPU without native bf16 or fp16 (AVX2) 16-bit kernels are emulated, and ResNet-18 takes 3 s
+# per 16 images even at 32 px; ShuffleNet V2 x0.5 takes 0.2 s.
+SMALL_16BIT = ["--arch", "shufflenet_v2_x0_5", "--crop-size", "32", "--val-resize", "36", "--data-threads", "1"]
 
 
 def train_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python pipeline/train.py args` as a user would (one process, no launcher variables)."""
     clean = without_launcher(os.environ)
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, TRAIN, *args], capture_output=True, text=True, timeout=600, env={**clean, **(env or {})}
     )
     return proc
@@ -94,7 +98,7 @@ def reference_val(data: bytes, resize: int, crop: int) -> np.ndarray:
 def run_module(module: str, *args: str, check: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m module args...` as a user would, capturing its output (without this process's rendezvous
     variables: a test's own process group is not the command's)."""
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
+    proc = procs.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=600,
                           env=without_launcher(os.environ))  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{module} {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -276,4 +280,4 @@ def run_sh(tmp_path, *steps: str, script: Path = RUN_SH, site: Path | None = Non
         (site / ".installed").touch()
     env = {**os.environ, "PYTHON": sys.executable, "SITE": str(site), "OUT": str(tmp_path / "out"),
            "RESULTS": str(tmp_path / "results")}  # fmt: skip
-    return subprocess.run(["bash", str(script), *steps], capture_output=True, text=True, env=env, timeout=600)
+    return procs.run(["bash", str(script), *steps], capture_output=True, text=True, env=env, timeout=600)

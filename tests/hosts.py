@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from pipeline.distributed import LAUNCHER_VARIABLES
+from tests import procs
 
 SSHD = "/usr/sbin/sshd"
 
@@ -112,7 +113,9 @@ class Hosts:
         """The launching process's environment: the test `ssh` first on PATH, and `variables` (with the gloo
         interface of the hosts) in DeepSpeed's env file, which its launcher exports on every host."""
         env_file = self.folder / "deepspeed_env"
-        env_file.write_text("".join(f"{k}={v}\n" for k, v in {"GLOO_SOCKET_IFNAME": "eth0", **variables}.items()))
+        # procs.MARK: the ranks on the hosts end with the test that started them, like its local processes.
+        exported = {"GLOO_SOCKET_IFNAME": "eth0", procs.MARK: procs.TOKEN, **variables}
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in exported.items()))
         # Without the rendezvous variables of this process (a test's own process group is not the job's).
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
         return {**env, "PATH": f"{self.folder / 'bin'}:{os.environ['PATH']}", "DS_ENV_FILE": str(env_file)}

@@ -94,7 +94,9 @@ def test_grad_accum_from_world_size():
         engine.grad_accum(ds, "bs8k.json", 3)
 
 
-def test_fp16_on_a_cpu_host_stops_unless_allowed_then_becomes_announced_bf16():
+def test_fp16_on_a_cpu_host_stops_unless_allowed_then_becomes_announced_bf16(monkeypatch):
+    """DeepSpeed's stock CPU accelerator refuses its fp16 wrapper: --allow-cpu trains in bf16 and says so."""
+    monkeypatch.setattr(engine, "accelerator_fp16", lambda: False)
     ds = json.loads((DS_CONFIGS / "bs256.json").read_text())
     for name in ("bs256.json", "bs256-autocast.json"):
         committed = json.loads((DS_CONFIGS / name).read_text())
@@ -107,21 +109,41 @@ def test_fp16_on_a_cpu_host_stops_unless_allowed_then_becomes_announced_bf16():
     fitted, notes = engine.fit(ds, "bs256.json", 2, cuda=False, allow_cpu=True)
     assert engine.precision(fitted) == "bf16" and "data_types" not in fitted
     assert "fused" not in fitted["optimizer"]["params"] and fitted["gradient_accumulation_steps"] == 4
-    assert any("--allow-cpu: fp16 needs a CUDA GPU; this CPU host trains in bf16" in n for n in notes)
+    assert any("--allow-cpu: DeepSpeed's fp16 wrapper needs an accelerator with fp16; this CPU host trains in bf16"
+               in n for n in notes)  # fmt: skip
     autocast, notes = engine.fit(json.loads((DS_CONFIGS / "bs256-autocast.json").read_text()), "a.json", 2,
                                  cuda=False, allow_cpu=True)  # fmt: skip
-    assert engine.precision(autocast) == "autocast-fp16" and any("autocast fp16 on this CPU host" in n for n in notes)
+    assert engine.precision(autocast) == "autocast-fp16"
+    assert any("--allow-cpu: autocast-fp16 on this CPU host" in n for n in notes)
     on_gpu, notes = engine.fit(ds, "bs256.json", 8, cuda=True)
     assert engine.precision(on_gpu) == "fp16" and on_gpu["optimizer"]["params"]["fused"] and notes == []
+    assert on_gpu["communication_data_type"] == "fp32"
     assert engine.precision(ds) == "fp16"  # the committed configuration is not changed
     # DeepSpeed clips at 1.0 when a configuration says nothing; the recipe does not clip.
     assert fitted["gradient_clipping"] == 0.0
-    bare = {k: v for k, v in ds.items() if k not in ("gradient_clipping", "timers")}
+    bare = {k: v for k, v in ds.items() if k not in ("gradient_clipping", "timers", "communication_data_type")}
     fitted, notes = engine.fit(bare, "mine.json", 1, cuda=True)
     assert fitted["gradient_clipping"] == 0.0 and any("no gradient_clipping given; not clipping" in n for n in notes)
     # DeepSpeed's throughput timer syncs the device twice per micro-step unless a configuration turns it off.
     assert fitted["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
     assert engine.fit({**ds, "gradient_clipping": 2.0}, "x.json", 1, cuda=True)[0]["gradient_clipping"] == 2.0
+    # The wrapper's gradients are all-reduced in fp32 unless a configuration says otherwise.
+    assert fitted["communication_data_type"] == "fp32"
+    assert any("no communication_data_type given; all-reducing gradients in fp32" in n for n in notes)
+    assert engine.fit({**ds, "communication_data_type": "fp16"}, "x.json", 1, cuda=True)[0][
+        "communication_data_type"
+    ] == "fp16"
+    # A scheduler section is not used: the run derives its schedule, and says so.
+    old_style = {**ds, "scheduler": {"type": "WarmupDecayLR", "params": {}}}
+    fitted, notes = engine.fit(old_style, "old.json", 1, cuda=True)
+    assert "scheduler" not in fitted and any("old.json: its scheduler (WarmupDecayLR) is not used" in n for n in notes)
+
+
+def test_fp16_on_a_cpu_host_trains_in_fp16_where_deepspeeds_accelerator_allows_it(fp16_cpu):
+    fitted, notes = engine.fit(json.loads((DS_CONFIGS / "bs256.json").read_text()), "bs256.json", 2, cuda=False,
+                               allow_cpu=True)  # fmt: skip
+    assert engine.precision(fitted) == "fp16" and fitted["fp16"]["loss_scale"] == 0
+    assert any("--allow-cpu: fp16 on this CPU host" in n for n in notes)
 
 
 def test_settings_that_cannot_go_together_are_refused_in_one_line():

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import socket
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from pipeline.data import DataConfig, ImageNetData, epoch_seed, train_steps_per_epoch
 from pipeline.preview import to_uint8
 from pipeline.shards import IGNORE, DataError
+from tests import procs
 from tests.helpers import (
     colour_of,
     gradients,
@@ -270,7 +270,7 @@ def test_two_real_processes_see_every_validation_image_once(labelled, tmp_path):
         str(labelled),
         str(out),
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = procs.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     ranks = result["ranks"]

@@ -3,7 +3,6 @@ fp32 state dict that torchvision loads as it is, safe to load, with its preproce
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from pipeline.distributed import free_port, without_launcher
 from pipeline.meters import validate
 from pipeline.model import build_model
 from pipeline.schedule import Schedule
+from tests import procs
 from tests.helpers import ROOT, SMALL, ds_file, ok, run_module, train_cli
 
 
@@ -94,7 +94,7 @@ def test_evaluate_matches_the_export_and_is_the_same_on_two_ranks(trained, prepa
     assert (top1, top5, seen) == (pytest.approx(result["top1"]), pytest.approx(result["top5"]), images)
     # Two ranks through the deepspeed launcher: every image counted once, the same accuracy.
     launcher = Path(sys.executable).parent / "deepspeed"
-    proc = subprocess.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
+    proc = procs.run([str(launcher), "--num_gpus", "2", "--master_port", str(free_port()),
                            str(ROOT / "pipeline" / "evaluate.py"), "--checkpoint", str(trained), "--data-dir",
                            str(prepared), "--out", str(tmp_path / "two.json"), "--data-threads", "1"],
                           capture_output=True, text=True, timeout=600, env=without_launcher(os.environ))  # fmt: skip

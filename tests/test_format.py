@@ -1,11 +1,11 @@
 """The on-disk format has one home, pipeline.format: the training code reads shards without data_prep, and
 importing it changes no other library's globals."""
 
-import subprocess
 import sys
 
 import pytest
 
+from tests import procs
 from tests.helpers import ROOT
 
 PROBE = """
@@ -20,7 +20,7 @@ print(loaded, Image.MAX_IMAGE_PIXELS == before)
 
 @pytest.mark.slow
 def test_the_training_code_imports_nothing_from_data_prep_and_leaves_pillow_alone():
-    proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = procs.run([sys.executable, "-c", PROBE], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("\n")[-2] == "[] True"
 
@@ -44,5 +44,5 @@ def test_no_pipeline_module_shadows_the_standard_library():
 @pytest.mark.slow
 def test_train_runs_as_a_module_and_as_a_script():
     for command in ([sys.executable, "-m", "pipeline.train"], [sys.executable, str(ROOT / "pipeline" / "train.py")]):
-        proc = subprocess.run([*command, "--help"], capture_output=True, text=True, cwd="/", timeout=300)
+        proc = procs.run([*command, "--help"], capture_output=True, text=True, cwd="/", timeout=300)
         assert proc.returncode == 0 and "--deepspeed_config" in proc.stdout and "--sync-bn" in proc.stdout

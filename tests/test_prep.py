@@ -5,7 +5,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ from PIL import Image
 
 from data_prep.imagenet import PrepError, balanced_slices, prepare
 from data_prep.synthetic import generate
+from tests import procs
 from tests.helpers import TREE, read_shard, run_module, shards_of, tree_bytes
 
 # Per class, synthetic --quirks adds to train/: 5 files to re-encode (CMYK, YCCK, PNG named .JPEG,
@@ -117,7 +117,7 @@ def test_index_files_are_byte_identical_to_dali_tfrecord2idx(prepared, tmp_path)
     tool = shutil.which("tfrecord2idx", path=os.path.dirname(sys.executable))
     assert tool, "DALI's tfrecord2idx script is not installed next to this Python"
     for shard in shards_of(prepared, "train") + shards_of(prepared, "validation"):
-        subprocess.run([tool, str(shard), str(tmp_path / "ref.idx")], check=True)
+        procs.run([tool, str(shard), str(tmp_path / "ref.idx")], check=True)
         assert (tmp_path / "ref.idx").read_bytes() == shard.with_name(shard.name + ".idx").read_bytes()
 
 

@@ -14,6 +14,7 @@ import pytest
 from data_prep.imagenet import STATE_DIR, PrepError, prepare
 from data_prep.journal import Journal
 from data_prep.synthetic import generate
+from tests import procs
 from tests.helpers import tree_bytes
 
 ARGS = dict(train_shards=6, val_shards=2, seed=3)
@@ -77,7 +78,7 @@ KILL_MID_SHARD = textwrap.dedent("""
 def test_kill_9_in_the_middle_of_a_shard_write_then_resume(tree, reference, tmp_path):
     out = tmp_path / "out"
     per_shard = (4 * (160 + 8)) // ARGS["train_shards"]  # usable train images: 160 + 8 quirks per class
-    proc = subprocess.run(
+    proc = procs.run(
         [sys.executable, "-c", KILL_MID_SHARD.format(per_shard=per_shard), *cli(tree, out, 1)[3:]],
         capture_output=True,
         text=True,
@@ -88,14 +89,15 @@ def test_kill_9_in_the_middle_of_a_shard_write_then_resume(tree, reference, tmp_
     assert list(out.glob(".train-00002-of-00006.*.partial")), "the crash should leave a partial shard"
     assert not (out / "manifest.json").exists()
     before = {p: (out / p).stat().st_mtime_ns for p in published}
-    resumed = subprocess.run(cli(tree, out, 2), capture_output=True, text=True, check=True)
+    resumed = procs.run(cli(tree, out, 2), capture_output=True, text=True, check=True)
     assert tree_bytes(out) == reference, resumed.stderr
     assert {p: (out / p).stat().st_mtime_ns for p in published} == before, "finished shards must be kept, not redone"
 
 
+@pytest.mark.slow
 def test_kill_9_during_the_check_pass_then_resume(tree, reference, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen(cli(tree, out, 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = procs.start(cli(tree, out, 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     journal = out / STATE_DIR / "checked.jsonl"
     deadline = time.monotonic() + 120
     while not (journal.exists() and journal.read_text().count("\n") >= 1) and time.monotonic() < deadline:
@@ -106,7 +108,7 @@ def test_kill_9_during_the_check_pass_then_resume(tree, reference, tmp_path):
     assert not (out / "manifest.json").exists()
     checked = len(Journal(journal).entries)
     assert checked >= 1
-    resumed = subprocess.run(cli(tree, out, 2), capture_output=True, text=True, check=True)
+    resumed = procs.run(cli(tree, out, 2), capture_output=True, text=True, check=True)
     assert tree_bytes(out) == reference, resumed.stderr
 
 

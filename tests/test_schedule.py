@@ -1,12 +1,12 @@
-"""The learning-rate schedule: a pure function of the step, equal to DeepSpeed's, and tied to the global step."""
+"""The learning-rate schedule: a pure function of the step that equals the paper's formulas (written out here,
+not taken from DeepSpeed), drawn as the run's lr.png, and tied to the global step."""
 
 import pytest
 import torch
-from deepspeed.runtime.lr_schedules import WarmupDecayLR
 
 from pipeline import engine, schedule
 from pipeline.scaling import Recipe
-from pipeline.schedule import Schedule, StepLR, derive, lr_at
+from pipeline.schedule import LRSchedule, Schedule, derive, lr_at
 from tests.helpers import small_convnet
 
 # B = 8192 on ImageNet, 90 epochs, 5 of warmup: 157 steps per epoch.
@@ -25,24 +25,66 @@ def test_derived_numbers():
         16 * 40,
     )
     small = derive("warmup_decay", Recipe(64, train_images=1000, epochs=10, warmup_epochs=1))
-    assert small.base_lr == small.peak_lr == 0.025
+    assert small.base_lr == small.peak_lr == 0.025 and small.warmup_steps == 0
 
 
-@pytest.mark.parametrize(
-    "kind, expected",
-    [
-        # Linear warmup: 0.1 + 3.1 * step / 785, then the decay or the steps.
-        ("warmup_decay", {0: 0.1, 1: 0.1 + 3.1 / 785, 392: 0.1 + 3.1 * 392 / 785, 784: 0.1 + 3.1 * 784 / 785,
-                          785: 3.2, 786: 0.1 + 3.1 * (14130 - 786) / (14130 - 785), 14129: 0.1 + 3.1 / 13345,
-                          14130: 0.1, 20000: 0.1}),
-        ("goyal_steps", {0: 0.1, 1: 0.1 + 3.1 / 785, 784: 0.1 + 3.1 * 784 / 785, 785: 3.2, 4709: 3.2, 4710: 0.32,
-                         9419: 0.32, 9420: 0.032, 12559: 0.032, 12560: 0.0032, 14129: 0.0032}),
-    ],
-)  # fmt: skip
-def test_boundary_steps(kind, expected):
-    s = derive(kind, BS8K)
-    for step, lr in expected.items():
-        assert lr_at(s, step) == pytest.approx(lr, rel=1e-12), f"{kind} step {step}"
+def goyal(step: int, batch: int, per_epoch: int, epochs: int = 90) -> float:
+    """Goyal et al. section 2.2 and 5.1, written out: lr 0.1 * B / 256 after 5 epochs of gradual warmup that starts at
+    0.1 and adds a constant every iteration (none for B <= 256), then x0.1 at epochs 30, 60 and 80 of 90."""
+    peak, warmup = 0.1 * batch / 256, 5 * per_epoch if batch > 256 else 0
+    if step < warmup:
+        return 0.1 + (peak - 0.1) * step / warmup
+    return peak * 0.1 ** sum(step >= e * per_epoch * epochs // 90 for e in (30, 60, 80))
+
+
+def linear_to_zero(step: int, batch: int, per_epoch: int, epochs: int = 90) -> float:
+    """The same warmup, then a straight line from the peak to 0 at the end of the last epoch."""
+    peak, warmup, end = 0.1 * batch / 256, 5 * per_epoch if batch > 256 else 0, epochs * per_epoch
+    if step < warmup:
+        return 0.1 + (peak - 0.1) * step / warmup
+    return peak * (end - step) / (end - warmup)
+
+
+# ImageNet's 1,281,167 images: 157 optimizer steps per epoch at B = 8192, 1252 at 1024, 5005 at 256, 20019 at 64.
+@pytest.mark.parametrize("batch, per_epoch", [(8192, 157), (1024, 1252), (256, 5005), (64, 20019)])
+@pytest.mark.parametrize("kind, formula", [("warmup_decay", linear_to_zero), ("goyal_steps", goyal)])
+def test_every_boundary_step_follows_the_paper(kind, formula, batch, per_epoch):
+    s = derive(kind, Recipe(batch))
+    assert (s.steps_per_epoch, s.total_steps) == (per_epoch, 90 * per_epoch)
+    warmup = 5 * per_epoch if batch > 256 else 0
+    boundaries = {0, 1, warmup - 1, warmup, warmup + 1, 90 * per_epoch - 1, 90 * per_epoch}
+    boundaries |= {e * per_epoch + d for e in (30, 60, 80) for d in (-1, 0, 1)}
+    for step in sorted(b for b in boundaries if b >= 0):
+        assert lr_at(s, step) == pytest.approx(formula(step, batch, per_epoch), rel=1e-12, abs=1e-15), step
+
+
+def test_the_schedule_ends_where_the_recipe_does():
+    """warmup_decay reaches 0 at the end of training, also at or below B = 256; goyal_steps ends at peak x 0.001
+    (0.0032 at B = 8192). Both peak at 0.1 * B / 256."""
+    for batch in (64, 256, 8192):
+        s, g = derive("warmup_decay", Recipe(batch)), derive("goyal_steps", Recipe(batch))
+        assert s.peak_lr == g.peak_lr == pytest.approx(0.1 * batch / 256)
+        assert s.end_lr == 0 and lr_at(s, s.total_steps - 1) == pytest.approx(
+            s.peak_lr / (s.total_steps - s.warmup_steps)
+        )
+        assert g.end_lr == pytest.approx(g.peak_lr * 0.001)
+        assert lr_at(s, s.total_steps // 2) < lr_at(s, s.warmup_steps)  # a batch at or below 256 decays too
+    line = derive("warmup_decay", Recipe(8192)).describe()
+    assert "lr 0.1 -> 3.2 over 785 warmup steps, then linearly to 0 at step 14130; peak 3.2, end 0;" in line
+    small = derive("warmup_decay", Recipe(64, train_images=1000, epochs=8)).describe()
+    assert "lr 0.025 from the first step (no warmup" in small and "peak 0.025, end 0;" in small
+
+
+def test_the_run_draws_its_schedule(tmp_path):
+    """lr.png: a small picture of the whole schedule, its corners exact (steps either side of every milestone)."""
+    s = derive("goyal_steps", Recipe(8192))
+    schedule.plot(s, tmp_path / "lr.png")
+    from PIL import Image
+
+    with Image.open(tmp_path / "lr.png") as image:
+        assert image.format == "PNG" and image.size == (400, 208)
+    steps = schedule._plot_steps(s)
+    assert {0, 785, 14130, 4709, 4710, 9419, 9420, 12559, 12560} <= set(steps) and len(steps) < 2200
 
 
 def test_warmup_adds_a_constant_every_step():
@@ -51,23 +93,13 @@ def test_warmup_adds_a_constant_every_step():
     assert max(steps) == pytest.approx(min(steps)) == pytest.approx((3.2 - 0.1) / 785)
 
 
-@pytest.mark.parametrize("warmup_epochs", [0, 1, 2.5])
-def test_equals_deepspeed_warmup_decay_at_every_step(warmup_epochs):
-    s = derive("warmup_decay", Recipe(1024, train_images=5000, epochs=6, warmup_epochs=warmup_epochs))
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    ds = WarmupDecayLR(opt, **schedule.deepspeed_params(s))
-    for step in range(s.total_steps + 3):
-        ds.step(step)
-        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(s, step), rel=1e-12), step
-
-
 def test_step_lr_state_round_trip():
     s = derive("goyal_steps", Recipe(512, train_images=20_000, epochs=9, warmup_epochs=1))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    first = StepLR(opt, s)
+    first = LRSchedule(opt, s)
     assert first.get_last_lr() == [lr_at(s, 0)]
     first.step(123)
-    again = StepLR(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), s)
+    again = LRSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), s)
     again.load_state_dict(first.state_dict())
     assert again.get_last_lr() == [lr_at(s, 123)] and again.last_batch_iteration == 123
 
@@ -175,16 +207,3 @@ def test_channels_last_weights_train_like_contiguous_ones(process_group, fused):
         assert eng.global_steps == 3 and eng.skipped_steps == 0
     for a, b in zip(masters[False], masters[True], strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
-
-
-@pytest.mark.parametrize("batch,warmup_epochs", [(64, 0.0), (256, 5.0), (1024, 0.0), (8192, 5.0)])
-def test_committed_configs_and_runs_build_the_same_scheduler(batch, warmup_epochs):
-    """The generated DeepSpeed file and a run's engine get WarmupDecayLR's parameters from one function, so they
-    agree, no-warmup recipes included."""
-    from pipeline import scaling
-    from pipeline.schedule import deepspeed_params, derive
-
-    r = scaling.Recipe(batch, 32, epochs=10, warmup_epochs=warmup_epochs, train_images=5000)
-    params = scaling.ds_config(r)["scheduler"]["params"]
-    assert params == deepspeed_params(derive("warmup_decay", r))
-    assert params["warmup_type"] == "linear" and params["warmup_num_steps"] == max(1, r.warmup_steps)

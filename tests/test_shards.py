@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline.shards import DataError, build_index, default_index_cache, open_shards, shard_bounds
+from tests import procs
 from tests.helpers import jpeg, write_manifest, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def test_built_indexes_equal_dalis_tfrecord2idx(tmp_path):
     small_set(tmp_path, index=False)
     shard = tmp_path / "train-00001-of-00003"
     tool = Path(sys.executable).parent / "tfrecord2idx"
-    subprocess.run([sys.executable, str(tool), str(shard), str(tmp_path / "dali.idx")], check=True, capture_output=True)
+    procs.run([sys.executable, str(tool), str(shard), str(tmp_path / "dali.idx")], check=True, capture_output=True)
     shards = open_shards(tmp_path)
     assert (tmp_path / "train-00001-of-00003.idx").read_bytes() == (tmp_path / "dali.idx").read_bytes()
     assert shards.splits["train"].counts == (4, 4, 4) and shards.splits["validation"].images == 5
@@ -119,10 +120,10 @@ def run_without_write_access(folder: Path, *args: str) -> subprocess.CompletedPr
     child = [sys.executable, "-c", READ_ONLY_CHILD, str(folder), *args]
     if os.geteuid() == 0:
         script = 'mount --bind -o ro "$0" "$0" && exec "$@"'
-        probe = subprocess.run(["unshare", "--mount", "sh", "-c", script, str(folder), "true"], capture_output=True)
+        probe = procs.run(["unshare", "--mount", "sh", "-c", script, str(folder), "true"], capture_output=True)
         if probe.returncode != 0:
             pytest.skip(f"running as root without mount namespaces: {probe.stderr.decode().strip()}")
-        return subprocess.run(
+        return procs.run(
             ["unshare", "--mount", "sh", "-c", script, str(folder), *child],
             env=env,
             capture_output=True,
@@ -131,7 +132,7 @@ def run_without_write_access(folder: Path, *args: str) -> subprocess.CompletedPr
         )
     os.chmod(folder, 0o555)
     try:
-        return subprocess.run(child, env=env, capture_output=True, text=True, timeout=300)
+        return procs.run(child, env=env, capture_output=True, text=True, timeout=300)
     finally:
         os.chmod(folder, 0o755)
 

@@ -3,13 +3,13 @@ SyncBatchNorm (whose kernels are CUDA-only); two gloo ranks holding half a batch
 process computes with the whole batch. Across hosts: tests/test_multinode.py."""
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from pipeline.distributed import free_port, without_launcher
+from tests import procs
 from tests.helpers import ROOT
 from tests.sync_bn_ranks import batch, layers
 
@@ -17,7 +17,7 @@ from tests.sync_bn_ranks import batch, layers
 @pytest.mark.slow
 def test_two_ranks_with_sync_bn_compute_batch_norm_over_the_whole_batch(tmp_path):
     env = {**without_launcher(os.environ), "SYNC_BN_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+    proc = procs.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(ROOT / "tests" / "sync_bn_ranks.py")], capture_output=True, text=True,
                           timeout=120, env=env, cwd=ROOT)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

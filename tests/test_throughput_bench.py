@@ -11,7 +11,7 @@ import torch
 
 from bench import children, throughput
 from bench import windows as timing
-from pipeline import scaling
+from pipeline import cpu, scaling
 from tests.helpers import run_sh
 
 
@@ -72,7 +72,7 @@ def test_synthetic_batch_has_the_layout_and_type_asked_for():
 @pytest.mark.slow
 def test_the_harness_measures_all_four_and_writes_its_results(prepared, tmp_path):
     ds = tmp_path / "b16.json"
-    ds.write_text(scaling.render(scaling.ds_config(scaling.Recipe(16, 8, "bf16", fused=False))))
+    ds.write_text(scaling.render(scaling.ds_config(scaling.Recipe(16, 8, "auto", fused=False))))
     argv = ["--data-dir", str(prepared), "--micro-batches", "8", "--arch", "resnet18", "--crop-size", "32",
             "--window", "2", "--windows", "2", "--data-threads", "1", "--repeats", "2", "--levers", "none", "--profile",
             "--work", str(tmp_path / "work")]  # fmt: skip
@@ -86,7 +86,8 @@ def test_the_harness_measures_all_four_and_writes_its_results(prepared, tmp_path
     with tarfile.open(tmp_path / "out" / "results.tar") as tar:
         assert sorted(n.removeprefix("./") for n in tar.getnames()) == sorted(p.name for p in results.iterdir())
     result = json.loads(json_file.read_text())
-    assert result["device"].startswith("CPU only") and result["precision"] == "bf16"
+    # The bench's CPU setting follows the processor, as cpu.json does: bf16 where it is native, else fp32.
+    assert result["device"].startswith("CPU only") and result["precision"] == cpu.default_precision()
     assert result["command"] == " ".join(["python bench/throughput.py --results", str(results), "--deepspeed-config",
                                           str(ds), "--tag b16", *argv])  # fmt: skip
     assert [r["micro_batch"] for r in result["rows"]] == [8]

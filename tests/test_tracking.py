@@ -4,19 +4,19 @@ real offline run files."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from pipeline.distributed import without_launcher
+from tests import procs
 from tests.helpers import ROOT, SMALL, ds_file, logged, ok, run_file, train_cli
 
 
 def common(prepared, tmp_path, *more: str) -> list[str]:
-    """A one-epoch bf16 run of the quirky dataset, stopped after 2 optimizer steps."""
+    """A one-epoch fp32 run of the quirky dataset, stopped after 2 optimizer steps."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    return ["--deepspeed_config", ds_file(tmp_path, 32, 16, "bf16"), "--data-dir", str(prepared), *SMALL,
+    return ["--deepspeed_config", ds_file(tmp_path, 32, 16, "fp32"), "--data-dir", str(prepared), *SMALL,
             "--epochs", "1", "--warmup-epochs", "0", "--max-steps", "2", "--out-dir", str(tmp_path / "run"),
             "--log-every", "1", *more]  # fmt: skip
 
@@ -24,7 +24,7 @@ def common(prepared, tmp_path, *more: str) -> list[str]:
 @pytest.mark.slow
 def test_a_slow_input_pipeline_is_named_at_the_epoch_end(prepared, tmp_path):
     env = {**without_launcher(os.environ), "SLOW": "0.5"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_slow_input.py"),
+    proc = procs.run([sys.executable, str(ROOT / "tests" / "train_slow_input.py"),
                            *common(prepared, tmp_path, "--wandb-mode", "disabled")],
                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     stdout = ok(proc)
@@ -43,12 +43,12 @@ def test_wandb_names_runs_to_compare_and_keeps_flat_keys_and_a_summary(prepared,
     stdout = ok(train_cli(*common(prepared, tmp_path, "--wandb-mode", "offline")))
     run = logged(tmp_path / "run")
     assert run["run"]["project"] == "imagenet-pipeline" and run["run"]["job_type"] == "train"
-    assert run["run"]["name"] == "resnet18 B=32 bf16 1xCPU" and run["run"]["group"] == "resnet18 B=32"
-    assert run["run"]["tags"] == ["resnet18", "B=32", "bf16", "1xCPU"]
+    assert run["run"]["name"] == "resnet18 B=32 fp32 1xCPU" and run["run"]["group"] == "resnet18 B=32"
+    assert run["run"]["tags"] == ["resnet18", "B=32", "fp32", "1xCPU"]
     config = run["config"]
     assert {k: config[k] for k in ("arch", "global_batch", "micro_batch", "grad_accum", "world_size", "precision")} == {
         "arch": "resnet18", "global_batch": 32, "micro_batch": 16, "grad_accum": 2, "world_size": 1,
-        "precision": "bf16"}  # fmt: skip
+        "precision": "fp32"}  # fmt: skip
     assert config["peak_lr"] == config["schedule"]["peak_lr"]  # the flat keys beside the full sections
     steps = [h for h in run["history"] if "train/loss" in h]
     assert len(steps) == 2 and all(h["train/data_wait_s"] >= 0 and h["train/step_s"] > 0 for h in steps)

@@ -4,18 +4,17 @@ launcher, resume equivalence, and the errors a user can hit."""
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint, train
+from pipeline import checkpoint, cpu, engine, train
 from pipeline.schedule import Schedule, lr_at
 from pipeline.shards import IGNORE, shard_bounds
+from tests import procs
 from tests.helpers import CPU_ONLY, ROOT, SMALL, ds_file, labelled_set, logged, metrics, ok, train_cli, weights
 
 
@@ -45,10 +44,15 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["run"]["optim"]["arch"] == "resnet18" and saved["derived"]["train_images"] == images
     assert saved["schedule"]["total_steps"] == 3 * per_epoch and saved["deepspeed"]["gradient_accumulation_steps"] == 2
-    # On a CPU: NCHW batches and model, bf16 batches cast from DALI's float32, two batches prefetched.
+    # On a CPU: NCHW batches and model, in cpu.json's precision for this processor (bf16 batches cast from DALI's
+    # float32 where bf16 is native, float32 elsewhere), two batches prefetched.
     assert not saved["derived"]["channels_last"]
+    dtype = engine.DATA_DTYPES[cpu.default_precision()]
     assert {k: saved["derived"]["data"][k] for k in ("layout", "dtype", "prefetch", "batch_size")} == {
-        "layout": "NCHW", "dtype": "bfloat16", "prefetch": 2, "batch_size": 32}  # fmt: skip
+        "layout": "NCHW", "dtype": dtype, "prefetch": 2, "batch_size": 32}  # fmt: skip
+    assert saved["derived"]["precision"] == cpu.default_precision()
+    # The whole schedule, drawn: lr.png in the run folder.
+    assert (out / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # No GPU decoder, so nothing allocated up front; --data-threads 1 as asked.
     assert saved["derived"]["data_threads"] == 1
     assert saved["derived"]["decoder_memory"] == {"gpu_bytes": 0, "pinned_bytes": 0}
@@ -134,11 +138,11 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     """Ranks see disjoint slices of each epoch and end with identical weights (BN statistics stay per rank)."""
     data = labelled_set(tmp_path / "data", train=45, val=21)
     report = tmp_path / "ranks.json"
-    ds = ds_file(tmp_path, 16, 4, "bf16")
+    ds = ds_file(tmp_path, 16, 4, "fp32")
     launcher = Path(sys.executable).parent / "deepspeed"
     from pipeline.distributed import free_port
 
-    proc = subprocess.run(
+    proc = procs.run(
         [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests" / "train_ranks.py"),
          "--deepspeed_config", ds, "--data-dir", str(data), *SMALL, "--epochs", "2",
          "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled"],
@@ -167,7 +171,7 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
         (["--deepspeed_config", "missing.json"], "--deepspeed_config missing.json: cannot read it as JSON"),
         (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3.0: must lie in [0, --epochs 2)"),
         (["--loss-scale-window", "-1"], "--loss-scale-window -1: must not be negative"),
-        (["--loss-scale-window", "50"], "cpu.json trains in bf16, which has no loss scale"),
+        (["--loss-scale-window", "50"], "which has no loss scale; leave the flag out or use an fp16 configuration"),
         # No silent CPU fallback: a GPU configuration on a host without usable CUDA stops, naming why.
         pytest.param(["--deepspeed_config", str(ROOT / "ds_configs" / "bs256-autocast.json")],
                      "bs256-autocast.json asks for autocast-fp16, but CUDA is not usable on this host", marks=CPU_ONLY),
@@ -239,15 +243,13 @@ def test_label_smoothing_is_the_loss_the_run_trains_with(yaml_run):
     """The run trains on cross-entropy with the configured smoothing: (1 - e) CE + e x the mean over classes of
     -log p, padding labels left out."""
     smoothing = yaml.safe_load((yaml_run[0] / "config.yaml").read_text())["run"]["optim"]["label_smoothing"]
-    run = SimpleNamespace(opts=SimpleNamespace(optim=SimpleNamespace(label_smoothing=smoothing)))
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 4, 2, IGNORE, 1, 3])
     logp = torch.log_softmax(logits, 1)[labels != IGNORE]
     kept = labels[labels != IGNORE]
     expected = (0.9 * -logp[torch.arange(5), kept] + 0.1 * -logp.mean(1)).mean()
-    assert train.loss_fn(run, logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
-    unsmoothed = SimpleNamespace(opts=SimpleNamespace(optim=SimpleNamespace(label_smoothing=0.0)))
-    plain = train.loss_fn(unsmoothed, logits, labels).item()
+    assert train.cross_entropy(logits, labels, smoothing).item() == pytest.approx(expected.item(), rel=1e-6)
+    plain = train.cross_entropy(logits, labels).item()
     assert plain == pytest.approx(-logp[torch.arange(5), kept].mean().item(), rel=1e-6)
     assert abs(plain - expected.item()) > 1e-3
 

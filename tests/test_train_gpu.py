@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from pipeline import engine, train
 from pipeline.distributed import without_launcher
 from pipeline.meters import StepMeter
+from tests import procs
 from tests.helpers import ROOT, labelled_set, metrics, ok, weights
 
 pytestmark = pytest.mark.gpu
@@ -36,7 +36,7 @@ def test_fp16_resnet50_trains_and_its_loss_scale_moves(tmp_path, name, conv_dtyp
     # Infinite pixels in step 2's images: its gradients overflow, the step is skipped and the scale halves.
     # --loss-scale-window 2: after 2 clean steps it doubles again (3 for DeepSpeed's wrapper, which counts from
     # the step after the overflow).
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "train_faulty.py"), *args], capture_output=True,
+    proc = procs.run([sys.executable, str(ROOT / "tests" / "train_faulty.py"), *args], capture_output=True,
                           text=True, timeout=600, env={**without_launcher(os.environ), "FAULT": "inf@2"})  # fmt: skip
     stdout = ok(proc)
     assert "note:" not in stdout  # no fallback on a GPU
@@ -104,12 +104,12 @@ def test_training_steps_between_flushes_do_not_sync(tmp_path):
     labels = torch.randint(0, run.data.num_classes, (32,), device=eng.device)
     meter = StepMeter(run.micro, run.schedule.steps_per_epoch, eng.device)
     for _ in range(4):  # warm-up: cuDNN's autotuning and the scaler's first scale may synchronise
-        train.train_step(run, images, labels, meter)
+        train.train_step(run.engine, run.scale, run.criterion, images, labels, meter)
     meter.flush()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        closed = [train.train_step(run, images, labels, meter) for _ in range(6)]
+        closed = [train.train_step(run.engine, run.scale, run.criterion, images, labels, meter) for _ in range(6)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert closed == [False, True] * 3 and eng.global_steps == 5
