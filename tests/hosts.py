@@ -13,11 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 
-from pipeline.distributed import LAUNCHER_VARIABLES
+from pipeline.launch import LAUNCHER_VARIABLES, free_port
 from tests import procs
 
 SSHD = "/usr/sbin/sshd"
@@ -41,12 +42,16 @@ def command_line(pid: int) -> str:
 class Hosts:
     """`count` test hosts; `names` are their addresses (what a hostfile lists)."""
 
+    made = 0
+
     def __init__(self, folder: Path, count: int = 2):
         for tool in ("ip", "pdsh", SSHD, "ssh-keygen"):
             if not shutil.which(tool):
                 raise RuntimeError(f"{tool} not found: the multi-node tests need iproute2, pdsh and openssh-server "
                                    "(make test installs them)")  # fmt: skip
-        self.folder, tag = folder, os.getpid() % 10000
+        # A tag of this process and instance: two sets of hosts never share a name, even while one is going away.
+        Hosts.made += 1
+        self.folder, tag = folder, (os.getpid() * 8 + Hosts.made) % 10000
         # A subnet and interface names of this process's own, so concurrent or leftover runs do not collide.
         self.subnet = f"10.{70 + tag % 50}.{tag // 50 % 250}"
         self.bridge, self.namespaces = f"tbr{tag}", [f"tsth{tag}-{i}" for i in range(count)]
@@ -155,3 +160,105 @@ class Hosts:
                     pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+
+class Slurm:
+    """A SLURM cluster of the test hosts: munged (a throwaway key, its own socket) and slurmctld on this machine at
+    the bridge's address, and a slurmd per host in its namespace, named node0, node1, ... Every file lives in the
+    hosts' folder: SLURM_CONF in `env` points srun, sbatch and scontrol at it. The node names resolve inside the
+    namespaces (ip netns exec bind-mounts /etc/netns/<ns>/hosts over /etc/hosts), as a cluster's DNS would do.
+    Needs slurm-wlm and munge (make test installs them); no cgroups (proctrack/linuxproc, task/none)."""
+
+    def __init__(self, hosts: Hosts):
+        self.hosts, self.folder = hosts, hosts.folder / "slurm"
+        self.names = [f"node{i}" for i in range(len(hosts.names))]
+        self.daemons: list[subprocess.Popen] = []
+        self.folder.mkdir()
+        try:
+            self._munge()
+            self._configure()
+            self._start()
+        except Exception:
+            self.close()
+            raise
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"SLURM_CONF": str(self.folder / "slurm.conf")}
+
+    def _munge(self) -> None:
+        f = self.folder
+        (f / "munge.key").write_bytes(os.urandom(1024))
+        (f / "munge.key").chmod(0o600)
+        files = {"key-file": "munge.key", "socket": "munge.socket", "pid-file": "munged.pid", "log-file": "munged.log",
+                 "seed-file": "munged.seed"}  # fmt: skip
+        _run("munged", "--force", *(f"--{option}={f / name}" for option, name in files.items()))
+
+    def _configure(self) -> None:
+        f, h = self.folder, self.hosts
+        for sub in ("state", "spool", *(f"spool/{n}" for n in self.names)):
+            (f / sub).mkdir()
+        pairs = list(zip(self.names, h.names, strict=True))
+        nodes = "".join(f"NodeName={n} NodeAddr={a} CPUs=2 State=UNKNOWN\n" for n, a in pairs)
+        (f / "slurm.conf").write_text(
+            f"ClusterName=test\nSlurmctldHost={socket.gethostname()}({h.subnet}.1)\nSlurmUser=root\nSlurmdUser=root\n"
+            f"AuthType=auth/munge\nCredType=cred/munge\nAuthInfo=socket={f / 'munge.socket'}\n"
+            "ProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\nJobAcctGatherType=jobacct_gather/none\n"
+            "SelectType=select/cons_tres\nSelectTypeParameters=CR_CPU\nSlurmdParameters=config_overrides\n"
+            "ReturnToService=2\nMpiDefault=none\nMailProg=/bin/true\nSlurmdTimeout=10\nInactiveLimit=0\nKillWait=5\n"
+            # sbatch --wait polls every 2 s while MinJobAge/2 allows (with the default 300 s, after 2, 8 and 32 s).
+            "MinJobAge=4\n"
+            # The controller listens on this machine: a free port, so that two clusters never collide.
+            f"SlurmctldPort={free_port()}\n"
+            f"StateSaveLocation={f / 'state'}\nSlurmdSpoolDir={f / 'spool'}/%n\n"
+            f"SlurmctldPidFile={f / 'slurmctld.pid'}\nSlurmdPidFile={f / 'spool'}/slurmd-%n.pid\n"
+            f"SlurmctldLogFile={f / 'slurmctld.log'}\nSlurmdLogFile={f / 'spool'}/slurmd-%n.log\n"
+            f"{nodes}PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n"
+        )
+        # The v1 plugin loads without a cgroup v1 hierarchy; autodetect would fail on this machine's mounts.
+        (f / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\nCgroupAutomount=no\n")
+        lines = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in pairs)
+        for ns in h.namespaces:
+            Path(f"/etc/netns/{ns}").mkdir(parents=True, exist_ok=True)
+            Path(f"/etc/netns/{ns}/hosts").write_text(lines)
+
+    def _start(self) -> None:
+        env = {**os.environ, **self.env}
+        log = open(self.folder / "daemons.log", "a")  # noqa: SIM115 (open while the daemons run)
+        self.daemons.append(subprocess.Popen(["slurmctld", "-D", "-i"], env=env, stdout=log, stderr=log))
+        for i in range(len(self.names)):
+            self.start_slurmd(i)
+        self.wait_idle()
+
+    def start_slurmd(self, host: int) -> None:
+        """(Re)start a host's slurmd, as its node booting would."""
+        env = {**os.environ, **self.env}
+        log = open(self.folder / "daemons.log", "a")  # noqa: SIM115
+        command = ["ip", "netns", "exec", self.hosts.namespaces[host], "slurmd", "-D", "-N", self.names[host]]
+        self.daemons.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+
+    def wait_idle(self, seconds: float = 60) -> None:
+        """Wait until every node is idle (up, running nothing)."""
+        deadline, env = time.monotonic() + seconds, {**os.environ, **self.env}
+        while True:
+            proc = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=env)
+            states = dict(line.split() for line in proc.stdout.splitlines())
+            if sorted(states) == self.names and set(states.values()) == {"idle"}:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"SLURM nodes not idle after {seconds} s: {states or proc.stderr.strip()}")
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        """Stop the daemons and remove the names."""
+        for daemon in self.daemons:
+            daemon.kill()
+            daemon.wait()
+        pid_file = self.folder / "munged.pid"
+        if pid_file.exists():
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+        for ns in self.hosts.namespaces:
+            shutil.rmtree(f"/etc/netns/{ns}", ignore_errors=True)
