@@ -43,7 +43,7 @@ if str(ROOT) not in sys.path:
 from bench.common import BENCH, machine  # noqa: E402
 from bench.report import device_name, device_slug  # noqa: E402
 from pipeline import checkpoint, scaling  # noqa: E402
-from pipeline.distributed import without_launcher  # noqa: E402
+from pipeline.launch import without_launcher  # noqa: E402
 from pipeline.scaling_study import final_top1  # noqa: E402
 from pipeline.tracking import STEPS  # noqa: E402
 
@@ -68,8 +68,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--loss-scale-window", type=int, default=25, help="fp16: clean steps before the scale doubles")
     p.add_argument("--top1-tolerance", type=float, default=1.0, help="points of top-1 a 16-bit run may lose")
     p.add_argument("--bn-tolerance", type=float, default=0.1, help="relative distance of BN statistics to fp32's")
-    p.add_argument("--fp16-on-cpu", action="store_true", help="on a CPU, run the fp16 modes anyway: DeepSpeed's fp16 "
-                   "wrapper through bench/fp16_cpu_train.py, both with --allow-cpu (slow: emulated fp16)")  # fmt: skip
+    p.add_argument(
+        "--fp16-on-cpu",
+        action="store_true",
+        help="on a CPU, run the fp16 modes anyway: DeepSpeed's fp16 "
+        "wrapper through bench/fp16_cpu_train.py, both with --allow-cpu (slow: emulated fp16)",
+    )
     p.add_argument("--results", default=str(BENCH / "results"), help="folder for the results")
     p.add_argument("--work", default=str(BENCH / "work" / "numerics"), help="folder for the runs (emptied first)")
     args = p.parse_args(argv)
@@ -85,20 +89,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace, mode: str, folder: Path) -> tuple[int, list[str]]:
     """pipeline/train.py in `mode`, everything else as in every other mode: its exit status and command."""
     gpu = torch.cuda.is_available()
-    recipe = scaling.Recipe(args.batch, args.micro_batch, mode, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-                            fused=gpu)  # fmt: skip
+    recipe = scaling.Recipe(
+        args.batch, args.micro_batch, mode, epochs=args.epochs, warmup_epochs=args.warmup_epochs, fused=gpu
+    )
     folder.mkdir(parents=True)
     (folder / "ds.json").write_text(scaling.render(scaling.ds_config(recipe)))
     fp16_on_cpu = args.fp16_on_cpu and not gpu and mode in LOSS_SCALED
     script = ROOT / ("bench/fp16_cpu_train.py" if fp16_on_cpu else "pipeline/train.py")
     argv = [
-        sys.executable, str(script), "--deepspeed_config", str(folder / "ds.json"),
-        "--data-dir", args.data_dir, "--arch", args.arch, "--epochs", str(args.epochs),
-        "--warmup-epochs", str(args.warmup_epochs), "--crop-size", str(args.crop_size),
-        "--val-resize", str(args.val_resize), "--seed", str(args.seed), "--out-dir", str(folder / "run"),
-        "--save-every-epochs", str(args.epochs), "--keep-checkpoints", "1", "--log-every", "1",
-        "--wandb-mode", "disabled",
-    ]  # fmt: skip
+        sys.executable,
+        str(script),
+        "--deepspeed_config",
+        str(folder / "ds.json"),
+        "--data-dir",
+        args.data_dir,
+        "--arch",
+        args.arch,
+        "--epochs",
+        str(args.epochs),
+        "--warmup-epochs",
+        str(args.warmup_epochs),
+        "--crop-size",
+        str(args.crop_size),
+        "--val-resize",
+        str(args.val_resize),
+        "--seed",
+        str(args.seed),
+        "--out-dir",
+        str(folder / "run"),
+        "--save-every-epochs",
+        str(args.epochs),
+        "--keep-checkpoints",
+        "1",
+        "--log-every",
+        "1",
+        "--wandb-mode",
+        "disabled",
+    ]
     if mode in LOSS_SCALED:
         argv += ["--loss-scale-window", str(args.loss_scale_window)]
     if fp16_on_cpu:
@@ -108,8 +135,10 @@ def train(args: argparse.Namespace, mode: str, folder: Path) -> tuple[int, list[
     print(f"[{mode}] {' '.join(argv[1:])}", flush=True)
     with open(folder / "log.txt", "w") as log:
         proc = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return proc.returncode, ["python", *[str(Path(a).relative_to(ROOT)) if a.startswith(str(ROOT)) else a
-                                         for a in argv[1:]]]  # fmt: skip
+    return proc.returncode, [
+        "python",
+        *[str(Path(a).relative_to(ROOT)) if a.startswith(str(ROOT)) else a for a in argv[1:]],
+    ]
 
 
 def bn_statistics(run: Path) -> dict[str, torch.Tensor]:
@@ -138,9 +167,15 @@ def loss_scale_moves(rows: list[dict]) -> dict:
     growths = sum(after["loss_scale"] > before["loss_scale"] for before, after in zip(rows, rows[1:], strict=False))
     scales = [r["loss_scale"] for r in rows]
     skipped = rows[-1]["skipped_steps"]
-    return {"skipped_steps": skipped, "growths": growths, "skipped_share": skipped / len(rows),
-            "first_scale": scales[0], "min_scale": min(scales), "max_scale": max(scales),
-            "last_scale": scales[-1]}  # fmt: skip
+    return {
+        "skipped_steps": skipped,
+        "growths": growths,
+        "skipped_share": skipped / len(rows),
+        "first_scale": scales[0],
+        "min_scale": min(scales),
+        "max_scale": max(scales),
+        "last_scale": scales[-1],
+    }
 
 
 def measure(args: argparse.Namespace, mode: str, folder: Path, reference: tuple | None) -> tuple[dict, dict | None]:
@@ -181,17 +216,23 @@ def verdicts(runs: list[dict], args: argparse.Namespace) -> list[str]:
         lines.append(f"{r['mode']}: BN statistics finite: {'yes' if r['bn_finite'] else 'NO'}")
         if "top1_vs_fp32" in r:
             ok = r["top1_vs_fp32"] >= -args.top1_tolerance
-            lines.append(f"{r['mode']}: top-1 {r['top1']:.2f} vs fp32 {r['top1'] - r['top1_vs_fp32']:.2f} "
-                         f"({r['top1_vs_fp32']:+.2f} points; within {args.top1_tolerance}: {_yes(ok)})")  # fmt: skip
+            lines.append(
+                f"{r['mode']}: top-1 {r['top1']:.2f} vs fp32 {r['top1'] - r['top1_vs_fp32']:.2f} "
+                f"({r['top1_vs_fp32']:+.2f} points; within {args.top1_tolerance}: {_yes(ok)})"
+            )
             d = r["bn_distance"]
             far = max(d["running_mean_scale"], d["running_var_scale"])
-            lines.append(f"{r['mode']}: BN statistics' size per layer within {far:.3f} of fp32's "
-                         f"(at most {args.bn_tolerance}: {_yes(far <= args.bn_tolerance)})")  # fmt: skip
+            lines.append(
+                f"{r['mode']}: BN statistics' size per layer within {far:.3f} of fp32's "
+                f"(at most {args.bn_tolerance}: {_yes(far <= args.bn_tolerance)})"
+            )
         if r["loss_scale"] is not None:
             s = r["loss_scale"]
             ok = s["skipped_steps"] >= 1 and s["growths"] >= 1
-            lines.append(f"{r['mode']}: loss scale {s['skipped_steps']} overflow skips, {s['growths']} growths "
-                         f"(at least one of each: {_yes(ok)})")  # fmt: skip
+            lines.append(
+                f"{r['mode']}: loss scale {s['skipped_steps']} overflow skips, {s['growths']} growths "
+                f"(at least one of each: {_yes(ok)})"
+            )
     return lines
 
 
@@ -201,23 +242,33 @@ def _yes(ok: bool) -> str:
 
 def markdown(result: dict) -> str:
     """The comparison as a table and the verdicts."""
-    lines = [f"# 16-bit numerics against fp32, {result['date']}", "",
-             f"{result['device']}; {result['arch']} at {result['crop_size']} px, {result['epochs']} epochs, "
-             f"B={result['batch']} (micro-batch {result['micro_batch']}), seed {result['seed']}, "
-             f"loss-scale window {result['loss_scale_window']}. Command: `{result['command']}`", "",
-             "| mode | top-1 | vs fp32 | final loss | BN size diff. (mean, var) | BN distance (mean, var) | skips "
-             "| growths | loss scale range |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines = [
+        f"# 16-bit numerics against fp32, {result['date']}",
+        "",
+        f"{result['device']}; {result['arch']} at {result['crop_size']} px, {result['epochs']} epochs, "
+        f"B={result['batch']} (micro-batch {result['micro_batch']}), seed {result['seed']}, "
+        f"loss-scale window {result['loss_scale_window']}. Command: `{result['command']}`",
+        "",
+        "| mode | top-1 | vs fp32 | final loss | BN size diff. (mean, var) | BN distance (mean, var) | skips "
+        "| growths | loss scale range |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in result["runs"]:
         if "failed" in r:
             lines.append(f"| {r['mode']} | failed ({r['failed']}) |  |  |  |  |  |  |  |")
             continue
         d, s = r.get("bn_distance"), r["loss_scale"]
-        cells = [r["mode"], f"{r['top1']:.2f}", f"{r['top1_vs_fp32']:+.2f}" if "top1_vs_fp32" in r else "",
-                 f"{r['final_loss']:.3f}", f"{d['running_mean_scale']:.3f}, {d['running_var_scale']:.3f}" if d else "",
-                 f"{d['running_mean_distance']:.3f}, {d['running_var_distance']:.3f}" if d else "",
-                 str(s["skipped_steps"]) if s else "", str(s["growths"]) if s else "",
-                 f"{s['min_scale']:g}..{s['max_scale']:g}" if s else ""]  # fmt: skip
+        cells = [
+            r["mode"],
+            f"{r['top1']:.2f}",
+            f"{r['top1_vs_fp32']:+.2f}" if "top1_vs_fp32" in r else "",
+            f"{r['final_loss']:.3f}",
+            f"{d['running_mean_scale']:.3f}, {d['running_var_scale']:.3f}" if d else "",
+            f"{d['running_mean_distance']:.3f}, {d['running_var_distance']:.3f}" if d else "",
+            str(s["skipped_steps"]) if s else "",
+            str(s["growths"]) if s else "",
+            f"{s['min_scale']:g}..{s['max_scale']:g}" if s else "",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([*lines, "", *[f"- {v}" for v in result["verdicts"]], ""])
 
@@ -232,11 +283,23 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(info),
         "date": datetime.date.today().isoformat(),
         "command": " ".join(["python", "bench/numerics.py", *(sys.argv[1:] if argv is None else argv)]),
-        **{k: getattr(args, k) for k in ("arch", "epochs", "crop_size", "batch", "micro_batch", "seed",
-                                          "loss_scale_window", "top1_tolerance", "bn_tolerance")},
+        **{
+            k: getattr(args, k)
+            for k in (
+                "arch",
+                "epochs",
+                "crop_size",
+                "batch",
+                "micro_batch",
+                "seed",
+                "loss_scale_window",
+                "top1_tolerance",
+                "bn_tolerance",
+            )
+        },
         "machine": info,
         "runs": [],
-    }  # fmt: skip
+    }
     stem = Path(args.results) / f"{result['date']}-{device_slug(info)}-numerics"
     stem.parent.mkdir(parents=True, exist_ok=True)
     reference = None  # fp32's run and BN statistics, once it has run

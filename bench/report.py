@@ -43,6 +43,8 @@ def device_slug(info: dict) -> str:
 def verdicts(result: dict) -> list[str]:
     """The issue's three targets, judged on the best end-to-end row (on a GPU)."""
     best = result["best"]
+    if best is None:
+        return ["No micro-batch measured (--micro-batches none: the levers alone)."]
     e2e, share, vs_amp = best["end_to_end_img_s"], best["end_to_end_vs_synthetic"], best["deepspeed_vs_amp"]
     if not result["gpu"]:
         return ["Targets are for one H100/H200 GPU: not judged on a CPU."]
@@ -76,6 +78,8 @@ def markdown(result: dict) -> str:
         "| end to end / synthetic | DeepSpeed / AMP | model TFLOP/s (synthetic) |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    if not result["rows"]:
+        lines = lines[:-3]
     for r in result["rows"]:
         lines.append(
             f"| {r['micro_batch']} | {r['dali_pipeline_img_s']:,.0f} | {r['synthetic_img_s']:,.0f} | "
@@ -97,10 +101,17 @@ def markdown(result: dict) -> str:
                 cells = " | ".join(f"{p[k]:.1f}" for k in PHASES)
                 lines.append(f"| {r['micro_batch']} | {name} | {cells} | {sum(p.values()):.1f} |")
     if result["levers"]:
-        lines += ["", f"Levers at micro-batch {result['lever_micro_batch']}, each against its first setting:", "",
-                  "| lever | measured | setting | images/s | vs first |", "|---|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {x['lever']} | {x['mode']} | {x['setting']} | {x['img_s']:,.0f} | {x['vs_default']:.3f} |"
-                  for x in result["levers"]]  # fmt: skip
+        lines += [
+            "",
+            f"Levers at micro-batch {result['lever_micro_batch']}, each against its first setting:",
+            "",
+            "| lever | measured | setting | images/s | vs first |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {x['lever']} | {x['mode']} | {x['setting']} | {x['img_s']:,.0f} | {x['vs_default']:.3f} |"
+            for x in result["levers"]
+        ]
     for note in result["notes"]:
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"

@@ -51,7 +51,7 @@ from bench.data_bench import bench_shards  # noqa: E402
 from bench.report import HOPPER_MATRIX_FLOP_S, device_name, device_slug, markdown, train_flop, verdicts  # noqa: E402
 from bench.windows import steady_rates, steps_needed  # noqa: E402
 from pipeline import engine  # noqa: E402
-from pipeline.distributed import without_launcher  # noqa: E402
+from pipeline.launch import without_launcher  # noqa: E402
 from pipeline.model import uses_channels_last  # noqa: E402
 
 MODES = ("dali_pipeline", "synthetic", "end_to_end", "baseline_amp")
@@ -61,25 +61,38 @@ NOT_FLAGS = ("fused", "profile", "engine")
 # Each lever: the measurement it shows in, and its settings (train.py flags; "fused" edits the DeepSpeed
 # configuration), the first being the tuned default the others are compared with.
 LEVERS = {
-    "memory_format": ("end_to_end", {"channels_last": {"memory_format": "channels_last"},
-                                     "contiguous (NCHW)": {"memory_format": "contiguous"}}),
+    "memory_format": (
+        "end_to_end",
+        {"channels_last": {"memory_format": "channels_last"}, "contiguous (NCHW)": {"memory_format": "contiguous"}},
+    ),
     "fused_sgd": ("synthetic", {"fused": {"fused": True}, "unfused (foreach)": {"fused": False}}),
     "log_every": ("synthetic", {"20": {"log_every": 20}, "1 (a sync every step)": {"log_every": 1}}),
-    "data_prefetch": ("end_to_end", {"2": {"data_prefetch": 2}, "1": {"data_prefetch": 1},
-                                     "4": {"data_prefetch": 4}}),
+    "data_prefetch": ("end_to_end", {"2": {"data_prefetch": 2}, "1": {"data_prefetch": 1}, "4": {"data_prefetch": 4}}),
     "data_threads": ("end_to_end", {"default": {}, "4": {"data_threads": 4}, "2": {"data_threads": 2}}),
-    "hw_decoder_load": ("end_to_end", {"per GPU model": {}, "0 (nvJPEG CUDA only)": {"hw_decoder_load": 0.0},
-                                       "0.9": {"hw_decoder_load": 0.9}}),
-    "compile": ("synthetic", {"none": {"compile": "none"}, "default": {"compile": "default"},
-                              "reduce-overhead (CUDA graphs)": {"compile": "reduce-overhead"}}),
-}  # fmt: skip
+    "hw_decoder_load": (
+        "end_to_end",
+        {"per GPU model": {}, "0 (nvJPEG CUDA only)": {"hw_decoder_load": 0.0}, "0.9": {"hw_decoder_load": 0.9}},
+    ),
+    "compile": (
+        "synthetic",
+        {
+            "none": {"compile": "none"},
+            "default": {"compile": "default"},
+            "reduce-overhead (CUDA graphs)": {"compile": "reduce-overhead"},
+        },
+    ),
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line, with defaults for the device at hand."""
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--micro-batches", default="32,128,256" if gpu else "16,32", help="per-GPU micro-batches")
+    p.add_argument(
+        "--micro-batches",
+        default="32,128,256" if gpu else "16,32",
+        help="per-GPU micro-batches, or none (the levers alone, at --lever-micro-batch)",
+    )
     p.add_argument("--arch", default="resnet50" if gpu else "resnet18")
     p.add_argument("--crop-size", type=int, default=224 if gpu else 112)
     p.add_argument("--deepspeed-config", default=str(ROOT / "ds_configs" / ("bs256.json" if gpu else "cpu.json")))
@@ -90,15 +103,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, help="optimizer steps left out at the start (default: 2 windows)")
     p.add_argument("--repeats", type=int, default=1, help="runs of each measurement, taking turns; windows pooled")
     p.add_argument("--data-threads", type=int, default=0, help="DALI threads (0: every core)")
-    p.add_argument("--levers", default="auto", help="auto (all on a GPU, none on a CPU), none, all, or names: "
-                   + ",".join(LEVERS))  # fmt: skip
+    p.add_argument(
+        "--levers", default="auto", help="auto (all on a GPU, none on a CPU), none, all, or names: " + ",".join(LEVERS)
+    )
     p.add_argument("--lever-micro-batch", type=int, help="micro-batch of the lever runs (default: the largest)")
     p.add_argument("--profile", action="store_true", help="also profile each micro-batch (see above)")
     p.add_argument("--results", default=str(BENCH / "results"), help="folder for the results")
     p.add_argument("--tag", default="", help="added to the results' file names (<date>-<device>-<tag>.json)")
     p.add_argument("--work", default=str(BENCH / "work" / "throughput"), help="folder for the runs (emptied first)")
     args = p.parse_args(argv)
-    args.micro_batches = [int(m) for m in args.micro_batches.split(",")]
+    args.micro_batches = [] if args.micro_batches == "none" else [int(m) for m in args.micro_batches.split(",")]
+    if not args.micro_batches and not args.lever_micro_batch:
+        raise SystemExit("error: --micro-batches none measures the levers alone: give --lever-micro-batch")
     args.warmup_steps = 2 * args.window if args.warmup_steps is None else args.warmup_steps
     args.levers = _levers(args.levers, gpu)
     args.lever_micro_batch = args.lever_micro_batch or max(args.micro_batches)
@@ -123,7 +139,7 @@ class Bench:
     """The measurements of one harness run: shards, configurations, and the children that measure."""
 
     def __init__(self, args: argparse.Namespace):
-        from pipeline.shards import open_shards
+        from pipeline.data.shards import open_shards
 
         self.args, self.gpu = args, torch.cuda.is_available()
         self.work = Path(args.work)
@@ -133,7 +149,7 @@ class Bench:
         shards = open_shards(str(self.shards))
         self.train_images, self.num_classes = shards.splits["train"].images, shards.num_classes
         self.base = json.loads(Path(args.deepspeed_config).read_text())
-        fitted, self.notes = engine.fit(self.base, args.deepspeed_config, 1, self.gpu)
+        fitted, self.notes = engine.configure(self.base, args.deepspeed_config, 1, self.gpu)
         self.precision = engine.precision(fitted)
         self.runs = 0
         self.info, self.date = machine(), datetime.date.today().isoformat()
@@ -160,12 +176,37 @@ class Bench:
         validation or checkpoint until --max-steps, wandb off, and the setting's own flags."""
         a = self.args
         argv = [
-            "--deepspeed_config", str(ds_path), "--data-dir", str(self.shards), "--arch", a.arch,
-            "--crop-size", str(a.crop_size), "--val-resize", str(a.crop_size), "--epochs", "1000",
-            "--warmup-epochs", "0", "--max-steps", str(steps), "--log-every", str(window),
-            "--eval-every", "1000", "--save-every-epochs", "1000", "--keep-checkpoints", "1",
-            "--data-threads", str(a.data_threads), "--out-dir", str(out), "--wandb-mode", "disabled",
-        ]  # fmt: skip
+            "--deepspeed_config",
+            str(ds_path),
+            "--data-dir",
+            str(self.shards),
+            "--arch",
+            a.arch,
+            "--crop-size",
+            str(a.crop_size),
+            "--val-resize",
+            str(a.crop_size),
+            "--epochs",
+            "1000",
+            "--warmup-epochs",
+            "0",
+            "--max-steps",
+            str(steps),
+            "--log-every",
+            str(window),
+            "--eval-every",
+            "1000",
+            "--save-every-epochs",
+            "1000",
+            "--keep-checkpoints",
+            "1",
+            "--data-threads",
+            str(a.data_threads),
+            "--out-dir",
+            str(out),
+            "--wandb-mode",
+            "disabled",
+        ]
         for name, value in settings.items():
             if name not in NOT_FLAGS:
                 argv += ["--" + name.replace("_", "-"), str(value)]
@@ -187,12 +228,26 @@ class Bench:
         if mode == "end_to_end":
             command = [sys.executable, str(ROOT / "pipeline" / "train.py"), *argv]
         else:
-            spec = dict(mode=mode, argv=argv, result=str(folder / "result.json"), data_dir=str(self.shards),
-                        micro=micro, accum=accum, crop=a.crop_size, precision=self.precision, steps=steps,
-                        steps_per_epoch=per_epoch, window=window, arch=a.arch, num_classes=self.num_classes,
-                        channels_last=uses_channels_last(settings.get("memory_format", "auto"), self.gpu),
-                        data_threads=a.data_threads, sgd=ds["optimizer"]["params"], warmup=a.warmup_steps,
-                        engine=settings.get("engine"))  # fmt: skip
+            spec = dict(
+                mode=mode,
+                argv=argv,
+                result=str(folder / "result.json"),
+                data_dir=str(self.shards),
+                micro=micro,
+                accum=accum,
+                crop=a.crop_size,
+                precision=self.precision,
+                steps=steps,
+                steps_per_epoch=per_epoch,
+                window=window,
+                arch=a.arch,
+                num_classes=self.num_classes,
+                channels_last=uses_channels_last(settings.get("memory_format", "auto"), self.gpu),
+                data_threads=a.data_threads,
+                sgd=ds["optimizer"]["params"],
+                warmup=a.warmup_steps,
+                engine=settings.get("engine"),
+            )
             if settings.get("profile"):
                 spec.update(profile=str(folder / "profile.txt"), warmup_micro=a.warmup_steps * accum)
             (folder / "spec.json").write_text(json.dumps(spec))
@@ -228,8 +283,15 @@ class Bench:
 
     def log(self, mode: str, micro: int, settings: dict, result: dict) -> None:
         """Append one measurement to the progress file."""
-        line = {"mode": mode, "micro_batch": micro, "settings": settings, "precision": self.precision,
-                "arch": self.args.arch, "device": self.info["gpu"] or "cpu", **result}  # fmt: skip
+        line = {
+            "mode": mode,
+            "micro_batch": micro,
+            "settings": settings,
+            "precision": self.precision,
+            "arch": self.args.arch,
+            "device": self.info["gpu"] or "cpu",
+            **result,
+        }
         with open(self.progress, "a") as f:
             f.write(json.dumps(line) + "\n")
 
@@ -243,8 +305,14 @@ class Bench:
         pooled = []
         for results in found:
             windows = [rate for r in results for rate in r["windows"]]
-            pooled.append({**results[0], "img_s": statistics.median(windows), "windows": windows,
-                           "per_run": [r["img_s"] for r in results]})  # fmt: skip
+            pooled.append(
+                {
+                    **results[0],
+                    "img_s": statistics.median(windows),
+                    "windows": windows,
+                    "per_run": [r["img_s"] for r in results],
+                }
+            )
         return pooled
 
     def row(self, micro: int) -> dict:
@@ -259,8 +327,9 @@ class Bench:
         if self.args.profile:
             # Their own runs: the profiler slows the steps it records, the phase syncs stop overlap.
             row["profile"] = self.measure("synthetic", micro, {"profile": True})["profile"]
-            row["phases_ms"] = {e: self.measure("phases", micro, {"engine": e})["phases_ms"]
-                                for e in ("deepspeed", "amp")}  # fmt: skip
+            row["phases_ms"] = {
+                e: self.measure("phases", micro, {"engine": e})["phases_ms"] for e in ("deepspeed", "amp")
+            }
         return row
 
     def levers(self) -> list[dict]:
@@ -270,9 +339,17 @@ class Bench:
             mode, settings = LEVERS[name]
             found = self.repeated([(mode, s) for s in settings.values()], self.args.lever_micro_batch)
             for label, result in zip(settings, found, strict=True):
-                out.append(dict(lever=name, mode=mode, setting=label, img_s=result["img_s"],
-                                vs_default=result["img_s"] / found[0]["img_s"], per_run=result["per_run"],
-                                windows=result["windows"]))  # fmt: skip
+                out.append(
+                    dict(
+                        lever=name,
+                        mode=mode,
+                        setting=label,
+                        img_s=result["img_s"],
+                        vs_default=result["img_s"] / found[0]["img_s"],
+                        per_run=result["per_run"],
+                        windows=result["windows"],
+                    )
+                )
         return out
 
 
@@ -286,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     import nvidia.dali
 
     info = bench.info
-    best = max(rows, key=lambda r: r["end_to_end_img_s"])
+    best = max(rows, key=lambda r: r["end_to_end_img_s"]) if rows else None
     result = {
         "device": device_name(info),
         "gpu": bool(info["gpu"]),
@@ -303,9 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_steps": args.warmup_steps,
         "repeats": args.repeats,
         "train_flop": train_flop(args.arch, args.crop_size),
-        "micro_batch": best["micro_batch"],
-        **{f"{m}_img_s": best[f"{m}_img_s"] for m in MODES},
-        "best": {k: v for k, v in best.items() if k != "details"},
+        "micro_batch": best and best["micro_batch"],
+        **{f"{m}_img_s": best and best[f"{m}_img_s"] for m in MODES},
+        "best": best and {k: v for k, v in best.items() if k != "details"},
         "rows": rows,
         "lever_micro_batch": args.lever_micro_batch,
         "levers": levers,
@@ -313,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info,
         "versions": {"deepspeed": deepspeed.__version__, "dali": nvidia.dali.__version__},
     }
-    if result["gpu"]:
+    if result["gpu"] and best:
         result["share_of_matrix_rate"] = best["synthetic_img_s"] * result["train_flop"] / HOPPER_MATRIX_FLOP_S
     result["verdicts"] = verdicts(result)
     stem = bench.stem

@@ -4,7 +4,7 @@
 # PyPI answers; the device image already has torch 2.11 (cu130), torchvision, timm, pyyaml, tqdm, numpy.
 #
 #     bash bench/gpu/pack.sh          then carry .gpu/1, .gpu/2, .gpu/3, .gpu/4 in four calls back to back,
-#                                     the last one running `bash bench/gpu/run.sh ...` (see its header)
+#                                     the last one running `bash bench/gpu/session.sh` (see its header)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
@@ -22,11 +22,15 @@ mkdir -p "$(dirname "$exclude")"
 grep -qx '/.gpu/' "$exclude" 2>/dev/null || echo '/.gpu/' >>"$exclude"
 # DeepSpeed is published as a source archive: its wheel (pure Python, ops built on first use) is built here.
 $PY -m pip wheel -q --no-deps -w .gpu/1 "deepspeed==$DS_VERSION"
-# Missing from the image: DeepSpeed's hjson and pydantic; DALI's own needs; the CUDA 13 nvJPEG and nvImageCodec
-# libraries DALI decodes with; crc32c for data_prep.
+# Missing from the image, or not sure to be there (the rehearsal's image holds only torch, torchvision, timm,
+# pytest and numpy, with what they need): DeepSpeed's hjson, pydantic, psutil, msgpack and einops; DALI's own needs
+# (six through astunparse); the CUDA 13 nvJPEG and nvImageCodec libraries DALI decodes with; crc32c and protobuf
+# for the shard format; pytest-timeout for the suite's time limits. Versions from requirements.lock where it has one.
+lock() { grep -i "^$1==" requirements.lock; }
 $PY -m pip download -q --no-deps $PLATFORM -d .gpu/1 hjson pydantic==2.14.3 pydantic-core==2.50.4 \
     annotated-types typing-inspection "typing-extensions>=4.16" crc32c astunparse gast makefun nvtx optree \
-    "libcst~=1.8" "nvidia-nvjpeg>=13,<14" "nvidia-nvimgcodec-cu13>=0.9,<0.10"
+    "libcst~=1.8" "nvidia-nvjpeg>=13,<14" "nvidia-nvimgcodec-cu13>=0.9,<0.10" "$(lock six)" "$(lock psutil)" \
+    "$(lock msgpack)" "$(lock einops)" "$(lock protobuf)" "$(lock pytest-timeout)"
 $PY -m pip download -q --no-deps $PLATFORM -d .gpu/wheels "nvidia-dali-cuda130==$DALI_VERSION"
 DALI=$(ls .gpu/wheels/nvidia_dali_cuda130-*.whl)
 # The DALI wheel (~200 MB) in parts: the first fills .gpu/1 up to 58 MB, the others take 58 MB each.
