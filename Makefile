@@ -12,7 +12,8 @@ VAL_SHARDS ?= 128
 WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
-.PHONY: install lock test test-fast test-hosts test-gpu lint demo demo-data scaling-study bench bench-prep bench-data bench-throughput prep-imagenet clean
+.PHONY: install lock test test-fast test-hosts test-gpu gpu-rehearsal lint demo demo-data scaling-study bench bench-prep \
+	bench-data bench-throughput bench-cpu-precision prep-imagenet clean
 
 install: $(STAMP)
 
@@ -37,21 +38,30 @@ lock:
 test: install test-hosts
 	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q
 
-# The multi-node tests' hosts (tests/hosts.py): network namespaces, each with an sshd, reached through pdsh.
+# The multi-node tests' hosts (tests/hosts.py): network namespaces, each with an sshd (pdsh, mpirun) and a slurmd
+# (SLURM with munge); Open MPI's mpirun.
 test-hosts:
-	@test -x /usr/sbin/sshd && command -v pdsh >/dev/null && command -v ip >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server pdsh iproute2; }
+	@test -x /usr/sbin/sshd && command -v pdsh >/dev/null && command -v ip >/dev/null && command -v slurmd \
+		>/dev/null && command -v munged >/dev/null && command -v mpirun >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server pdsh iproute2 slurm-wlm munge openmpi-bin; }
 
 # The edit loop: everything but the end-to-end runs (about 20 s on 2 cores).
-test-fast: install
+test-fast: install test-hosts
 	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m "not slow"
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
 
+# The GPU session's kit (bench/gpu/), tried on this CPU in an image built like the GPU machine's (a Python 3.12 venv
+# with only its packages: about 4 GB downloaded the first time); writes bench/results/<date>-gpu-rehearsal.md.
+gpu-rehearsal: install
+	PY=$(PY) bash bench/gpu/rehearse.sh
+
+# The formatter owns the layout: no library code keeps a line from it (tests/test_lint.py runs this in the suite).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	@! grep -rn --include='*.py' -e '# fmt: skip' -e '# fmt: off' pipeline data_prep bench
 
 # The built-in dataset, prepared and verified (idempotent: a second call only re-checks).
 demo-data: install
@@ -61,8 +71,8 @@ demo-data: install
 	$(PY) -m data_prep.verify $(DEMO_DIR)/shards --full
 
 demo: demo-data
-	$(PY) -m pipeline.preview --data-dir $(DEMO_DIR)/shards --split train --num 16 --out $(DEMO_DIR)/preview-train.png
-	$(PY) -m pipeline.preview --data-dir $(DEMO_DIR)/shards --split validation --num 16 \
+	$(PY) -m pipeline.data.preview --data-dir $(DEMO_DIR)/shards --split train --num 16 --out $(DEMO_DIR)/preview-train.png
+	$(PY) -m pipeline.data.preview --data-dir $(DEMO_DIR)/shards --split validation --num 16 \
 		--out $(DEMO_DIR)/preview-validation.png
 	@# A fresh run each time: ResNet-18 at 64 px, 8 epochs, on the GPU when there is one (about 2 minutes on 2 CPU
 	@# cores); cpu.json trains in bf16 where the processor has bf16 instructions, in fp32 elsewhere.
@@ -76,7 +86,11 @@ scaling-study: demo-data
 	$(PY) -m pipeline.scaling_study --data-dir $(DEMO_DIR)/shards --base-batch 32 --batch-sizes 32,256,1024 \
 		--epochs 16 --warmup-epochs 2 --crop-size 64 --val-resize 73 --lars --out $(STUDY_DIR)
 
-bench: bench-prep bench-data bench-throughput
+bench: bench-prep bench-data bench-throughput bench-cpu-precision
+
+# How much slower 16-bit kernels run than fp32 on this CPU (what ds_configs/cpu.json's "bf16": "auto" rests on).
+bench-cpu-precision: install
+	$(PY) bench/cpu_precision.py
 
 bench-prep: install
 	$(PY) bench/prep_bench.py
@@ -96,4 +110,4 @@ prep-imagenet: install
 		--val-shards $(VAL_SHARDS) --workers $(WORKERS)
 
 clean:
-	rm -rf $(VENV) data/demo bench/work .pytest_cache .ruff_cache
+	rm -rf $(VENV) data/demo bench/work build .gpu .pytest_cache .ruff_cache

@@ -25,10 +25,14 @@ def dali_child(spec: dict) -> dict:
     from pipeline.data import DataConfig, ImageNetData
 
     config = DataConfig(
-        spec["data_dir"], batch_size=spec["micro"], crop_size=spec["crop"], val_resize=spec["crop"],
-        dtype=engine.DATA_DTYPES[spec["precision"]], layout="NHWC" if spec["channels_last"] else "NCHW",
+        spec["data_dir"],
+        batch_size=spec["micro"],
+        crop_size=spec["crop"],
+        val_resize=spec["crop"],
+        dtype=engine.DATA_DTYPES[spec["precision"]],
+        layout="NHWC" if spec["channels_last"] else "NCHW",
         num_threads=spec["data_threads"],
-    )  # fmt: skip
+    )
     data = ImageNetData(config, grad_accum=spec["accum"], splits=("train",))
     per_epoch = data.train_steps // spec["accum"]
     clock = Windows(spec["window"], spec["micro"] * spec["accum"], per_epoch, data.gpu)
@@ -59,13 +63,19 @@ class AmpSteps:
         model, _ = build_model(spec["arch"], spec["num_classes"], channels_last=True)
         self.model, self.accum = model.to(device).train(), spec["accum"]
         sgd = spec["sgd"]
-        self.optimizer = torch.optim.SGD(param_groups(model, sgd.get("weight_decay", 0.0)), lr=sgd["lr"],
-                                         momentum=sgd.get("momentum", 0.9), nesterov=True, fused=self.gpu)  # fmt: skip
+        self.optimizer = torch.optim.SGD(
+            param_groups(model, sgd.get("weight_decay", 0.0)),
+            lr=sgd["lr"],
+            momentum=sgd.get("momentum", 0.9),
+            nesterov=True,
+            fused=self.gpu,
+        )
         # The compute dtype of the DeepSpeed run it is compared with (fp16/bf16 in either DeepSpeed mode).
         self.half = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(engine.DATA_DTYPES[spec["precision"]])
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.half == torch.float16)
-        self.images, self.labels = _synthetic_batch(spec["micro"], spec["crop"], spec["num_classes"],
-                                                    self.half or torch.float32, True, device)  # fmt: skip
+        self.images, self.labels = _synthetic_batch(
+            spec["micro"], spec["crop"], spec["num_classes"], self.half or torch.float32, True, device
+        )
         self.done = 0
 
     def micro(self, mark) -> None:
@@ -93,20 +103,25 @@ class DeepSpeedSteps:
     def __init__(self, spec: dict):
         from pipeline.meters import StepMeter
 
-        self.run, self.gpu = train.start(spec["argv"]), torch.cuda.is_available()
-        if isinstance(self.run, int):
-            raise SystemExit(self.run)
-        dtype = getattr(torch, engine.DATA_DTYPES[self.run.precision])
-        run = self.run
-        self.images, self.labels = _synthetic_batch(run.micro, run.opts.data.crop_size, run.data.num_classes, dtype,
-                                                    run.channels_last, run.engine.device)  # fmt: skip
-        self.meter = StepMeter(self.run.world * self.run.micro, self.run.schedule.steps_per_epoch,
-                               self.run.engine.device)  # fmt: skip
+        try:
+            self.run = train.assemble(*train.parse(spec["argv"]))
+        except train.Stop as stop:
+            stop.say()
+            raise SystemExit(stop.status) from None
+        self.gpu, run = torch.cuda.is_available(), self.run
+        self.images, self.labels = synthetic_batch_of(run)
+        self.meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, run.engine.device)
 
     def micro(self, mark) -> None:
         """One micro-batch through train.train_step."""
-        run = self.run
-        train.train_step(run.engine, run.scale, run.criterion, self.images, self.labels, self.meter, mark)
+        self.run.stepper.step(self.images, self.labels, self.meter, mark)
+
+
+def synthetic_batch_of(run) -> tuple:
+    """One batch of random images, in the run's micro-batch, crop, dtype, layout and device."""
+    dtype = getattr(torch, engine.DATA_DTYPES[run.precision])
+    crop, classes = run.opts.data.crop_size, run.data.num_classes
+    return _synthetic_batch(run.micro, crop, classes, dtype, run.channels_last, run.engine.device)
 
 
 def baseline_child(spec: dict) -> dict:
@@ -182,15 +197,19 @@ class SyntheticInput:
 
 
 def synthetic_child(spec: dict) -> dict:
-    """pipeline/train.py's own run (engine, loop, logging) with SyntheticInput in place of the DALI reader."""
-    steps = DeepSpeedSteps(spec)
-    run = steps.run
-    profiler = _profiler(spec, run.accum) if spec.get("profile") else None
-    run.data = SyntheticInput(run.data, (steps.images, steps.labels), profiler)
-    if profiler is not None:
-        profiler.start()
-    status = train.train_to_end(run)
-    if profiler is not None:
+    """pipeline/train.py's own run (train.main: engine, loop, logging) with SyntheticInput in place of the DALI
+    reader."""
+    profilers = []
+
+    def synthetic(run) -> None:
+        profiler = _profiler(spec, run.accum) if spec.get("profile") else None
+        run.data = SyntheticInput(run.data, synthetic_batch_of(run), profiler)
+        if profiler is not None:
+            profilers.append(profiler)
+            profiler.start()
+
+    status = train.main(spec["argv"], prepare=synthetic)
+    for profiler in profilers:
         profiler.stop()
     if status:
         raise SystemExit(status)
@@ -213,8 +232,12 @@ def _profiler(spec: dict, accum: int):
     return profile(activities=activities, schedule=steps, on_trace_ready=write)
 
 
-CHILDREN = {"dali_pipeline": dali_child, "baseline_amp": baseline_child, "synthetic": synthetic_child,
-            "phases": phases_child}  # fmt: skip
+CHILDREN = {
+    "dali_pipeline": dali_child,
+    "baseline_amp": baseline_child,
+    "synthetic": synthetic_child,
+    "phases": phases_child,
+}
 
 
 def child_main(spec_file: str) -> int:

@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import BENCH, bench_tree, machine, write_results  # noqa: E402
 from data_prep.imagenet import prepare  # noqa: E402
-from pipeline.augment import MEAN, STD  # noqa: E402
 from pipeline.data import DataConfig, ImageNetData  # noqa: E402
+from pipeline.data.augment import MEAN, STD  # noqa: E402
 
 # CPU: DALI at least twice the torchvision baseline on equal cores. GPU (H100): 10,000 images/s.
 CPU_SPEEDUP_TARGET, GPU_TARGET_IMG_S = 2.0, 10_000

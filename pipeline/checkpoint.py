@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from pipeline.format.atomic import write_atomic
+from pipeline.options import at_least
 
 COMPLETE = "complete.json"
 # DeepSpeed's file of the model weights (and client state) in a checkpoint folder, without model parallelism.
@@ -119,3 +121,24 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     DeepSpeed's file is unpickled (torch.load with weights_only=False): a checkpoint is trusted code."""
     states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
     return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in states["module"].items()}
+
+
+@dataclass(frozen=True)
+class CheckpointOptions:
+    """Where the run's files go, and when it checkpoints and resumes."""
+
+    # Run folder: config, metrics.jsonl, checkpoints/, wandb/.
+    out_dir: str = "runs/default"
+    # Checkpoint at the end of every this many epochs (and always after the last).
+    save_every_epochs: int = 1
+    # Also checkpoint every this many optimizer steps (0: only at epoch ends).
+    save_every_steps: int = 0
+    # Complete checkpoints kept; older ones are deleted once a newer one is complete.
+    keep_checkpoints: int = 3
+    # auto: continue from the newest complete checkpoint in out_dir if any; or a checkpoint folder. A checkpoint is
+    # trusted code: DeepSpeed's files are unpickled when loaded, so resume only from checkpoints you trust.
+    resume: str | None = None
+
+    def __post_init__(self):
+        at_least(self, ("save_every_epochs", "keep_checkpoints"), 1)
+        at_least(self, ("save_every_steps",), 0)

@@ -1,4 +1,5 @@
-"""Run options: a YAML file (`--config`) overridden by the command line, validated before any heavy work.
+"""Run options: a YAML file (`--config`) overridden by the command line, validated before any heavy work. The
+sections live with their components (data, engine, checkpoint, tracking, distributed); this module composes them.
 
 The resolved options are written to `<out_dir>/config.yaml`, so a run folder says how it was made.
 """
@@ -14,202 +15,12 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.scaling import REFERENCE_BATCH, REFERENCE_LR
-from pipeline.schedule import SCHEDULES
-
-WANDB_MODES = ("online", "offline", "disabled")
-OPTIMIZERS = ("sgd", "lars")
-MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
-# torch.compile modes (DeepSpeed's engine.compile); reduce-overhead also captures CUDA graphs.
-COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-
-
-# Goyal et al.: 5 epochs of gradual warmup in a 90-epoch run.
-WARMUP_EPOCHS, RECIPE_EPOCHS = 5.0, 90
-
-
-def default_warmup_epochs(epochs: int) -> float:
-    """The recipe's warmup for a run of `epochs`: 5 epochs at 90 or more, the same share of a shorter run."""
-    return WARMUP_EPOCHS * min(1.0, epochs / RECIPE_EPOCHS)
-
-
-def _flag_field(default, flag: str):
-    """A field whose command-line flag is not its name with dashes."""
-    return dataclasses.field(default=default, metadata={"flag": flag})
-
-
-def _at_least(section, names: tuple[str, ...], low: int) -> None:
-    for name in names:
-        if getattr(section, name) < low:
-            rule = "must be at least 1" if low == 1 else "must not be negative"
-            raise ValueError(f"{_flag(section, name)} {getattr(section, name)}: {rule}")
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    """What to read and how to augment it (pipeline.data.DataConfig adds what the run derives: batch, dtype,
-    layout)."""
-
-    # Folder of train-*/validation-* TFRecord shards (make prep-imagenet).
-    data_dir: str = ""
-    # Side of the square training and validation crops.
-    crop_size: int = 224
-    # Validation: resize the shorter side to this, then center-crop `crop_size`.
-    val_resize: int = 256
-    # Where decoding runs: auto (the GPU when there is one), gpu or cpu.
-    device: str = _flag_field("auto", "--data-device")
-    # DALI CPU threads per rank (0: this host's cores divided by its ranks, at most 4 when decoding on a GPU).
-    num_threads: int = _flag_field(0, "--data-threads")
-    # Base seed of data order, augmentation and the initial weights.
-    seed: int = 0
-    # Class count of shards without manifest.json (their labels are 1-based, TF style; default 1000).
-    num_classes: int | None = None
-    # Where missing indexes go when the data folder is read-only (default: under ~/.cache).
-    index_dir: str | None = None
-    # Share of JPEGs for the GPU's hardware JPEG decoder, 0..1 (default: chosen per GPU model in augment.py).
-    hw_decoder_load: float | None = None
-    # Batches DALI prepares ahead of the model (its prefetch queue depth).
-    prefetch: int = _flag_field(2, "--data-prefetch")
-    # Samples each rank's reader shuffles through (more mixes further, costs host memory).
-    shuffle_buffer: int = 8192
-
-    def __post_init__(self):
-        if not self.data_dir:
-            raise ValueError("--data-dir is required: the folder of train-*/validation-* shards")
-        _at_least(self, ("crop_size", "prefetch", "shuffle_buffer"), 1)
-        _at_least(self, ("seed", "num_threads"), 0)
-        if self.val_resize < self.crop_size:
-            raise ValueError(f"--val-resize {self.val_resize} is smaller than --crop-size {self.crop_size}")
-        if self.device not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"--data-device {self.device}: use auto, gpu or cpu")
-        if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
-            raise ValueError(f"--hw-decoder-load {self.hw_decoder_load}: must lie in [0, 1]")
-
-
-@dataclass(frozen=True)
-class OptimOptions:
-    """The model, the optimisation recipe and the precision and speed settings it runs with."""
-
-    # DeepSpeed configuration (ds_configs/*.json): batch, precision, optimizer, scheduler.
-    deepspeed_config: str = ""
-    # Any torchvision classification model (torchvision.models.list_models()).
-    arch: str = "resnet50"
-    # Epochs to train; the schedule is laid out over exactly this many.
-    epochs: int = 90
-    # Label smoothing of the training loss (0.1 beyond 8k in Jia et al.; 0 in Goyal et al.).
-    label_smoothing: float = 0.0
-    # warmup_decay (DeepSpeed's WarmupDecayLR) or goyal_steps (x0.1 at epochs 30/60/80 of 90, scaled).
-    schedule: str = "warmup_decay"
-    # Epochs of linear warmup from 0.1 to 0.1*B/256 (default: Goyal et al.'s 5 of 90 epochs, scaled to shorter
-    # --epochs: 5 x epochs / 90; a batch of 256 or less has nothing to warm up).
-    warmup_epochs: float | None = None
-    # The linear scaling rule's anchor: lr = reference_lr * B / reference_batch (0.1 at 256 in the paper).
-    reference_batch: int = REFERENCE_BATCH
-    reference_lr: float = REFERENCE_LR
-    # sgd (Nesterov, the paper's) or lars (layer-wise trust ratio on conv/linear weights, Nesterov; beyond 8k).
-    optimizer: str = "sgd"
-    # LARS: a layer's lr is min(lr, lars_trust * |w| / (|g| + wd |w|)) (LARC's clipped form, as in NVIDIA apex).
-    lars_trust: float = 0.02
-    # Stop after this many optimizer steps in all (0: run every epoch); the schedule is unchanged.
-    max_steps: int = 0
-    # Stop after this many optimizer steps in a row skipped for overflow (0: never; fp16 also stops when
-    # an overflow happens at the minimum loss scale).
-    max_skipped_steps: int = 25
-    # fp16's dynamic loss scale doubles after this many optimizer steps without an overflow (0: the
-    # configuration's: fp16.loss_scale_window for DeepSpeed's wrapper, GradScaler's 2000 for autocast fp16).
-    loss_scale_window: int = 0
-    # Batch-norm statistics over the whole global batch (torch's SyncBatchNorm) instead of each rank's own
-    # micro-batch, as Goyal et al. keep them; costs an all-reduce per BN layer in the forward and backward passes.
-    sync_bn: bool = False
-    # Run a GPU configuration (fp16, --data-device gpu) on a host where CUDA is not usable: fp16 trains in bf16,
-    # decoding runs on the CPU. Without it such a run stops before any work, saying why CUDA is not usable.
-    allow_cpu: bool = False
-    # Image and activation memory: auto (channels-last, NHWC, on GPUs; NCHW on CPUs), channels_last or contiguous.
-    memory_format: str = "auto"
-    # torch.compile the model through the engine: none, or a torch.compile mode (reduce-overhead: CUDA graphs).
-    compile: str = "none"
-
-    def __post_init__(self):
-        if not self.deepspeed_config:
-            raise ValueError("--deepspeed_config is required: one of ds_configs/*.json (cpu.json on a CPU host)")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
-        if self.reference_batch < 1 or self.reference_lr <= 0 or self.lars_trust <= 0:
-            raise ValueError(
-                f"--reference-batch {self.reference_batch}, --reference-lr {self.reference_lr}, --lars-trust "
-                f"{self.lars_trust}: all must be positive"
-            )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
-        if self.epochs < 1:
-            raise ValueError(f"--epochs {self.epochs}: must be at least 1")
-        if self.warmup_epochs is None:
-            object.__setattr__(self, "warmup_epochs", default_warmup_epochs(self.epochs))
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
-        _at_least(self, ("max_steps", "max_skipped_steps", "loss_scale_window"), 0)
-        if self.memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"--memory-format {self.memory_format}: use one of {', '.join(MEMORY_FORMATS)}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"--compile {self.compile}: use one of {', '.join(COMPILE_MODES)}")
-
-
-@dataclass(frozen=True)
-class CheckpointOptions:
-    """Where the run's files go, and when it checkpoints and resumes."""
-
-    # Run folder: config, metrics.jsonl, checkpoints/, wandb/.
-    out_dir: str = "runs/default"
-    # Checkpoint at the end of every this many epochs (and always after the last).
-    save_every_epochs: int = 1
-    # Also checkpoint every this many optimizer steps (0: only at epoch ends).
-    save_every_steps: int = 0
-    # Complete checkpoints kept; older ones are deleted once a newer one is complete.
-    keep_checkpoints: int = 3
-    # auto: continue from the newest complete checkpoint in out_dir if any; or a checkpoint folder. A checkpoint is
-    # trusted code: DeepSpeed's files are unpickled when loaded, so resume only from checkpoints you trust.
-    resume: str | None = None
-
-    def __post_init__(self):
-        _at_least(self, ("save_every_epochs", "keep_checkpoints"), 1)
-        _at_least(self, ("save_every_steps",), 0)
-
-
-@dataclass(frozen=True)
-class TrackingOptions:
-    """What the run measures and where it reports it."""
-
-    # Validate every this many epochs (and always after the last).
-    eval_every: int = 1
-    # Steps between progress and wandb updates (each one is a host-device sync).
-    log_every: int = 20
-    # wandb: online, offline or disabled (default: WANDB_MODE, else online with an API key and offline without).
-    wandb_mode: str | None = None
-    # wandb project (default: WANDB_PROJECT, else imagenet-pipeline) and group (default: WANDB_RUN_GROUP, else
-    # "<arch> B=<batch>"); a flag wins over wandb's environment variables.
-    wandb_project: str | None = None
-    wandb_group: str | None = None
-
-    def __post_init__(self):
-        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"--wandb-mode {self.wandb_mode}: use one of {', '.join(WANDB_MODES)}")
-        _at_least(self, ("eval_every", "log_every"), 1)
-
-
-@dataclass(frozen=True)
-class ClusterOptions:
-    """How the ranks wait for each other."""
-
-    # Seconds a rank waits in a collective for its peers before giving up (a dead rank ends the others).
-    dist_timeout: int = 600
-    # Seconds the ranks wait for each other when the job starts (a host of the hostfile that never starts its
-    # ranks ends the job after this, with one line).
-    join_timeout: int = 300
-
-    def __post_init__(self):
-        _at_least(self, ("dist_timeout", "join_timeout"), 1)
+from pipeline.checkpoint import CheckpointOptions
+from pipeline.data.reader import DataOptions
+from pipeline.distributed import ClusterOptions
+from pipeline.engine import OptimOptions
+from pipeline.options import flag_of
+from pipeline.tracking import TrackingOptions
 
 
 @dataclass(frozen=True)
@@ -242,8 +53,13 @@ class RunConfig:
         path.write_text(yaml.safe_dump({"run": dataclasses.asdict(self), **extra}, sort_keys=False))
 
 
-SECTIONS = {"data": DataOptions, "optim": OptimOptions, "checkpoint": CheckpointOptions,
-            "tracking": TrackingOptions, "cluster": ClusterOptions}  # fmt: skip
+SECTIONS = {
+    "data": DataOptions,
+    "optim": OptimOptions,
+    "checkpoint": CheckpointOptions,
+    "tracking": TrackingOptions,
+    "cluster": ClusterOptions,
+}
 
 
 def _spread(options: dict, name=lambda key: key) -> dict:
@@ -263,19 +79,6 @@ def option_fields() -> list[dataclasses.Field]:
     return [f for kind in SECTIONS.values() for f in fields(kind)]
 
 
-def _flag(section, name: str) -> str:
-    """The command-line flag of a section's field."""
-    f = next(f for f in fields(section) if f.name == name)
-    return flag_of(f)
-
-
-def flag_of(f: dataclasses.Field) -> str:
-    """The command-line flag of an option field."""
-    if "flag" in f.metadata:
-        return f.metadata["flag"]
-    return "--deepspeed_config" if f.name == "deepspeed_config" else "--" + f.name.replace("_", "-")
-
-
 def parser() -> argparse.ArgumentParser:
     """Flags for every field; a flag not given leaves the YAML or default value alone."""
     p = argparse.ArgumentParser(prog="pipeline/train.py", description="Train an ImageNet classifier with DeepSpeed.")
@@ -288,8 +91,9 @@ def parser() -> argparse.ArgumentParser:
         text = helps.get(f.name, "") + default
         if _kind(f) is bool:
             # `--allow-cpu` alone means true; `--allow-cpu false` also parses.
-            p.add_argument(flag_of(f), dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                           help=text)  # fmt: skip
+            p.add_argument(
+                flag_of(f), dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS, help=text
+            )
         else:
             p.add_argument(flag_of(f), dest=f.name, type=_kind(f), default=argparse.SUPPRESS, help=text)
     return p
@@ -365,3 +169,17 @@ def read_ds_config(path: str) -> dict:
         return json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"--deepspeed_config {path}: cannot read it as JSON ({e})") from e
+
+
+def flags_table() -> str:
+    """The markdown table of every flag, its default and its meaning, from the same field comments as --help."""
+    helps = {k: v.replace("%%", "%") for k, v in field_help().items()}
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in option_fields():
+        default = "required" if f.default == "" else "none" if f.default is None else f"`{f.default}`"
+        rows.append(f"| `{flag_of(f)}` | {default} | {helps.get(f.name, '')} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(flags_table(), end="")

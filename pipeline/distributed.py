@@ -1,4 +1,5 @@
-"""Process-group set-up for the three ways a run starts: the deepspeed launcher, torchrun, or plain python."""
+"""The process group: joining it (after pipeline.launch has read the launcher's variables), collectives with a
+timeout, and naming the ranks lost when one fails."""
 
 from __future__ import annotations
 
@@ -10,42 +11,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on now, for a one-process rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# What launchers set for a process to join their group.
-LAUNCHER_VARIABLES = (
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "LOCAL_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-)
-
-
-def without_launcher(env: dict[str, str]) -> dict[str, str]:
-    """`env` without the launcher variables, for a child process that must form its own process group."""
-    return {k: v for k, v in env.items() if k not in LAUNCHER_VARIABLES}
-
-
-def single_process_env() -> None:
-    """Plain `python pipeline/train.py`: set the rendezvous variables a launcher would (else DeepSpeed tries MPI)."""
-    if "RANK" in os.environ:
-        return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+from pipeline import launch
+from pipeline.options import at_least
 
 
 def share_cores() -> None:
@@ -67,17 +39,18 @@ def init(timeout_s: int = 600, join_timeout_s: int = 300) -> tuple[int, int]:
     `timeout_s` for a peer (a rank died) and fails instead of hanging forever."""
     import deepspeed
 
-    single_process_env()
+    launcher = launch.adopt().launcher
     share_cores()
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        local_rank, local_world = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        torch.cuda.set_device(launch.gpu_index(local_rank, local_world, torch.cuda.device_count()))
     try:
         deepspeed.init_distributed(
             dist_backend="nccl" if torch.cuda.is_available() else "gloo",
             timeout=datetime.timedelta(seconds=join_timeout_s),
         )
     except RuntimeError as e:  # torch's DistError (a store timeout) among them
-        raise JoinError(joined(e, join_timeout_s)) from e
+        raise JoinError(joined(e, join_timeout_s, launcher)) from e
     apply_timeout(timeout_s)
     return dist.get_rank(), dist.get_world_size()
 
@@ -92,7 +65,7 @@ def apply_timeout(timeout_s: int) -> None:
         set_timeout(datetime.timedelta(seconds=timeout_s), group)
 
 
-def joined(error: BaseException, join_timeout_s: int) -> str:
+def joined(error: BaseException, join_timeout_s: int, launcher: str = "torch") -> str:
     """The one line for a process group that did not form: how many ranks joined, and the likely cause."""
     rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
     store = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
@@ -101,9 +74,17 @@ def joined(error: BaseException, join_timeout_s: int) -> str:
         what = f"only {found.group(1)} of {found.group(2)} ranks joined"
     else:
         what = f"rank {rank} of {world} could not join the rendezvous at {store}"
-    return (f"{what} within --join-timeout {join_timeout_s}s: a host of the hostfile did not start its ranks; "
-            f"check that every host answers `ssh HOST hostname` from the launching host without a password, and "
-            f"that its slots are free")  # fmt: skip
+    if launcher == "torch":
+        cause = (
+            "a host of the hostfile did not start its ranks; check that every host answers `ssh HOST hostname` "
+            "from the launching host without a password, and that its slots are free"
+        )
+    else:
+        cause = (
+            f"a {launcher} task did not start, or cannot reach rank 0's node at {store}; check that "
+            "MASTER_ADDR resolves and is reachable from every node"
+        )
+    return f"{what} within --join-timeout {join_timeout_s}s: {cause}"
 
 
 def all_sum(values: list[float], device: torch.device) -> list[float]:
@@ -196,8 +177,12 @@ class RollCall:
             return
         try:
             # A client of its own: the default group's client is not shared with a thread.
-            self.store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                                       timeout=datetime.timedelta(seconds=5))  # fmt: skip
+            self.store = dist.TCPStore(
+                os.environ["MASTER_ADDR"],
+                int(os.environ["MASTER_PORT"]),
+                is_master=False,
+                timeout=datetime.timedelta(seconds=5),
+            )
             self.store.set(f"{self.KEY}/where/{rank}", where())
         except (RuntimeError, KeyError, ValueError):
             # No store at MASTER_ADDR:MASTER_PORT (a launcher whose rendezvous lives elsewhere): no roll call; a
@@ -229,8 +214,10 @@ class RollCall:
         if nodes is None:
             # A store op on a link that went down blocks in the socket past the store's own timeout.
             self.store = None
-            return (f"rank 0's node: the rendezvous store in rank 0 at {self.master} does not answer (that node is "
-                    f"down, or this node's link to it)")  # fmt: skip
+            return (
+                f"rank 0's node: the rendezvous store in rank 0 at {self.master} does not answer (that node is "
+                f"down, or this node's link to it)"
+            )
         if not nodes:
             return "contact with a peer, though every rank still answers the roll call"
         return "; ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))} on {node}" for node, r in nodes.items())
@@ -266,3 +253,17 @@ def close() -> None:
     """Leave the process group."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """How the ranks wait for each other."""
+
+    # Seconds a rank waits in a collective for its peers before giving up (a dead rank ends the others).
+    dist_timeout: int = 600
+    # Seconds the ranks wait for each other when the job starts (a host of the hostfile that never starts its
+    # ranks ends the job after this, with one line).
+    join_timeout: int = 300
+
+    def __post_init__(self):
+        at_least(self, ("dist_timeout", "join_timeout"), 1)

@@ -14,17 +14,25 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline import cpu, gpu
 from pipeline.model import param_groups
-from pipeline.schedule import LRSchedule, Schedule
+from pipeline.options import at_least
+from pipeline.scaling import REFERENCE_BATCH, REFERENCE_LR
+from pipeline.schedule import SCHEDULES, LRSchedule, Schedule
 
 # Element type of the image batches for each precision: what the first convolution computes in.
-DATA_DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32", "autocast-fp16": "float16",
-               "autocast-bf16": "bfloat16"}  # fmt: skip
+DATA_DTYPES = {
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "autocast-fp16": "float16",
+    "autocast-bf16": "bfloat16",
+}
 # torch.compile modes that capture CUDA graphs.
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
@@ -60,7 +68,7 @@ def grad_accum(ds: dict, path: str, world_size: int) -> int:
     return batch // (micro * world_size)
 
 
-def fit(
+def configure(
     ds: dict, path: str, world_size: int, cuda: bool, allow_cpu: bool = False, loss_scale_window: int = 0
 ) -> tuple[dict, list[str]]:
     """The configuration fitted to this world and host, and one line per change made to the committed file.
@@ -72,8 +80,10 @@ def fit(
     notes += resolve_auto_bf16(ds, path, cuda)
     mode = precision(ds)
     if loss_scale_window and mode not in ("fp16", "autocast-fp16"):
-        raise ValueError(f"--loss-scale-window {loss_scale_window}: {path} trains in {mode}, which has no loss "
-                         "scale; leave the flag out or use an fp16 configuration")  # fmt: skip
+        raise ValueError(
+            f"--loss-scale-window {loss_scale_window}: {path} trains in {mode}, which has no loss "
+            "scale; leave the flag out or use an fp16 configuration"
+        )
     if loss_scale_window and mode == "fp16":
         ds["fp16"]["loss_scale_window"] = loss_scale_window
     if "gradient_clipping" not in ds:
@@ -83,8 +93,10 @@ def fit(
     if "scheduler" in ds:
         # Numerics: DeepSpeed's WarmupDecayLR cannot decay to 0 from a warmup that starts at 0.1 (schedule.py).
         kind = ds.pop("scheduler").get("type")
-        notes.append(f"{path}: its scheduler ({kind}) is not used: the run derives its learning-rate schedule from the "
-                     "batch and the data (--schedule)")  # fmt: skip
+        notes.append(
+            f"{path}: its scheduler ({kind}) is not used: the run derives its learning-rate schedule from the "
+            "batch and the data (--schedule)"
+        )
     if "timers" not in ds:
         # Sync: DeepSpeed's throughput timer is on by default and synchronises the device twice per micro-step.
         ds["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
@@ -95,8 +107,10 @@ def fit(
             # DeepSpeed's CPU accelerator refuses its fp16 wrapper; bf16 keeps the same fp32 master weights.
             ds.pop("fp16")
             ds["bf16"] = {"enabled": True}
-            notes.append(f"{path}: --allow-cpu: DeepSpeed's fp16 wrapper needs an accelerator with fp16; this CPU host "
-                         "trains in bf16 (no loss scaling)")  # fmt: skip
+            notes.append(
+                f"{path}: --allow-cpu: DeepSpeed's fp16 wrapper needs an accelerator with fp16; this CPU host "
+                "trains in bf16 (no loss scaling)"
+            )
         else:
             notes.append(f"{path}: --allow-cpu: {mode} on this CPU host")
     mode = precision(ds)
@@ -104,8 +118,10 @@ def fit(
         # Numerics: the wrapper's default all-reduces in its 16-bit type, which would round batch norm's fp32
         # gradients to 16 bits and sum the ranks' 16-bit gradients in 16 bits; fp32 does neither.
         ds["communication_data_type"] = "fp32"
-        notes.append(f"{path}: no communication_data_type given; all-reducing gradients in fp32 (DeepSpeed's default "
-                     f"would round batch norm's fp32 gradients to {mode})")  # fmt: skip
+        notes.append(
+            f"{path}: no communication_data_type given; all-reducing gradients in fp32 (DeepSpeed's default "
+            f"would round batch norm's fp32 gradients to {mode})"
+        )
     if not cuda and mode != "fp32" and not cpu.native(mode.removeprefix("autocast-")):
         notes.append(
             f"{path}: {mode} on a CPU without native {mode.removeprefix('autocast-')} ({cpu.capability()}): its "
@@ -170,8 +186,15 @@ def lars(groups: list[dict], sgd: dict, trust: float):
     groups without weight decay) keep the plain lr. Clipped (LARC): a layer never gets more than the lr."""
     from timm.optim import Lars
 
-    return Lars(groups, lr=sgd["lr"], momentum=sgd.get("momentum", 0.9), nesterov=True, trust_coeff=trust,
-                weight_decay=sgd.get("weight_decay", 0.0), trust_clip=True)  # fmt: skip
+    return Lars(
+        groups,
+        lr=sgd["lr"],
+        momentum=sgd.get("momentum", 0.9),
+        nesterov=True,
+        trust_coeff=trust,
+        weight_decay=sgd.get("weight_decay", 0.0),
+        trust_clip=True,
+    )
 
 
 def build(
@@ -278,8 +301,10 @@ def to_channels_last(engine) -> None:
     SGD walks them as flat memory, and a mismatch gives a wrong update without an error (torch 2.15, CPU)."""
     if _flat(engine.optimizer):
         # These wrappers make the weights views into one flat buffer; a new layout would cut them off from it.
-        raise ValueError(f"--memory-format channels_last: not supported with {type(engine.optimizer).__name__} "
-                         "(flat buffers); use --memory-format contiguous")  # fmt: skip
+        raise ValueError(
+            f"--memory-format channels_last: not supported with {type(engine.optimizer).__name__} "
+            "(flat buffers); use --memory-format contiguous"
+        )
     masters = [m for _, m in _masters(engine.optimizer)]
     for p in [*engine.module.parameters(), *masters]:
         if p.dim() == 4:
@@ -432,3 +457,88 @@ class LossScale:
 def lr(engine) -> float:
     """The learning rate the next optimizer step will use."""
     return engine.lr_scheduler.get_last_lr()[0]
+
+
+OPTIMIZERS = ("sgd", "lars")
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+# torch.compile modes (DeepSpeed's engine.compile); reduce-overhead also captures CUDA graphs.
+COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
+# Goyal et al.: 5 epochs of gradual warmup in a 90-epoch run.
+WARMUP_EPOCHS, RECIPE_EPOCHS = 5.0, 90
+
+
+def default_warmup_epochs(epochs: int) -> float:
+    """The recipe's warmup for a run of `epochs`: 5 epochs at 90 or more, the same share of a shorter run."""
+    return WARMUP_EPOCHS * min(1.0, epochs / RECIPE_EPOCHS)
+
+
+@dataclass(frozen=True)
+class OptimOptions:
+    """The model, the optimisation recipe and the precision and speed settings it runs with."""
+
+    # DeepSpeed configuration (ds_configs/*.json): batch, precision, optimizer.
+    deepspeed_config: str = ""
+    # Any torchvision classification model (torchvision.models.list_models()).
+    arch: str = "resnet50"
+    # Epochs to train; the schedule is laid out over exactly this many.
+    epochs: int = 90
+    # Label smoothing of the training loss (0.1 beyond 8k in Jia et al.; 0 in Goyal et al.).
+    label_smoothing: float = 0.0
+    # warmup_decay (linear warmup, then linear decay to 0 at the end) or goyal_steps (x0.1 at epochs 30/60/80 of
+    # 90, scaled to --epochs).
+    schedule: str = "warmup_decay"
+    # Epochs of linear warmup from 0.1 to 0.1*B/256 (default: Goyal et al.'s 5 of 90 epochs, scaled to shorter
+    # --epochs: 5 x epochs / 90; a batch of 256 or less has nothing to warm up).
+    warmup_epochs: float | None = None
+    # The linear scaling rule's anchor: lr = reference_lr * B / reference_batch (0.1 at 256 in the paper).
+    reference_batch: int = REFERENCE_BATCH
+    reference_lr: float = REFERENCE_LR
+    # sgd (Nesterov, the paper's) or lars (layer-wise trust ratio on conv/linear weights, Nesterov; beyond 8k).
+    optimizer: str = "sgd"
+    # LARS: a layer's lr is min(lr, lars_trust * |w| / (|g| + wd |w|)) (LARC's clipped form, as in NVIDIA apex).
+    lars_trust: float = 0.02
+    # Stop after this many optimizer steps in all (0: run every epoch); the schedule is unchanged.
+    max_steps: int = 0
+    # Stop after this many optimizer steps in a row skipped for overflow (0: never; fp16 also stops when
+    # an overflow happens at the minimum loss scale).
+    max_skipped_steps: int = 25
+    # fp16's dynamic loss scale doubles after this many optimizer steps without an overflow (0: the
+    # configuration's: fp16.loss_scale_window for DeepSpeed's wrapper, GradScaler's 2000 for autocast fp16).
+    loss_scale_window: int = 0
+    # Batch-norm statistics over the whole global batch (torch's SyncBatchNorm) instead of each rank's own
+    # micro-batch, as Goyal et al. keep them; costs an all-reduce per BN layer in the forward and backward passes.
+    sync_bn: bool = False
+    # Run a GPU configuration (fp16, --data-device gpu) on a host where CUDA is not usable: the fp16 wrapper trains
+    # in bf16 where DeepSpeed's accelerator refuses fp16, decoding runs on the CPU. Without it such a run stops
+    # before any work, saying why CUDA is not usable.
+    allow_cpu: bool = False
+    # Image and activation memory: auto (channels-last, NHWC, on GPUs; NCHW on CPUs), channels_last or contiguous.
+    memory_format: str = "auto"
+    # torch.compile the model through the engine: none, or a torch.compile mode (reduce-overhead: CUDA graphs).
+    compile: str = "none"
+
+    def __post_init__(self):
+        if not self.deepspeed_config:
+            raise ValueError("--deepspeed_config is required: one of ds_configs/*.json (cpu.json on a CPU host)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
+        if self.reference_batch < 1 or self.reference_lr <= 0 or self.lars_trust <= 0:
+            raise ValueError(
+                f"--reference-batch {self.reference_batch}, --reference-lr {self.reference_lr}, --lars-trust "
+                f"{self.lars_trust}: all must be positive"
+            )
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
+        if self.epochs < 1:
+            raise ValueError(f"--epochs {self.epochs}: must be at least 1")
+        if self.warmup_epochs is None:
+            object.__setattr__(self, "warmup_epochs", default_warmup_epochs(self.epochs))
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
+        at_least(self, ("max_steps", "max_skipped_steps", "loss_scale_window"), 0)
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"--memory-format {self.memory_format}: use one of {', '.join(MEMORY_FORMATS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"--compile {self.compile}: use one of {', '.join(COMPILE_MODES)}")

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 import torchvision
 
-from pipeline import checkpoint, distributed
+from pipeline import checkpoint, distributed, launch
 from pipeline.data import DataConfig, ImageNetData
+from pipeline.data.shards import DataError, open_shards
 from pipeline.meters import validate
-from pipeline.shards import DataError, open_shards
 
 TRUSTED = "it is unpickled, so evaluate only checkpoints you trust (pipeline.export writes a file that is not)"
 
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-threads", type=int, default=0, help="DALI CPU threads per rank (0: cores / ranks)")
     p.add_argument("--dist-timeout", type=int, default=600, help="seconds a rank waits for a peer in a collective")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    return p.parse_args(argv)  # fmt: skip
+    return p.parse_args(argv)
 
 
 def load_model(path: Path, card: dict, device: torch.device) -> torch.nn.Module:
@@ -57,8 +57,10 @@ def load_model(path: Path, card: dict, device: torch.device) -> torch.nn.Module:
 def result_line(result: dict) -> str:
     """The printed result."""
     r = result
-    return (f"top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% over {r['images']:,} validation images "
-            f"({r['arch']} at step {r['step']}, {r['checkpoint']}; {r['world_size']} ranks)")  # fmt: skip
+    return (
+        f"top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% over {r['images']:,} validation images "
+        f"({r['arch']} at step {r['step']}, {r['checkpoint']}; {r['world_size']} ranks)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,17 +71,30 @@ def main(argv: list[str] | None = None) -> int:
         card = checkpoint.card(path)
         shards = open_shards(args.data_dir, ("validation",), card["num_classes"])
         if shards.num_classes != card["num_classes"]:
-            raise ValueError(f"--data-dir {args.data_dir}: {shards.num_classes} classes, the model predicts "
-                             f"{card['num_classes']}; pass the data the run was trained on")  # fmt: skip
+            raise ValueError(
+                f"--data-dir {args.data_dir}: {shards.num_classes} classes, the model predicts "
+                f"{card['num_classes']}; pass the data the run was trained on"
+            )
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rank, world = distributed.init(args.dist_timeout)
+    try:
+        rank, world = distributed.init(args.dist_timeout)
+    except launch.LaunchError as e:
+        if launch.first_task():
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         cuda = args.data_device != "cpu" and torch.cuda.is_available()
-        config = DataConfig(args.data_dir, batch_size=args.batch_size, crop_size=card["crop_size"],
-                            val_resize=card["val_resize"], layout="NHWC" if cuda else "NCHW", device=args.data_device,
-                            num_threads=args.data_threads)  # fmt: skip
+        config = DataConfig(
+            args.data_dir,
+            batch_size=args.batch_size,
+            crop_size=card["crop_size"],
+            val_resize=card["val_resize"],
+            layout="NHWC" if cuda else "NCHW",
+            device=args.data_device,
+            num_threads=args.data_threads,
+        )
         data = ImageNetData(config, rank, world, splits=("validation",), shards=shards)
         top1, top5, seen = validate(load_model(path, card, data.device), data.validation(), data.device)
     except (ValueError, DataError) as e:
@@ -88,9 +103,17 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.close()
     if rank == 0:
-        result = {"top1": top1, "top5": top5, "images": seen, "arch": card["arch"], "step": card["step"],
-                  "checkpoint": str(path), "data_dir": args.data_dir, "world_size": world,
-                  "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+        result = {
+            "top1": top1,
+            "top5": top5,
+            "images": seen,
+            "arch": card["arch"],
+            "step": card["step"],
+            "checkpoint": str(path),
+            "data_dir": args.data_dir,
+            "world_size": world,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
         out = Path(args.out) if args.out else path.parent.parent / f"eval-{path.name}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"{result_line(result)}; written to {out}", flush=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline import augment, checkpoint
+from pipeline import checkpoint
+from pipeline.data import augment
 
 
 def preprocessing(card: dict) -> dict:
@@ -73,8 +74,11 @@ def export(source: str, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Export; bad input ends with a one-line error and exit status 2."""
     p = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n")[0])
-    p.add_argument("source", help="a run folder (its newest complete checkpoint) or a checkpoints/step* folder; "
-                   "it is unpickled, so export only checkpoints you trust")  # fmt: skip
+    p.add_argument(
+        "source",
+        help="a run folder (its newest complete checkpoint) or a checkpoints/step* folder; "
+        "it is unpickled, so export only checkpoints you trust",
+    )
     p.add_argument("--out", required=True, help="model.pt (torch, plain tensors) or model.safetensors")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -83,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{out}: {described['arch']} ({described['num_classes']} classes, fp32) from {described['checkpoint']} "
-          f"at step {described['step']}; preprocessing and classes in {out.with_suffix('.json')}")  # fmt: skip
+    print(
+        f"{out}: {described['arch']} ({described['num_classes']} classes, fp32) from {described['checkpoint']} "
+        f"at step {described['step']}; preprocessing and classes in {out.with_suffix('.json')}"
+    )
     return 0
 
 

@@ -27,10 +27,13 @@ class Guard:
 
     def _last(self) -> str:
         """The last finite loss seen, for the message."""
-        return f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}" if self.last_finite else (
-            "no finite loss seen yet")  # fmt: skip
+        return (
+            f"last finite loss {self.last_finite[1]:.4g} at step {self.last_finite[0]}"
+            if self.last_finite
+            else ("no finite loss seen yet")
+        )
 
-    def rows(self, rows: list[dict]) -> None:
+    def check(self, rows: list[dict]) -> None:
         """After a flush: raise NumericFault on a non-finite loss (bf16, fp32), on `max_skipped_steps` overflow
         skips in a row, or on an fp16 overflow with the loss scale at its minimum."""
         for row in rows:

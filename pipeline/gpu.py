@@ -38,8 +38,10 @@ def diagnosis() -> str:
         return f"{build} is built for CUDA {torch.version.cuda}, and no NVIDIA driver was found (libcuda.so.1)"
     if _numbers(driver) < _numbers(torch.version.cuda):
         return f"{build} is built for CUDA {torch.version.cuda}, newer than the CUDA {driver} this driver offers"
-    return (f"{build} is built for CUDA {torch.version.cuda} and the driver offers CUDA {driver}, but torch sees "
-            "no GPU (check CUDA_VISIBLE_DEVICES and nvidia-smi)")  # fmt: skip
+    return (
+        f"{build} is built for CUDA {torch.version.cuda} and the driver offers CUDA {driver}, but torch sees "
+        "no GPU (check CUDA_VISIBLE_DEVICES and nvidia-smi)"
+    )
 
 
 def _numbers(version: str) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline import distributed
-from pipeline.shards import IGNORE
+from pipeline.data.shards import IGNORE
 
 
 def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -72,9 +72,19 @@ class StepMeter:
         and `skipped` unknown (None) until it is read (engine.LossScale.resolve)."""
         totals, now = torch.stack(self.pending).sum(0), time.perf_counter()
         # Host times: the wait for this step's batches, and the wall time since the last step closed.
-        self.rows.append(dict(step=step, totals=totals, lr=lr, loss_scale=loss_scale, skipped_steps=skipped,
-                              micro=len(self.pending), samples=self.pending_samples, data_wait_s=self.pending_wait,
-                              step_s=now - self.last_step))  # fmt: skip
+        self.rows.append(
+            dict(
+                step=step,
+                totals=totals,
+                lr=lr,
+                loss_scale=loss_scale,
+                skipped_steps=skipped,
+                micro=len(self.pending),
+                samples=self.pending_samples,
+                data_wait_s=self.pending_wait,
+                step_s=now - self.last_step,
+            )
+        )
         self.waited += self.pending_wait
         self.pending, self.pending_samples, self.pending_wait, self.last_step = [], 0, 0.0, now
 
@@ -95,8 +105,13 @@ class StepMeter:
         speed = micro * self.images_per_micro_step / max(now - self.window, 1e-9)
         rows, self.rows, self.window = self.rows, [], now
         for row, scale, (loss, correct, seen, micro_batches) in zip(rows, scales, totals.tolist(), strict=True):
-            row.update(epoch=row["step"] / self.steps_per_epoch, loss=loss / micro_batches, loss_scale=float(scale),
-                       error=100 * (1 - correct / seen), images_per_sec=speed)  # fmt: skip
+            row.update(
+                epoch=row["step"] / self.steps_per_epoch,
+                loss=loss / micro_batches,
+                loss_scale=float(scale),
+                error=100 * (1 - correct / seen),
+                images_per_sec=speed,
+            )
         return rows
 
     def elapsed(self) -> float:

@@ -74,7 +74,7 @@ def allreduce_seconds(gpus: int, c: Cluster) -> float:
     return moved / (c.bandwidth_gbps * 1e9) + 2 * (gpus - 1) * c.hop_latency_s
 
 
-def plan(gpus: int, batch_size: int | None, micro: int, c: Cluster, epochs: int = 90) -> Plan:
+def project(gpus: int, batch_size: int | None, micro: int, c: Cluster, epochs: int = 90) -> Plan:
     """The recipe for `gpus` (B = micro x gpus unless given) and its step and epoch times under the model `c`."""
     batch = batch_size or micro * gpus
     if batch % (micro * gpus):
@@ -97,7 +97,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.1f}s"
 
 
-def table(plans: list[Plan], c: Cluster) -> str:
+def plan_table(plans: list[Plan], c: Cluster) -> str:
     """The plans as a markdown table, with Goyal et al.'s hour beside them."""
     lines = [
         "| GPUs | B | accumulation | peak lr | warmup steps | steps/epoch | compute/step | all-reduce/step "
@@ -121,9 +121,11 @@ def table(plans: list[Plan], c: Cluster) -> str:
         f"{_duration(3600 * GOYAL['hours'] / goyal.epochs)} | {GOYAL['hours']:g}h |"
     )
     grads = f"{c.params / 1e6:.1f}M fp{8 * c.grad_bytes} gradients"
-    model = (f"Model: {c.images_per_sec:,.0f} img/s per GPU, ring all-reduce of {grads} at {c.bandwidth_gbps:g} Gb/s "
-             f"per GPU and {1e6 * c.hop_latency_s:g} us per hop, {100 * c.overlap:.0f}% of it overlapping the "
-             "backward pass.")  # fmt: skip
+    model = (
+        f"Model: {c.images_per_sec:,.0f} img/s per GPU, ring all-reduce of {grads} at {c.bandwidth_gbps:g} Gb/s "
+        f"per GPU and {1e6 * c.hop_latency_s:g} us per hop, {100 * c.overlap:.0f}% of it overlapping the "
+        "backward pass."
+    )
     return "\n".join(lines) + "\n\n" + model
 
 
@@ -154,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of the all-reduce run during the backward pass (0..1)",
     )
     p.add_argument("--params", type=int, default=RESNET50_PARAMS, help="gradient numbers (default: ResNet-50)")
-    return p.parse_args(argv)  # fmt: skip
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         if not (0 <= a.overlap <= 1) or a.images_per_sec <= 0 or a.bandwidth_gbps <= 0:
             raise ValueError("--overlap must lie in [0, 1]; --images-per-sec and --bandwidth-gbps must be positive")
         c = Cluster(a.images_per_sec, a.bandwidth_gbps, a.hop_latency_us / 1e6, a.overlap, a.params)
-        plans = [plan(int(g), a.batch_size, a.micro_batch, c, a.epochs) for g in a.gpus.split(",")]
+        plans = [project(int(g), a.batch_size, a.micro_batch, c, a.epochs) for g in a.gpus.split(",")]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(table(plans, c))
+    print(plan_table(plans, c))
     return 0
 
 

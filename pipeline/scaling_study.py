@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from pipeline import cpu, scaling
-from pipeline.distributed import free_port, without_launcher
+from pipeline.launch import free_port, without_launcher
 from pipeline.tracking import METRICS, STEPS, wandb_mode
 
 VARIANTS = ("rule+warmup", "rule", "no-rule")
@@ -55,7 +55,7 @@ class StudyRun:
         return f"b{self.batch_size}-{self.variant}" + ("-lars" if self.optimizer == "lars" else "")
 
 
-def plan(base_batch: int, batch_sizes: list[int], variants: list[str], lr0: float, warmup: float, lars: bool):
+def study_runs(base_batch: int, batch_sizes: list[int], variants: list[str], lr0: float, warmup: float, lars: bool):
     """The study's runs: the baseline, then each variant at each other batch size (and LARS at the largest)."""
     runs = [StudyRun(base_batch, "baseline", "sgd", lr0, 0.0, base_batch)]
     for b in sorted(set(batch_sizes) - {base_batch}):
@@ -76,23 +76,67 @@ def plan(base_batch: int, batch_sizes: list[int], variants: list[str], lr0: floa
 def train_command(run: StudyRun, args: argparse.Namespace, folder: Path, group: str) -> list[str]:
     """The pipeline/train.py command line of one run (through torchrun for several ranks)."""
     precision = args.precision or ("fp16" if torch.cuda.is_available() else cpu.default_precision())
-    recipe = scaling.Recipe(run.batch_size, args.micro_batch, precision, epochs=args.epochs,
-                            warmup_epochs=run.warmup_epochs, fused=torch.cuda.is_available(),
-                            reference_batch=run.reference_batch, reference_lr=args.base_lr)  # fmt: skip
+    recipe = scaling.Recipe(
+        run.batch_size,
+        args.micro_batch,
+        precision,
+        epochs=args.epochs,
+        warmup_epochs=run.warmup_epochs,
+        fused=torch.cuda.is_available(),
+        reference_batch=run.reference_batch,
+        reference_lr=args.base_lr,
+    )
     (folder / "ds.json").write_text(scaling.render(scaling.ds_config(recipe)))
     flags = [
-        "--deepspeed_config", str(folder / "ds.json"), "--data-dir", args.data_dir, "--arch", args.arch,
-        "--epochs", str(args.epochs), "--warmup-epochs", str(run.warmup_epochs), "--schedule", args.schedule,
-        "--reference-batch", str(run.reference_batch), "--reference-lr", str(args.base_lr),
-        "--optimizer", run.optimizer, "--crop-size", str(args.crop_size), "--val-resize", str(args.val_resize),
-        "--seed", str(args.seed), "--out-dir", str(folder), "--save-every-epochs", str(args.epochs),
-        "--wandb-mode", args.wandb_mode, "--wandb-project", args.wandb_project, "--wandb-group", group,
-    ]  # fmt: skip
+        "--deepspeed_config",
+        str(folder / "ds.json"),
+        "--data-dir",
+        args.data_dir,
+        "--arch",
+        args.arch,
+        "--epochs",
+        str(args.epochs),
+        "--warmup-epochs",
+        str(run.warmup_epochs),
+        "--schedule",
+        args.schedule,
+        "--reference-batch",
+        str(run.reference_batch),
+        "--reference-lr",
+        str(args.base_lr),
+        "--optimizer",
+        run.optimizer,
+        "--crop-size",
+        str(args.crop_size),
+        "--val-resize",
+        str(args.val_resize),
+        "--seed",
+        str(args.seed),
+        "--out-dir",
+        str(folder),
+        "--save-every-epochs",
+        str(args.epochs),
+        "--wandb-mode",
+        args.wandb_mode,
+        "--wandb-project",
+        args.wandb_project,
+        "--wandb-group",
+        group,
+    ]
     if args.num_classes:
         flags += ["--num-classes", str(args.num_classes)]
     if args.nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "--master_port",
-                str(free_port()), str(TRAIN), *flags]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(args.nproc),
+            "--master_port",
+            str(free_port()),
+            str(TRAIN),
+            *flags,
+        ]
     return [sys.executable, str(TRAIN), *flags]
 
 
@@ -123,8 +167,14 @@ def summarise(runs: list[StudyRun], out: Path, points_per_epoch: int, warmup: fl
     rows = []
     for run in runs:
         folder = out / "runs" / run.name
-        rows.append({**asdict(run), "name": run.name, "final_val_top1": final_top1(folder),
-                     "train_error_curve": train_error_curve(folder, points_per_epoch)})  # fmt: skip
+        rows.append(
+            {
+                **asdict(run),
+                "name": run.name,
+                "final_val_top1": final_top1(folder),
+                "train_error_curve": train_error_curve(folder, points_per_epoch),
+            }
+        )
     base = rows[0]
     for row in rows:
         row["gap_to_baseline"] = {
@@ -134,10 +184,18 @@ def summarise(runs: list[StudyRun], out: Path, points_per_epoch: int, warmup: fl
     return {"base_batch": base["batch_size"], "base_lr": base["lr"], "warmup_epochs": warmup, "runs": rows}
 
 
-def table(summary: dict) -> str:
+def summary_table(summary: dict) -> str:
     """summary.md: the final top-1 of every run and its gaps to the baseline."""
-    columns = ["batch", "variant", "optimizer", "lr", "warmup epochs", "final val top-1", "vs baseline",
-               "train-error gap after warmup"]  # fmt: skip
+    columns = [
+        "batch",
+        "variant",
+        "optimizer",
+        "lr",
+        "warmup epochs",
+        "final val top-1",
+        "vs baseline",
+        "train-error gap after warmup",
+    ]
     lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for r in summary["runs"]:
         gap = r["gap_to_baseline"]
@@ -160,8 +218,12 @@ def plot(summary: dict, path: Path) -> None:
     sizes = sorted({r["batch_size"] for r in summary["runs"][1:]}) or [base["batch_size"]]
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False, sharey=True)
     for ax, b in zip(axes[0], sizes, strict=True):
-        ax.plot(*zip(*base["train_error_curve"], strict=True), color="black", lw=2,
-                label=f"baseline B={base['batch_size']} ({base['final_val_top1']:.1f}%)")  # fmt: skip
+        ax.plot(
+            *zip(*base["train_error_curve"], strict=True),
+            color="black",
+            lw=2,
+            label=f"baseline B={base['batch_size']} ({base['final_val_top1']:.1f}%)",
+        )
         for r in (r for r in summary["runs"][1:] if r["batch_size"] == b):
             label = r["variant"] + (" LARS" if r["optimizer"] == "lars" else "") + f" ({r['final_val_top1']:.1f}%)"
             ax.plot(*zip(*r["train_error_curve"], strict=True), lw=1.5, label=label)
@@ -183,10 +245,27 @@ def log_to_wandb(summary: dict, out: Path, args: argparse.Namespace, group: str)
     import wandb
 
     columns = ["batch", "variant", "optimizer", "lr", "warmup_epochs", "final_val_top1", "gap_final_top1"]
-    rows = [[r["batch_size"], r["variant"], r["optimizer"], r["lr"], r["warmup_epochs"], r["final_val_top1"],
-             r["gap_to_baseline"]["final_top1"]] for r in summary["runs"]]  # fmt: skip
-    run = wandb.init(project=args.wandb_project, group=group, name=f"{group}-summary", job_type="scaling-study",
-                     dir=str(out), mode=args.wandb_mode, config=vars(args))  # fmt: skip
+    rows = [
+        [
+            r["batch_size"],
+            r["variant"],
+            r["optimizer"],
+            r["lr"],
+            r["warmup_epochs"],
+            r["final_val_top1"],
+            r["gap_to_baseline"]["final_top1"],
+        ]
+        for r in summary["runs"]
+    ]
+    run = wandb.init(
+        project=args.wandb_project,
+        group=group,
+        name=f"{group}-summary",
+        job_type="scaling-study",
+        dir=str(out),
+        mode=args.wandb_mode,
+        config=vars(args),
+    )
     run.log({"curves": wandb.Image(str(out / "curves.png")), "summary": wandb.Table(columns=columns, data=rows)})
     run.finish()
 
@@ -238,8 +317,10 @@ def check(args: argparse.Namespace) -> tuple[list[int], list[str]]:
         raise ValueError(f"--nproc {args.nproc}: must be at least 1")
     for b in sorted({args.base_batch, *sizes}):
         if b < 1 or b % (args.micro_batch * args.nproc):
-            raise ValueError(f"batch size {b} is not a positive multiple of --micro-batch {args.micro_batch} x "
-                             f"--nproc {args.nproc}; lower --micro-batch or choose batch sizes it divides")  # fmt: skip
+            raise ValueError(
+                f"batch size {b} is not a positive multiple of --micro-batch {args.micro_batch} x "
+                f"--nproc {args.nproc}; lower --micro-batch or choose batch sizes it divides"
+            )
     if args.base_batch not in sizes or max(sizes) <= args.base_batch:
         raise ValueError(f"--batch-sizes {args.batch_sizes}: include --base-batch {args.base_batch} and a larger one")
     if not 0 <= args.warmup_epochs < args.epochs:
@@ -258,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     args.base_lr = args.base_lr or scaling.REFERENCE_LR * args.base_batch / scaling.REFERENCE_BATCH
     out = Path(args.out)
     group = args.wandb_group or f"scaling-study-{out.resolve().name}"
-    runs = plan(args.base_batch, sizes, variants, args.base_lr, args.warmup_epochs, args.lars)
+    runs = study_runs(args.base_batch, sizes, variants, args.base_lr, args.warmup_epochs, args.lars)
     for i, run in enumerate(runs, 1):
         folder = out / "runs" / run.name
         shutil.rmtree(folder, ignore_errors=True)
@@ -267,8 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         # Each run forms its own process group: rendezvous variables inherited from a launcher are not for it.
         # wandb names the run after its variant (train.py would name every variant of one batch the same).
         env = {**without_launcher(os.environ), "PYTHONPATH": str(TRAIN.parent.parent), "WANDB_NAME": run.name}
-        proc = subprocess.run(train_command(run, args, folder, group), env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        proc = subprocess.run(
+            train_command(run, args, folder, group),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         (folder / "train.log").write_text(proc.stdout)
         if proc.returncode != 0:
             print(f"error: {run.name} failed (exit {proc.returncode}); its output is in {folder / 'train.log'}")
@@ -277,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
         print("    " + next((x for x in reversed(lines) if x.startswith("done:")), lines[-1]), flush=True)
     summary = summarise(runs, out, args.points_per_epoch, args.warmup_epochs)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    (out / "summary.md").write_text(table(summary))
+    (out / "summary.md").write_text(summary_table(summary))
     plot(summary, out / "curves.png")
     log_to_wandb(summary, out, args, group)
-    print(table(summary) + f"written: {out / 'summary.json'}, {out / 'summary.md'}, {out / 'curves.png'}")
+    print(summary_table(summary) + f"written: {out / 'summary.json'}, {out / 'summary.md'}, {out / 'curves.png'}")
     return 0
 
 

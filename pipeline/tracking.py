@@ -2,8 +2,8 @@
 
 A sink takes per-step rows, epoch rows, the summary and the run's notes: `JsonlSink` (metrics.jsonl, one line per
 epoch, and steps.jsonl, one per optimizer step), `WandbSink`, `ProgressSink` (the progress bar and the notes on
-the console) and `MemorySink` (tests). Rank 0 gets its sinks; every other rank gets none, so the training loop
-never asks which rank it is on.
+the console); the tests add one that keeps what it is told. Rank 0 gets its sinks; every other rank gets none, so
+the training loop never asks which rank it is on.
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import json
 import netrc
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from pipeline.options import at_least
 
 METRICS, STEPS = "metrics.jsonl", "steps.jsonl"
 # The wandb project when neither --wandb-project nor WANDB_PROJECT names one.
@@ -41,8 +44,16 @@ def wandb_mode(requested: str | None) -> str:
 
 # wandb.init's arguments and the environment variables wandb reads for each: a flag wins, then the variable
 # (left for wandb to read), then this project's default.
-WANDB_ENV = {"mode": "WANDB_MODE", "project": "WANDB_PROJECT", "group": "WANDB_RUN_GROUP", "name": "WANDB_NAME",
-             "tags": "WANDB_TAGS", "dir": "WANDB_DIR", "id": "WANDB_RUN_ID", "job_type": "WANDB_JOB_TYPE"}  # fmt: skip
+WANDB_ENV = {
+    "mode": "WANDB_MODE",
+    "project": "WANDB_PROJECT",
+    "group": "WANDB_RUN_GROUP",
+    "name": "WANDB_NAME",
+    "tags": "WANDB_TAGS",
+    "dir": "WANDB_DIR",
+    "id": "WANDB_RUN_ID",
+    "job_type": "WANDB_JOB_TYPE",
+}
 
 
 def wandb_init_args(flags: dict, defaults: dict) -> dict:
@@ -146,13 +157,20 @@ class ProgressSink(Sink):
         last = rows[-1]
         per_step = sum(r["step_s"] for r in rows) / len(rows)
         self.bar.set_postfix(
-            loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.4g}", scale=f"{last['loss_scale']:g}",
+            loss=f"{last['loss']:.3f}",
+            lr=f"{last['lr']:.4g}",
+            scale=f"{last['loss_scale']:g}",
             img_s=f"{last['images_per_sec']:.0f}",
-            run_eta=tqdm.format_interval(max(self.run_total - last["step"], 0) * per_step), refresh=False,
-        )  # fmt: skip
+            run_eta=tqdm.format_interval(max(self.run_total - last["step"], 0) * per_step),
+            refresh=False,
+        )
         self.bar.update(len(rows))
 
     def epoch(self, row: dict, step: int) -> None:
+        self.close()
+
+    def summary(self, row: dict) -> None:
+        # The run's last line (a fault's error line on stderr, or the done line) starts a line of its own.
         self.close()
 
     def note(self, line: str) -> None:
@@ -163,29 +181,6 @@ class ProgressSink(Sink):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-class MemorySink(Sink):
-    """Everything it is told, in lists: for tests."""
-
-    def __init__(self):
-        self.rows: dict[str, list] = {"steps": [], "epochs": [], "summaries": [], "notes": []}
-        self.closed = False
-
-    def steps(self, rows: list[dict]) -> None:
-        self.rows["steps"] += rows
-
-    def epoch(self, row: dict, step: int) -> None:
-        self.rows["epochs"].append((row, step))
-
-    def summary(self, row: dict) -> None:
-        self.rows["summaries"].append(row)
-
-    def note(self, line: str) -> None:
-        self.rows["notes"].append(line)
-
-    def close(self) -> None:
-        self.closed = True
 
 
 class Sinks:
@@ -235,3 +230,65 @@ def open_sinks(out_dir: Path, rank: int, wandb_args: dict | None, config: dict, 
     if progress:
         sinks.append(ProgressSink())
     return Sinks(sinks)
+
+
+def exposed_key(env: dict | None = None, folders: tuple[Path, ...] | None = None) -> str | None:
+    """A note when the wandb key this run has (WANDB_API_KEY) shows in `ps`: on the command line of a process this
+    one descends from (DeepSpeed's launchers write .deepspeed_env's lines onto their command lines: pdsh's
+    `export K=V;`, srun's --export, mpirun's -x), or set in a .deepspeed_env in the home or working folder."""
+    env = os.environ if env is None else env
+    key = env.get("WANDB_API_KEY")
+    if not key:
+        return None
+    where = next((f"the command line of {name} (pid {pid})" for pid, name, line in _ancestors() if key in line), None)
+    name = env.get("DS_ENV_FILE", ".deepspeed_env")
+    for folder in folders or (Path.home(), Path.cwd()):
+        path = folder / name
+        names = [line.split("=")[0].strip() for line in path.read_text().splitlines()] if path.is_file() else []
+        if where is None and "WANDB_API_KEY" in names:
+            where = f"{path}, whose lines DeepSpeed's launchers put on every node's command line"
+    if where is None:
+        return None
+    return (
+        f"WANDB_API_KEY is in {where}: ps shows the key there to every user of the machine; log in with `wandb "
+        "login` instead (a shared home), or put NETRC=<a netrc file only you can read> in .deepspeed_env "
+        "(docs/multinode.md)"
+    )
+
+
+def _ancestors() -> list[tuple[int, str, str]]:
+    """(pid, name, command line) of every process this one descends from (Linux /proc; none elsewhere)."""
+    found, pid = [], os.getppid()
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            line = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            break
+        found.append((pid, stat[stat.index("(") + 1 : stat.rindex(")")], line))
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return found
+
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    """What the run measures and where it reports it."""
+
+    # Validate every this many epochs (and always after the last).
+    eval_every: int = 1
+    # Steps between progress and wandb updates (each one is a host-device sync).
+    log_every: int = 20
+    # wandb: online, offline or disabled (default: WANDB_MODE, else online with an API key and offline without).
+    wandb_mode: str | None = None
+    # wandb project (default: WANDB_PROJECT, else imagenet-pipeline) and group (default: WANDB_RUN_GROUP, else
+    # "<arch> B=<batch>"); a flag wins over wandb's environment variables.
+    wandb_project: str | None = None
+    wandb_group: str | None = None
+
+    def __post_init__(self):
+        if self.wandb_mode is not None and self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"--wandb-mode {self.wandb_mode}: use one of {', '.join(WANDB_MODES)}")
+        at_least(self, ("eval_every", "log_every"), 1)

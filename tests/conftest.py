@@ -9,7 +9,7 @@ import pytest
 from data_prep.imagenet import prepare
 from data_prep.synthetic import generate
 from tests import procs
-from tests.helpers import TREE
+from tests.runs import TREE
 
 
 @pytest.fixture(autouse=True)
@@ -38,7 +38,7 @@ def process_group():
     """A one-process gloo group for real DeepSpeed engines inside the test process; its variables are undone after."""
     import deepspeed
 
-    from pipeline.distributed import free_port
+    from pipeline.launch import free_port
 
     with pytest.MonkeyPatch.context() as env:
         for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1").items():

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.data import DataConfig, ImageNetData
-from pipeline.shards import IGNORE
+from pipeline.data.shards import IGNORE
 
 
 def main() -> None:

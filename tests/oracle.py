@@ -1,6 +1,6 @@
-"""The first optimizer steps of a small model, twice: through our engine (engine.fit, engine.build, train.train_step,
-as train.py runs them) and through plain torch SGD, the oracle. tests/test_numerics.py compares the two; on 2 gloo
-ranks the engine's side runs in tests/numerics_ranks.py.
+"""The first optimizer steps of a small model, twice: through our engine (engine.configure, engine.build,
+train.train_step, as train.py runs them) and through plain torch SGD, the oracle. tests/test_numerics.py compares
+the two; on 2 gloo ranks the engine's side runs in tests/numerics_ranks.py.
 
 Every configuration trains on the same global batch of 8 images per optimizer step: 1 or 2 ranks, 1 or 2
 micro-batches each. Batch norm normalises over each micro-batch, so the oracle runs the same micro-batches one by
@@ -13,7 +13,7 @@ import torch
 
 from pipeline import engine, schedule, train
 from pipeline.meters import StepMeter
-from tests.helpers import small_convnet
+from tests.models import small_convnet
 
 BATCH, STEPS, CLASSES = 8, 3, 3
 MOMENTUM, WEIGHT_DECAY = 0.9, 0.1
@@ -61,7 +61,7 @@ def ds_config(mode: str, world: int, accum: int, window: int = 0) -> tuple[dict,
         "optimizer": {"type": "SGD", "params": sgd},
         **MODES[mode],
     }
-    fitted, notes = engine.fit(ds, f"{mode}.json", world, cuda=False, allow_cpu=True, loss_scale_window=window)
+    fitted, notes = engine.configure(ds, f"{mode}.json", world, cuda=False, allow_cpu=True, loss_scale_window=window)
     return engine.with_schedule(fitted, SCHEDULE), notes
 
 

@@ -34,11 +34,14 @@ def test_yaml_then_flags(tmp_path):
     o = run.optim
     assert (run.data.data_dir, o.arch, o.epochs, o.warmup_epochs, o.label_smoothing) == (
         "/data/in", "resnet18", 40, 2.0, 0.1)  # fmt: skip
-    assert o.schedule == "warmup_decay" and run.data.crop_size == 224 and run.checkpoint.resume is None
+    assert o.schedule == "warmup_decay"
+    assert run.data.crop_size == 224
+    assert run.checkpoint.resume is None
     run.dump(tmp_path / "config.yaml", schedule={"peak_lr": 3.2})
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert list(saved["run"]) == ["data", "optim", "checkpoint", "tracking", "cluster"]
-    assert config.RunConfig.from_options(saved["run"]) == run and saved["schedule"] == {"peak_lr": 3.2}
+    assert config.RunConfig.from_options(saved["run"]) == run
+    assert saved["schedule"] == {"peak_lr": 3.2}
     # A YAML file may also write the sections out; flags still win.
     run_yaml.write_text("data:\n  data-dir: /data/in\n  crop_size: 192\n  data_prefetch: 4\noptim:\n  epochs: 30\n")
     run = config.load(["--config", str(run_yaml), "--deepspeed_config", "x.json", "--data-threads", "3"])
@@ -82,7 +85,8 @@ def test_yaml_mistakes_name_the_file(tmp_path):
 def test_wandb_mode_default(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert wandb_mode(None) == "offline" and wandb_mode("disabled") == "disabled"
+    assert wandb_mode(None) == "offline"
+    assert wandb_mode("disabled") == "disabled"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert wandb_mode(None) == "online"
 
@@ -101,48 +105,61 @@ def test_fp16_on_a_cpu_host_stops_unless_allowed_then_becomes_announced_bf16(mon
     for name in ("bs256.json", "bs256-autocast.json"):
         committed = json.loads((DS_CONFIGS / name).read_text())
         with pytest.raises(ValueError) as refused:
-            engine.fit(committed, name, 2, cuda=False)
+            engine.configure(committed, name, 2, cuda=False)
         # One line: what asked for the GPU, torch's CUDA build, what the driver offers, and the fix.
         line = str(refused.value)
-        assert "\n" not in line and line.startswith(f"{name} asks for ") and "CUDA is not usable on this host" in line
-        assert gpu.diagnosis() in line and "--allow-cpu" in line
-    fitted, notes = engine.fit(ds, "bs256.json", 2, cuda=False, allow_cpu=True)
-    assert engine.precision(fitted) == "bf16" and "data_types" not in fitted
-    assert "fused" not in fitted["optimizer"]["params"] and fitted["gradient_accumulation_steps"] == 4
+        assert "\n" not in line
+        assert line.startswith(f"{name} asks for ")
+        assert "CUDA is not usable on this host" in line
+        assert gpu.diagnosis() in line
+        assert "--allow-cpu" in line
+    fitted, notes = engine.configure(ds, "bs256.json", 2, cuda=False, allow_cpu=True)
+    assert engine.precision(fitted) == "bf16"
+    assert "data_types" not in fitted
+    assert "fused" not in fitted["optimizer"]["params"]
+    assert fitted["gradient_accumulation_steps"] == 4
     assert any("--allow-cpu: DeepSpeed's fp16 wrapper needs an accelerator with fp16; this CPU host trains in bf16"
                in n for n in notes)  # fmt: skip
-    autocast, notes = engine.fit(json.loads((DS_CONFIGS / "bs256-autocast.json").read_text()), "a.json", 2,
+    autocast, notes = engine.configure(json.loads((DS_CONFIGS / "bs256-autocast.json").read_text()), "a.json", 2,
                                  cuda=False, allow_cpu=True)  # fmt: skip
     assert engine.precision(autocast) == "autocast-fp16"
     assert any("--allow-cpu: autocast-fp16 on this CPU host" in n for n in notes)
-    on_gpu, notes = engine.fit(ds, "bs256.json", 8, cuda=True)
-    assert engine.precision(on_gpu) == "fp16" and on_gpu["optimizer"]["params"]["fused"] and notes == []
+    on_gpu, notes = engine.configure(ds, "bs256.json", 8, cuda=True)
+    assert engine.precision(on_gpu) == "fp16"
+    assert on_gpu["optimizer"]["params"]["fused"]
+    assert notes == []
     assert on_gpu["communication_data_type"] == "fp32"
     assert engine.precision(ds) == "fp16"  # the committed configuration is not changed
     # DeepSpeed clips at 1.0 when a configuration says nothing; the recipe does not clip.
     assert fitted["gradient_clipping"] == 0.0
     bare = {k: v for k, v in ds.items() if k not in ("gradient_clipping", "timers", "communication_data_type")}
-    fitted, notes = engine.fit(bare, "mine.json", 1, cuda=True)
-    assert fitted["gradient_clipping"] == 0.0 and any("no gradient_clipping given; not clipping" in n for n in notes)
+    fitted, notes = engine.configure(bare, "mine.json", 1, cuda=True)
+    assert fitted["gradient_clipping"] == 0.0
+    assert any("no gradient_clipping given; not clipping" in n for n in notes)
     # DeepSpeed's throughput timer syncs the device twice per micro-step unless a configuration turns it off.
     assert fitted["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
-    assert engine.fit({**ds, "gradient_clipping": 2.0}, "x.json", 1, cuda=True)[0]["gradient_clipping"] == 2.0
+    assert engine.configure({**ds, "gradient_clipping": 2.0}, "x.json", 1, cuda=True)[0]["gradient_clipping"] == 2.0
     # The wrapper's gradients are all-reduced in fp32 unless a configuration says otherwise.
     assert fitted["communication_data_type"] == "fp32"
     assert any("no communication_data_type given; all-reducing gradients in fp32" in n for n in notes)
-    assert engine.fit({**ds, "communication_data_type": "fp16"}, "x.json", 1, cuda=True)[0][
-        "communication_data_type"
-    ] == "fp16"
+    assert (
+        engine.configure({**ds, "communication_data_type": "fp16"}, "x.json", 1, cuda=True)[0][
+            "communication_data_type"
+        ]
+        == "fp16"
+    )
     # A scheduler section is not used: the run derives its schedule, and says so.
     old_style = {**ds, "scheduler": {"type": "WarmupDecayLR", "params": {}}}
-    fitted, notes = engine.fit(old_style, "old.json", 1, cuda=True)
-    assert "scheduler" not in fitted and any("old.json: its scheduler (WarmupDecayLR) is not used" in n for n in notes)
+    fitted, notes = engine.configure(old_style, "old.json", 1, cuda=True)
+    assert "scheduler" not in fitted
+    assert any("old.json: its scheduler (WarmupDecayLR) is not used" in n for n in notes)
 
 
 def test_fp16_on_a_cpu_host_trains_in_fp16_where_deepspeeds_accelerator_allows_it(fp16_cpu):
-    fitted, notes = engine.fit(json.loads((DS_CONFIGS / "bs256.json").read_text()), "bs256.json", 2, cuda=False,
+    fitted, notes = engine.configure(json.loads((DS_CONFIGS / "bs256.json").read_text()), "bs256.json", 2, cuda=False,
                                allow_cpu=True)  # fmt: skip
-    assert engine.precision(fitted) == "fp16" and fitted["fp16"]["loss_scale"] == 0
+    assert engine.precision(fitted) == "fp16"
+    assert fitted["fp16"]["loss_scale"] == 0
     assert any("--allow-cpu: fp16 on this CPU host" in n for n in notes)
 
 
@@ -183,8 +200,18 @@ def test_resnet_residual_gammas_start_at_zero():
 def test_no_weight_decay_on_batch_norm_and_biases():
     model, _ = build_model("resnet18", 10)
     decay, no_decay = param_groups(model, 1e-4)
-    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.0001
+    assert no_decay["weight_decay"] == 0.0
     bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
     assert bn | {id(model.fc.bias)} == {id(p) for p in no_decay["params"]}
     convs = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
     assert {id(p) for p in decay["params"]} == convs | {id(model.fc.weight)}
+
+
+def test_the_docs_flag_table_is_the_codes():
+    """docs/training.md's table of flags is generated from the option fields' comments (python -m pipeline.config),
+    as --help is: regenerate it there when an option changes."""
+    doc = (Path(__file__).parent.parent / "docs" / "training.md").read_text()
+    start, end = "<!-- flags: python -m pipeline.config -->\n", "<!-- end flags -->"
+    assert doc[doc.index(start) + len(start) : doc.index(end)] == config.flags_table()
+    assert config.flags_table().count("\n| `--") == len(config.option_fields())

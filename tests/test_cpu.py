@@ -10,7 +10,7 @@ import pytest
 
 from pipeline import cpu, engine, scaling_study
 from tests import procs
-from tests.helpers import ROOT
+from tests.runs import ROOT
 
 DS_CONFIGS = ROOT / "ds_configs"
 AVX512_BF16 = {"capability": "AVX512", "instructions": {"avx512_bf16"}, "onednn": True}
@@ -60,23 +60,26 @@ def cpu_json() -> dict:
 
 def test_cpu_json_trains_in_fp32_without_native_bf16(monkeypatch):
     as_processor(monkeypatch, **AVX2)
-    fitted, notes = engine.fit(cpu_json(), "cpu.json", 1, cuda=False)
-    assert engine.precision(fitted) == "fp32" and "bf16" not in fitted
+    fitted, notes = engine.configure(cpu_json(), "cpu.json", 1, cuda=False)
+    assert engine.precision(fitted) == "fp32"
+    assert "bf16" not in fitted
     assert 'cpu.json: bf16 "auto": fp32 on this CPU (AVX2, no native bf16)' in notes
     assert not any("emulated" in n for n in notes)
 
 
 def test_cpu_json_trains_in_bf16_with_native_bf16(monkeypatch):
     as_processor(monkeypatch, **AVX512_BF16)
-    fitted, notes = engine.fit(cpu_json(), "cpu.json", 1, cuda=False)
-    assert engine.precision(fitted) == "bf16" and fitted["bf16"] == {"enabled": True}
+    fitted, notes = engine.configure(cpu_json(), "cpu.json", 1, cuda=False)
+    assert engine.precision(fitted) == "bf16"
+    assert fitted["bf16"] == {"enabled": True}
     assert 'cpu.json: bf16 "auto": bf16 on this CPU (AVX512, native bf16)' in notes
 
 
 def test_cpu_json_on_a_gpu_follows_the_gpu(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
-    fitted, notes = engine.fit(cpu_json(), "cpu.json", 1, cuda=True)
-    assert engine.precision(fitted) == "bf16" and 'cpu.json: bf16 "auto": bf16 on this GPU' in notes
+    fitted, notes = engine.configure(cpu_json(), "cpu.json", 1, cuda=True)
+    assert engine.precision(fitted) == "bf16"
+    assert 'cpu.json: bf16 "auto": bf16 on this GPU' in notes
 
 
 @pytest.mark.parametrize("name", ["bs8k-bf16.json", "bs8k-autocast.json"])
@@ -84,7 +87,7 @@ def test_a_16_bit_configuration_on_a_cpu_without_it_says_what_to_expect(monkeypa
     """One note: the capability, the slowdown and the fp32 alternative; the run still trains as asked."""
     as_processor(monkeypatch, **AVX2)
     ds = json.loads((DS_CONFIGS / name).read_text())
-    fitted, notes = engine.fit(ds, name, 256, cuda=False, allow_cpu=True)
+    fitted, notes = engine.configure(ds, name, 256, cuda=False, allow_cpu=True)
     mode = engine.precision(fitted)
     (note,) = [n for n in notes if "emulated" in n]
     assert note == (
@@ -93,7 +96,7 @@ def test_a_16_bit_configuration_on_a_cpu_without_it_says_what_to_expect(monkeypa
         "pipeline.scaling --precision fp32"
     )
     as_processor(monkeypatch, **AVX512_BF16)
-    _, notes = engine.fit(json.loads((DS_CONFIGS / "bs8k-bf16.json").read_text()), "b.json", 256, cuda=False)
+    _, notes = engine.configure(json.loads((DS_CONFIGS / "bs8k-bf16.json").read_text()), "b.json", 256, cuda=False)
     assert not any("emulated" in n for n in notes)
 
 
@@ -116,7 +119,7 @@ def test_the_scaling_studys_default_precision_follows_the_processor(monkeypatch,
         str(tmp_path),
     ]
     args = scaling_study.parse_args(argv)
-    run = scaling_study.plan(32, [32], [], 0.1, 0.0, False)[0]
+    run = scaling_study.study_runs(32, [32], [], 0.1, 0.0, False)[0]
     scaling_study.train_command(run, args, tmp_path, "group")
     ds = json.loads(Path(tmp_path / "ds.json").read_text())
     assert ds.get("bf16", {}).get("enabled") is (True if precision else None)

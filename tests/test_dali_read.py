@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.helpers import read_shard, shards_of
+from tests.shardsets import read_shard, shards_of
 
 dali = pytest.importorskip("nvidia.dali")
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402

@@ -15,22 +15,12 @@ import pytest
 import torch
 
 from pipeline.data import DataConfig, ImageNetData, epoch_seed, train_steps_per_epoch
-from pipeline.preview import to_uint8
-from pipeline.shards import IGNORE, DataError
+from pipeline.data.preview import to_uint8
+from pipeline.data.shards import IGNORE, DataError
 from tests import procs
-from tests.helpers import (
-    colour_of,
-    gradients,
-    jpeg,
-    labelled_set,
-    read_shard,
-    reference_val,
-    run_module,
-    shards_of,
-    smooth,
-    write_manifest,
-    write_shards,
-)
+from tests.pictures import colour_of, gradients, jpeg, reference_val, smooth
+from tests.runs import run_module
+from tests.shardsets import labelled_set, read_shard, shards_of, write_manifest, write_shards
 
 CROP, RESIZE = 32, 36
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +62,8 @@ def test_batches_have_the_configured_shape_dtype_and_layout(labelled, dtype, lay
         assert batch.images.device.type == "cpu"
         memory = torch.channels_last if layout == "NHWC" else torch.contiguous_format
         assert batch.images.is_contiguous(memory_format=memory)
-        assert batch.labels.dtype == torch.int64 and batch.labels.shape == (4,)
+        assert batch.labels.dtype == torch.int64
+        assert batch.labels.shape == (4,)
 
 
 def test_every_training_image_arrives_with_its_own_label(labelled):
@@ -93,7 +84,8 @@ def test_validation_labels_are_zero_based_in_shard_order(labelled):
     expected = [r["image/class/label"] - 1 for s in shards_of(labelled, "validation") for r in read_shard(s)]
     got = [x for x in labels_of(data.validation()) if x != IGNORE]
     assert got == expected == list(range(21))
-    assert data.num_classes == 64 and data.shards.class_names[0] == "n00000001"
+    assert data.num_classes == 64
+    assert data.shards.class_names[0] == "n00000001"
 
 
 def test_random_resized_crop_and_flip_follow_the_recipe(tmp_path):
@@ -111,9 +103,12 @@ def test_random_resized_crop_and_flip_follow_the_recipe(tmp_path):
             areas.append(width * height)
             aspects.append(width * 256 / (height * 192))
     assert 0.3 < flipped / len(areas) < 0.7, f"{flipped} of {len(areas)} flipped"
-    assert min(areas) > 0.08 - 0.015 and max(areas) <= 1.01
-    assert min(areas) < 0.3 and max(areas) > 0.7, "crop areas do not span 8%-100%"
-    assert 3 / 4 - 0.03 < min(aspects) and max(aspects) < 4 / 3 + 0.03
+    assert min(areas) > 0.08 - 0.015
+    assert max(areas) <= 1.01
+    assert min(areas) < 0.3, "crop areas do not span 8%-100%"
+    assert max(areas) > 0.7, "crop areas do not span 8%-100%"
+    assert 3 / 4 - 0.03 < min(aspects)
+    assert max(aspects) < 4 / 3 + 0.03
 
 
 def test_validation_pixels_match_a_reference_resize_and_center_crop(tmp_path):
@@ -127,7 +122,8 @@ def test_validation_pixels_match_a_reference_resize_and_center_crop(tmp_path):
     for (encoded, _), pixels, size in zip(images, got, sizes, strict=True):
         diff = np.abs(pixels.astype(int) - reference_val(encoded, 256, 224))
         # Same libjpeg-turbo, same filter: only rounding differs (measured: mean 0.2, max 1).
-        assert diff.mean() < 0.5 and diff.max() <= 2, f"{size}: mean {diff.mean():.2f}, max {diff.max()}"
+        assert diff.mean() < 0.5, f"{size}: mean {diff.mean():.2f}, max {diff.max()}"
+        assert diff.max() <= 2, f"{size}: mean {diff.mean():.2f}, max {diff.max()}"
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -152,7 +148,8 @@ def test_validation_rank_with_a_shorter_slice_pads_a_whole_batch(tmp_path):
     write_shards(tmp_path, "train", images, 1)
     # 9 images on 2 ranks: slices of 4 and 5; batches of 4 need 1 and 2 steps.
     steps = [[b.labels.tolist() for b in loader(tmp_path, r, 2, num_classes=2).validation()] for r in range(2)]
-    assert steps[0][1] == [IGNORE] * 4 and len(steps[0]) == len(steps[1]) == 2
+    assert steps[0][1] == [IGNORE] * 4
+    assert len(steps[0]) == len(steps[1]) == 2
     assert sum(x != IGNORE for s in steps for b in s for x in b) == 9
 
 
@@ -191,7 +188,8 @@ def test_train_steps_follow_the_optimizer_step_count():
 
 def test_epoch_seeds_differ_by_epoch_and_rank():
     seeds = {epoch_seed(0, e, r) for e in range(50) for r in range(8)}
-    assert len(seeds) == 400 and all(0 <= s < 2**31 for s in seeds)
+    assert len(seeds) == 400
+    assert all(0 <= s < 2**31 for s in seeds)
     assert epoch_seed(0, 3, 1) == epoch_seed(0, 3, 1)
 
 
@@ -200,7 +198,8 @@ def test_third_party_shards_without_index_or_manifest(tmp_path):
     write_shards(tmp_path, "train", items, 3, index=False)
     write_shards(tmp_path, "validation", items[:5], 2, index=False)
     data = loader(tmp_path)
-    assert data.num_classes == 1000 and data.shards.label_base == 1
+    assert data.num_classes == 1000
+    assert data.shards.label_base == 1
     assert data.shards.class_names[999] == "class 999"
     assert sorted(x for x in labels_of(data.validation()) if x != IGNORE) == list(range(5))
     assert len(list(tmp_path.glob("*.idx"))) == 5
@@ -277,7 +276,8 @@ def test_two_real_processes_see_every_validation_image_once(labelled, tmp_path):
     assert len(ranks[0]["train"]) == len(ranks[1]["train"]) == train_steps_per_epoch(45, 2, 4)
     assert len(ranks[0]["validation"]) == len(ranks[1]["validation"]) == 3
     real = sorted(x for r in ranks for b in r["validation"] for x in b if x != IGNORE)
-    assert real == list(range(21)) and result["validation_counted"] == 21
+    assert real == list(range(21))
+    assert result["validation_counted"] == 21
     firsts = ranks[0]["train"], ranks[1]["train"]
     slices = [[x for b in firsts[r] for x in b][: 45 * (r + 1) // 2 - 45 * r // 2] for r in range(2)]
     assert sorted(slices[0] + slices[1]) == list(range(45)), "the ranks' first passes cover the train set once"
@@ -288,7 +288,7 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled):
     # graphs (nvJPEG options, hardware-decoder load, preallocation hints) are checked here on any host.
     from nvidia.dali import types
 
-    from pipeline import augment
+    from pipeline.data import augment
 
     data = loader(labelled)
     for graph, split, extra in (
@@ -312,7 +312,8 @@ def test_gpu_graphs_are_well_formed_without_a_gpu(labelled):
             device_id=0,
             **extra,
         )
-    assert augment.hw_decoder_load((8, 0)) == 0.65 and augment.hw_decoder_load((7, 5)) == 0.65
+    assert augment.hw_decoder_load((8, 0)) == 0.65
+    assert augment.hw_decoder_load((7, 5)) == 0.65
 
 
 def test_an_image_that_does_not_decode_is_a_one_line_error_with_the_way_to_find_it(tmp_path):
@@ -325,8 +326,11 @@ def test_an_image_that_does_not_decode_is_a_one_line_error_with_the_way_to_find_
             list(run(loader(tmp_path, num_classes=1)))
         message = str(failure.value)
         # The record is located: the shard, its offset, and why, on one line.
-        assert "\n" not in message and re.match(rf"{tmp_path}/{split}-0000\d-of-00002: record at offset \d+: ", message)
-        assert "; DALI: " in message and message.endswith("rebuild or remove that shard")
+        assert "\n" not in message
+        assert re.match(f"{tmp_path}/{split}-0000\\d-of-00002: record at offset \\d+: ", message)
+        assert "; DALI: " in message
+        assert message.endswith("rebuild or remove that shard")
     # data_prep.verify finds the damaged records too.
     found = run_module("data_prep.verify", str(tmp_path), "--full")
-    assert found.returncode == 1 and "validation-00001-of-00002: record at offset" in found.stdout
+    assert found.returncode == 1
+    assert "validation-00001-of-00002: record at offset" in found.stdout

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from pipeline.data import DataConfig, ImageNetData
-from pipeline.preview import to_uint8
-from pipeline.shards import IGNORE
-from tests.helpers import colour_of, jpeg, labelled_set, smooth, write_shards
+from pipeline.data.preview import to_uint8
+from pipeline.data.shards import IGNORE
+from tests.pictures import colour_of, jpeg, smooth
+from tests.shardsets import labelled_set, write_shards
 
 pytestmark = pytest.mark.gpu
 
@@ -23,8 +24,10 @@ def gpu_loader(folder, rank=0, world=1, **options) -> ImageNetData:
 def test_gpu_batches_stay_on_the_device_in_fp16_channels_last(tmp_path):
     data = gpu_loader(labelled_set(tmp_path), dtype="float16", layout="NHWC")
     for batch in (next(iter(data.train_epoch(0))), next(iter(data.validation()))):
-        assert batch.images.device == torch.device("cuda", 0) and batch.labels.device == torch.device("cuda", 0)
-        assert batch.images.dtype == torch.float16 and batch.images.shape == (4, 3, 32, 32)
+        assert batch.images.device == torch.device("cuda", 0)
+        assert batch.labels.device == torch.device("cuda", 0)
+        assert batch.images.dtype == torch.float16
+        assert batch.images.shape == (4, 3, 32, 32)
         assert batch.images.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -65,5 +68,7 @@ def test_gpu_decoders_allocate_about_what_the_run_records(tmp_path):
     next(iter(data.validation()))
     used = free_before - torch.cuda.mem_get_info(0)[0]
     recorded = data.decoder_memory()
-    assert data.threads <= 4 and recorded["gpu_bytes"] < 1 << 30 and recorded["pinned_bytes"] < 1 << 28
+    assert data.threads <= 4
+    assert recorded["gpu_bytes"] < 1 << 30
+    assert recorded["pinned_bytes"] < 1 << 28
     assert used < recorded["gpu_bytes"] + (768 << 20), (used, recorded)

@@ -7,7 +7,7 @@ import torch
 from pipeline import engine
 from pipeline.meters import StepMeter
 from pipeline.schedule import Schedule
-from tests.helpers import small_convnet
+from tests.models import small_convnet
 
 SCHEDULE = Schedule("warmup_decay", 0.5, 0.5, warmup_steps=0, total_steps=20, steps_per_epoch=5)
 MODES = {
@@ -44,14 +44,17 @@ def test_the_built_engine_has_its_initial_weights_and_state_laid_out_like_them(p
     tensors = [(p, v) for p, state in states for v in state.values() if torch.is_tensor(v) and v.dim()]
     assert len(tensors) == len(initial)  # a momentum buffer per parameter (the start-up step made them)
     for p, value in tensors:
-        assert value.shape == p.shape and value.stride() == p.stride() and not value.any()
+        assert value.shape == p.shape
+        assert value.stride() == p.stride()
+        assert not value.any()
     masters = {p: m for p, m in engine._masters(eng.optimizer)}
     assert len(masters) == len(initial)
     for name, p in eng.module.named_parameters():
         assert torch.equal(masters[p], initial[name]), name
         assert torch.equal(p.float(), initial[name].to(p.dtype).float()), name
         if channels_last and p.dim() == 4:
-            assert p.is_contiguous(memory_format=torch.channels_last) and masters[p].stride() == p.stride()
+            assert p.is_contiguous(memory_format=torch.channels_last)
+            assert masters[p].stride() == p.stride()
 
 
 def test_a_resumed_momentum_buffer_takes_its_weights_layout(process_group):
@@ -73,8 +76,10 @@ def test_batch_norm_stays_fp32_and_its_statistics_move(process_group, mode):
     for _ in range(2):
         eng.backward(eng(x).float().square().mean())
         eng.step()
-    assert bn.running_mean.dtype == torch.float32 and bn.running_mean.abs().sum() > 0
-    assert torch.isfinite(bn.running_var).all() and eng.global_steps == 2
+    assert bn.running_mean.dtype == torch.float32
+    assert bn.running_mean.abs().sum() > 0
+    assert torch.isfinite(bn.running_var).all()
+    assert eng.global_steps == 2
     # The same 3e-4 update to a running mean of 1.0: bf16 (8 bits of mantissa) cannot hold it, fp32 does.
     ones = torch.ones(1)
     assert (ones.bfloat16() * 0.9997 + 0.0003).item() == 1.0 != (ones * 0.9997 + 0.0003 * 0.5).item()
@@ -89,7 +94,8 @@ def test_the_wrapper_reads_one_overflow_flag_per_step(process_group):
     assert not checker.has_overflow_serial(params)
     for bad in (float("inf"), float("nan")):
         params[3].grad[0] = bad  # one element of one fp32 (batch norm) gradient
-        assert checker.has_overflow_serial(params) and checker.check()
+        assert checker.has_overflow_serial(params)
+        assert checker.check()
         params[3].grad.zero_()
     params[0].grad.view(-1)[5] = float("inf")  # a bf16 convolution gradient
     assert checker.check()
@@ -98,7 +104,8 @@ def test_the_wrapper_reads_one_overflow_flag_per_step(process_group):
 def test_autocast_fp16_scales_the_loss_and_counts_skipped_steps(process_group):
     """torch's GradScaler: DeepSpeed does not count its skips; LossScale reads them from the scale at the flush."""
     eng = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
-    assert type(eng.optimizer) is torch.optim.SGD and eng.module[0].weight.dtype == torch.float32
+    assert type(eng.optimizer) is torch.optim.SGD
+    assert eng.module[0].weight.dtype == torch.float32
     scale, meter = engine.LossScale(eng), StepMeter(4, SCHEDULE.steps_per_epoch, torch.device("cpu"))
     labels = torch.arange(4) % 3
     for step in range(1, 5):
@@ -109,18 +116,23 @@ def test_autocast_fp16_scales_the_loss_and_counts_skipped_steps(process_group):
         eng.step()
         meter.micro_step(loss, logits, labels)
         now, skipped = scale.now()
-        assert torch.is_tensor(now) and skipped is None  # on the device until the flush
+        # On the device until the flush.
+        assert torch.is_tensor(now)
+        assert skipped is None
         meter.optimizer_step(eng.global_steps, 0.5, now, skipped)
         assert torch.equal(eng.module[0].weight, before) == (step == 2)  # the overflow step changes nothing
     rows = meter.flush()
     scale.resolve(rows)
     assert [r["loss_scale"] for r in rows] == [65536.0, 32768.0, 32768.0, 32768.0]
-    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1] and scale.skipped == 1 and eng.skipped_steps == 0
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1]
+    assert scale.skipped == 1
+    assert eng.skipped_steps == 0
     # Saved with a checkpoint and restored into a new engine: the scale and the count go on from there.
     saved = scale.state_dict()
     again = engine.LossScale(engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE))
     again.load_state_dict(saved)
-    assert again.skipped == 1 and again.scaler.get_scale() == 32768.0
+    assert again.skipped == 1
+    assert again.scaler.get_scale() == 32768.0
 
 
 def test_the_autocast_loss_scale_grows_after_the_window_and_halves_on_an_overflow(process_group):
@@ -154,15 +166,17 @@ def test_the_autocast_loss_scale_grows_after_the_window_and_halves_on_an_overflo
 
 def test_the_loss_scale_window_reaches_deepspeeds_fp16_and_is_refused_without_a_loss_scale():
     fp16 = {**ds_of("fp32"), "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000}}
-    fitted, _ = engine.fit(fp16, "f.json", 1, cuda=True, loss_scale_window=50)
-    assert fitted["fp16"]["loss_scale_window"] == 50 and fp16["fp16"]["loss_scale_window"] == 1000
-    assert engine.fit(fp16, "f.json", 1, cuda=True)[0]["fp16"]["loss_scale_window"] == 1000
+    fitted, _ = engine.configure(fp16, "f.json", 1, cuda=True, loss_scale_window=50)
+    assert fitted["fp16"]["loss_scale_window"] == 50
+    assert fp16["fp16"]["loss_scale_window"] == 1000
+    assert engine.configure(fp16, "f.json", 1, cuda=True)[0]["fp16"]["loss_scale_window"] == 1000
     # The autocast mode's window goes to its GradScaler (set_growth_interval), not into the configuration.
-    autocast = engine.fit(ds_of("autocast-fp16"), "a.json", 1, cuda=True, loss_scale_window=50)[0]
-    assert "fp16" not in autocast and engine.precision(autocast) == "autocast-fp16"
+    autocast = engine.configure(ds_of("autocast-fp16"), "a.json", 1, cuda=True, loss_scale_window=50)[0]
+    assert "fp16" not in autocast
+    assert engine.precision(autocast) == "autocast-fp16"
     for mode in ("bf16", "fp32", "autocast-bf16"):
         with pytest.raises(ValueError, match=f"--loss-scale-window 50: b.json trains in {mode}, which has no loss"):
-            engine.fit(ds_of(mode), "b.json", 1, cuda=True, loss_scale_window=50)
+            engine.configure(ds_of(mode), "b.json", 1, cuda=True, loss_scale_window=50)
 
 
 def test_one_steps_gradients_leave_in_one_fused_all_reduce_per_dtype(process_group):
@@ -193,7 +207,8 @@ def test_one_steps_gradients_leave_in_one_fused_all_reduce_per_dtype(process_gro
         logger.comms_dict.clear()
     assert logged[0] == {}  # nothing leaves the rank on the first micro-batch
     numels = {dtype: sum(p.numel() for p in params if p.dtype == dtype) for dtype in {p.dtype for p in params}}
-    assert len(params) == 62 and set(numels) == {torch.bfloat16, torch.float32}
+    assert len(params) == 62
+    assert set(numels) == {torch.bfloat16, torch.float32}
     # One all-reduce per dtype, each all that dtype's gradients, sent in DeepSpeed's communication type (the 16-bit
     # one unless "communication_data_type" says otherwise: batch norm's fp32 gradients travel in 16 bits too).
     assert eng.communication_data_type == torch.bfloat16

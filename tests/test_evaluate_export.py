@@ -13,12 +13,12 @@ import yaml
 
 from pipeline import checkpoint, engine
 from pipeline.data import DataConfig, ImageNetData
-from pipeline.distributed import free_port, without_launcher
+from pipeline.launch import free_port, without_launcher
 from pipeline.meters import validate
 from pipeline.model import build_model
 from pipeline.schedule import Schedule
 from tests import procs
-from tests.helpers import ROOT, SMALL, ds_file, ok, run_module, train_cli
+from tests.runs import ROOT, SMALL, ds_file, ok, run_module, train_cli
 
 
 @pytest.fixture(scope="module")
@@ -36,22 +36,26 @@ def test_export_is_a_plain_state_dict_torchvision_loads_with_its_card(trained, p
     out = tmp_path / "export" / "model.pt"
     proc = run_module("pipeline.export", str(trained), "--out", str(out), check=True)
     newest = checkpoint.complete(trained / "checkpoints")[-1]
-    assert f"{out}: resnet18 (" in proc.stdout and str(newest) in proc.stdout
+    assert f"{out}: resnet18 (" in proc.stdout
+    assert str(newest) in proc.stdout
     weights = torch.load(out, weights_only=True)  # no pickled code runs
     card = json.loads(out.with_suffix(".json").read_text())
     model = torchvision.models.get_model(card["arch"], num_classes=card["num_classes"])
     model.load_state_dict(weights)  # strict: every key as torchvision names it
     assert all(v.dtype == torch.float32 and v.is_contiguous() for v in weights.values() if v.is_floating_point())
     wnids = (prepared / "labels.txt").read_text().split()
-    assert card["classes"] == wnids[: card["num_classes"]] and card["step"] == checkpoint.card(newest)["step"]
-    assert card["preprocessing"]["resize_shorter_side"] == 36 and card["preprocessing"]["center_crop"] == 32
+    assert card["classes"] == wnids[: card["num_classes"]]
+    assert card["step"] == checkpoint.card(newest)["step"]
+    assert card["preprocessing"]["resize_shorter_side"] == 36
+    assert card["preprocessing"]["center_crop"] == 32
     assert card["preprocessing"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
     # safetensors too, with the same tensors.
     from safetensors.torch import load_file
 
     run_module("pipeline.export", str(newest), "--out", str(tmp_path / "model.safetensors"), check=True)
     other = load_file(str(tmp_path / "model.safetensors"))
-    assert other.keys() == weights.keys() and all(torch.equal(other[k], weights[k]) for k in weights)
+    assert other.keys() == weights.keys()
+    assert all(torch.equal(other[k], weights[k]) for k in weights)
 
 
 @pytest.mark.slow
@@ -78,14 +82,18 @@ def test_evaluate_matches_the_export_and_is_the_same_on_two_ranks(trained, prepa
                      "--out", str(tmp_path / "one.json"), "--data-threads", "1", check=True)  # fmt: skip
     result = json.loads((tmp_path / "one.json").read_text())
     images = json.loads((prepared / "manifest.json").read_text())["splits"]["validation"]["images"]
-    assert result["images"] == images and result["world_size"] == 1 and 0 <= result["top1"] <= result["top5"] <= 100
+    assert result["images"] == images
+    assert result["world_size"] == 1
+    assert 0 <= result["top1"] <= result["top5"] <= 100
     assert one.stdout.splitlines()[-1].startswith(
         f"top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% over {images}"
     )
     # The run's own last validation, and a model loaded from the export through the same validation pipeline.
     last = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
     assert result["top1"] == pytest.approx(last["last_top1"])
-    run_module("pipeline.export", str(trained), "--out", str(tmp_path / "model.pt"), check=True)
+    from pipeline import export
+
+    assert export.main([str(trained), "--out", str(tmp_path / "model.pt")]) == 0
     card = json.loads((tmp_path / "model.json").read_text())
     model = torchvision.models.get_model(card["arch"], num_classes=card["num_classes"])
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
@@ -100,19 +108,24 @@ def test_evaluate_matches_the_export_and_is_the_same_on_two_ranks(trained, prepa
                           capture_output=True, text=True, timeout=600, env=without_launcher(os.environ))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     two = json.loads((tmp_path / "two.json").read_text())
-    assert two["world_size"] == 2 and two["images"] == images
+    assert two["world_size"] == 2
+    assert two["images"] == images
     assert (two["top1"], two["top5"]) == (pytest.approx(result["top1"]), pytest.approx(result["top5"]))
 
 
 @pytest.mark.slow
-def test_what_is_not_a_checkpoint_is_one_line(tmp_path, trained):
-    proc = run_module("pipeline.evaluate", "--checkpoint", str(tmp_path), "--data-dir", str(tmp_path))
-    assert proc.returncode == 2 and proc.stderr.startswith(f"error: {tmp_path}: neither a complete checkpoint")
-    assert proc.stderr.count("\n") == 1
-    proc = run_module("pipeline.export", str(trained), "--out", str(tmp_path / "model.json"))
-    assert proc.returncode == 2 and "the model card goes to <out>.json" in proc.stderr
+def test_what_is_not_a_checkpoint_is_one_line(tmp_path, trained, capsys):
+    """The commands' main functions, in this process (their command lines: test_train_runs_as_a_module...)."""
+    from pipeline import config, evaluate, export
+
+    assert evaluate.main(["--checkpoint", str(tmp_path), "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path}: neither a complete checkpoint")
+    assert err.count("\n") == 1
+    assert export.main([str(trained), "--out", str(tmp_path / "model.json")]) == 2
+    assert "the model card goes to <out>.json" in capsys.readouterr().err
     # The help of --resume and of pipeline.evaluate says that a checkpoint is trusted code.
-    assert "A checkpoint is trusted code" in " ".join(train_cli("--help").stdout.split())
-    assert "it is unpickled, so evaluate only checkpoints you trust" in " ".join(
-        run_module("pipeline.evaluate", "--help").stdout.split()
-    )
+    assert "A checkpoint is trusted code" in " ".join(config.parser().format_help().split())
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    assert "it is unpickled, so evaluate only checkpoints you trust" in " ".join(capsys.readouterr().out.split())

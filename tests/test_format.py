@@ -6,13 +6,13 @@ import sys
 import pytest
 
 from tests import procs
-from tests.helpers import ROOT
+from tests.runs import ROOT
 
 PROBE = """
 import sys
 from PIL import Image
 before = Image.MAX_IMAGE_PIXELS
-import pipeline.train, pipeline.evaluate, pipeline.export, pipeline.data, pipeline.preview, pipeline.scaling_study
+import pipeline.train, pipeline.evaluate, pipeline.export, pipeline.data, pipeline.data.preview, pipeline.scaling_study
 loaded = sorted(m for m in sys.modules if m == "data_prep" or m.startswith("data_prep."))
 print(loaded, Image.MAX_IMAGE_PIXELS == before)
 """
@@ -30,8 +30,10 @@ def test_data_prep_writes_with_the_format_packages_names():
     from pipeline.format import layout
 
     # One definition of each name, used on both sides.
-    assert imagenet.SPLITS is layout.SPLITS and imagenet.MANIFEST is layout.MANIFEST
-    assert imagenet.shard_name is layout.shard_name and verify.missing_shards is layout.missing_shards
+    assert imagenet.SPLITS is layout.SPLITS
+    assert imagenet.MANIFEST is layout.MANIFEST
+    assert imagenet.shard_name is layout.shard_name
+    assert verify.missing_shards is layout.missing_shards
 
 
 def test_no_pipeline_module_shadows_the_standard_library():
@@ -45,4 +47,6 @@ def test_no_pipeline_module_shadows_the_standard_library():
 def test_train_runs_as_a_module_and_as_a_script():
     for command in ([sys.executable, "-m", "pipeline.train"], [sys.executable, str(ROOT / "pipeline" / "train.py")]):
         proc = procs.run([*command, "--help"], capture_output=True, text=True, cwd="/", timeout=300)
-        assert proc.returncode == 0 and "--deepspeed_config" in proc.stdout and "--sync-bn" in proc.stdout
+        assert proc.returncode == 0
+        assert "--deepspeed_config" in proc.stdout
+        assert "--sync-bn" in proc.stdout

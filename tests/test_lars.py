@@ -20,7 +20,7 @@ def test_first_lars_step_is_the_clipped_trust_ratio_update(process_group, mode):
     sgd = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": wd}
     ds = {"train_batch_size": 6, "train_micro_batch_size_per_gpu": 6, "optimizer": {"type": "SGD", "params": sgd},
           **mode}  # fmt: skip
-    ds, _ = engine.fit(ds, "test.json", 1, cuda=False, allow_cpu=True)
+    ds, _ = engine.configure(ds, "test.json", 1, cuda=False, allow_cpu=True)
     eng = engine.build(model, engine.with_schedule(ds, s), s, optimizer="lars", lars_trust=trust)
     x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     loss = torch.nn.functional.cross_entropy(eng(x).float(), y)

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from pipeline import checkpoint, engine, train
-from pipeline.distributed import free_port, without_launcher
+from pipeline.launch import free_port, without_launcher
 from pipeline.meters import StepMeter
 from pipeline.model import build_model
 from tests import oracle, procs
-from tests.helpers import ROOT, SMALL_16BIT, ds_file, ok
+from tests.runs import ROOT, SMALL_16BIT, ds_file, ok
 
 # An update's error relative to the oracle's update, per mode: fp32 differs only in summation order; the 16-bit
 # modes by their rounding, largest where batch norm normalises over 2 images (measured at most: fp32 1e-6, fp16
@@ -69,15 +69,17 @@ def test_first_steps_equal_torch_sgd_on_two_ranks_that_split_the_batch(two_ranks
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
 def test_batch_norm_gradients_are_all_reduced_in_fp32(two_ranks, mode):
-    """engine.fit all-reduces the wrappers' gradients in fp32: batch norm's fp32 gradients arrive as the exact mean
-    of the ranks'. DeepSpeed's default (the wrapper's 16-bit type) rounds them."""
+    """engine.configure all-reduces the wrappers' gradients in fp32: batch norm's fp32 gradients arrive as the exact
+    mean of the ranks'. DeepSpeed's default (the wrapper's 16-bit type) rounds them."""
     exact = 2 + torch.arange(8, dtype=torch.float32) * 2**-20  # the mean of the ranks' 1 + k 2^-20 and 3 + k 2^-20
     fitted, default = two_ranks[f"all-reduce-{mode}-fitted"], two_ranks[f"all-reduce-{mode}-default"]
     assert set(fitted) == {"1.weight", "1.bias"}
     for name in fitted:
-        assert fitted[name].dtype == torch.float32 and torch.equal(fitted[name], exact), name
+        assert fitted[name].dtype == torch.float32, name
+        assert torch.equal(fitted[name], exact), name
         rounded = exact.to(torch.float16 if mode == "fp16" else torch.bfloat16).float()
-        assert torch.equal(default[name], rounded) and not torch.equal(rounded, exact), name
+        assert torch.equal(default[name], rounded), name
+        assert not torch.equal(rounded, exact), name
 
 
 def test_deepspeed_0_19_8_leaves_the_fp16_wrappers_loss_unscaled(process_group, fp16_cpu):
@@ -218,9 +220,11 @@ def test_train_py_trains_with_the_fp16_wrapper_on_a_cpu(prepared, tmp_path):
         stdout = ok(proc)
         runs[mode] = (stdout, checkpoint.weights(checkpoint.complete(out / "checkpoints")[-1]), out)
     stdout, _, out = runs["fp16"]
-    assert "--allow-cpu: fp16 on this CPU host" in stdout and "; fp16; " in stdout
+    assert "--allow-cpu: fp16 on this CPU host" in stdout
+    assert "; fp16; " in stdout
     rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert {r["loss_scale"] for r in rows} == {256.0} and rows[-1]["skipped_steps"] == 0
+    assert {r["loss_scale"] for r in rows} == {256.0}
+    assert rows[-1]["skipped_steps"] == 0
     torch.manual_seed(0)
     initial = build_model("shufflenet_v2_x0_5", 6)[0].state_dict()
     weights = [k for k, v in initial.items() if v.dim() > 1]

@@ -15,7 +15,8 @@ from PIL import Image
 from data_prep.imagenet import PrepError, balanced_slices, prepare
 from data_prep.synthetic import generate
 from tests import procs
-from tests.helpers import TREE, read_shard, run_module, shards_of, tree_bytes
+from tests.runs import TREE, run_module
+from tests.shardsets import read_shard, shards_of, tree_bytes
 
 # Per class, synthetic --quirks adds to train/: 5 files to re-encode (CMYK, YCCK, PNG named .JPEG,
 # alpha PNG, .PNG), 3 to skip (empty, truncated, not an image), 3 clean oddities (gray, progressive, .jpg);
@@ -39,7 +40,8 @@ def test_output_files_and_shard_names(prepared):
 def test_every_usable_image_lands_once_and_shards_are_balanced(prepared):
     for split, expected, count in (("train", TRAIN_IMAGES, 4), ("validation", VAL_IMAGES, 3)):
         sizes = [len(read_shard(s)) for s in shards_of(prepared, split)]
-        assert len(sizes) == count and sum(sizes) == expected
+        assert len(sizes) == count
+        assert sum(sizes) == expected
         assert max(sizes) - min(sizes) <= 1, sizes
         names = [r["image/filename"] for r in all_records(prepared, split)]
         assert len(set(names)) == len(names) == expected
@@ -184,7 +186,8 @@ def test_flat_val_with_kaggle_csv_and_resize(tmp_path):
     for r in records + all_records(out, "train"):
         assert min(r["image/width"], r["image/height"]) <= 48
     resized = [e for e in manifest["reencoded"] if "to shorter side 48" in e["reason"]]
-    assert resized and all(e["reason"].startswith(("resized", "CMYK", "YCCK", "PNG")) for e in manifest["reencoded"])
+    assert resized
+    assert all(e["reason"].startswith(("resized", "CMYK", "YCCK", "PNG")) for e in manifest["reencoded"])
 
 
 def test_verify_full_passes_on_fresh_output(prepared):
@@ -195,5 +198,6 @@ def test_verify_full_passes_on_fresh_output(prepared):
 @pytest.mark.parametrize("count, parts", [(10, 3), (1_281_167, 1024), (50_000, 128), (7, 7)])
 def test_balanced_slices_cover_everything_once_within_one(count, parts):
     sizes = [s.stop - s.start for s in balanced_slices(count, parts)]
-    assert sum(sizes) == count and max(sizes) - min(sizes) <= 1
+    assert sum(sizes) == count
+    assert max(sizes) - min(sizes) <= 1
     assert [s.start for s in balanced_slices(count, parts)][1:] == [s.stop for s in balanced_slices(count, parts)][:-1]

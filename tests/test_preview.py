@@ -1,4 +1,4 @@
-"""`python -m pipeline.preview` and `python -m pipeline.shards` (indexes), run as a user runs them."""
+"""`python -m pipeline.data.preview` and `python -m pipeline.data.shards` (indexes), run as a user runs them."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.preview import CAPTION
-from tests.helpers import colour_of, jpeg, labelled_set, reference_val, run_module, smooth, write_shards
+from pipeline.data.preview import CAPTION
+from tests.pictures import colour_of, jpeg, reference_val, smooth
+from tests.runs import run_module
+from tests.shardsets import labelled_set, write_shards
 
 
 @pytest.mark.slow
@@ -17,10 +19,11 @@ def test_validation_preview_shows_the_first_samples_in_shard_order(tmp_path):
     data = labelled_set(tmp_path / "data")
     out, npz = tmp_path / "grid.png", tmp_path / "samples.npz"
     args = ["--data-dir", str(data), "--split", "validation", "--num", "7", "--out", str(out)]
-    proc = run_module("pipeline.preview", *args, "--save-npz", str(npz), "--crop-size", "32", "--val-resize", "40")
+    proc = run_module("pipeline.data.preview", *args, "--save-npz", str(npz), "--crop-size", "32", "--val-resize", "40")
     assert proc.returncode == 0, proc.stderr
     saved = np.load(npz)
-    assert saved["images"].shape == (7, 32, 32, 3) and saved["images"].dtype == np.uint8
+    assert saved["images"].shape == (7, 32, 32, 3)
+    assert saved["images"].dtype == np.uint8
     assert saved["labels"].tolist() == list(range(7))
     for image, label in zip(saved["images"].astype(int), saved["labels"], strict=True):
         assert np.abs(image - colour_of(int(label))).max() <= 6
@@ -44,7 +47,7 @@ def test_validation_preview_pixels_are_the_reference_center_crops(tmp_path):
         str(tmp_path / "g.png"),
     ]
     proc = run_module(
-        "pipeline.preview",
+        "pipeline.data.preview",
         *args,
         "--save-npz",
         str(npz),
@@ -65,19 +68,23 @@ def test_train_preview_and_bad_input(tmp_path):
     data = labelled_set(tmp_path / "data")
     npz = tmp_path / "t.npz"
     args = ["--data-dir", str(data), "--num", "10", "--out", str(tmp_path / "t.png"), "--save-npz", str(npz)]
-    proc = run_module("pipeline.preview", *args, "--crop-size", "32", "--val-resize", "40")
+    proc = run_module("pipeline.data.preview", *args, "--crop-size", "32", "--val-resize", "40")
     assert proc.returncode == 0, proc.stderr
     labels = np.load(npz)["labels"]
-    assert len(set(labels.tolist())) == 10 and labels.max() < 45, "ten different training samples"
-    bad = run_module("pipeline.preview", "--data-dir", str(tmp_path / "none"), "--out", "x.png")
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such directory" in bad.stderr
+    assert len(set(labels.tolist())) == 10, "ten different training samples"
+    assert labels.max() < 45, "ten different training samples"
+    bad = run_module("pipeline.data.preview", "--data-dir", str(tmp_path / "none"), "--out", "x.png")
+    assert bad.returncode == 2
+    assert bad.stderr.count("\n") == 1
+    assert "no such directory" in bad.stderr
 
 
 def test_index_command_builds_and_counts(tmp_path):
     items = [(jpeg(np.zeros((20, 20, 3), np.uint8)), 1)] * 7
     write_shards(tmp_path, "train", items, 2, index=False)
     write_shards(tmp_path, "validation", items[:3], 1, index=False)
-    proc = run_module("pipeline.shards", "--data-dir", str(tmp_path))
+    proc = run_module("pipeline.data.shards", "--data-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    assert "train: 2 shards, 7 records" in proc.stdout and "validation: 1 shards, 3 records" in proc.stdout
+    assert "train: 2 shards, 7 records" in proc.stdout
+    assert "validation: 1 shards, 3 records" in proc.stdout
     assert len(list(tmp_path.glob("*.idx"))) == 3

@@ -46,5 +46,6 @@ def test_a_process_that_leaves_its_group_still_ends_with_its_test():
     left = procs.end_all()
     # The group went first; what escaped it was found by its mark.
     assert left == [escaped]
-    assert wait_gone(escaped) and wait_gone(parent.pid)
+    assert wait_gone(escaped)
+    assert wait_gone(parent.pid)
     assert procs.marked() == []

@@ -15,7 +15,7 @@ from data_prep.imagenet import STATE_DIR, PrepError, prepare
 from data_prep.journal import Journal
 from data_prep.synthetic import generate
 from tests import procs
-from tests.helpers import tree_bytes
+from tests.shardsets import tree_bytes
 
 ARGS = dict(train_shards=6, val_shards=2, seed=3)
 

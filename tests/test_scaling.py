@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import scaling
-from tests.helpers import run_module
+from tests.runs import run_module
 
 DS_CONFIGS = Path(__file__).parent.parent / "ds_configs"
 
@@ -34,7 +34,8 @@ def test_config_numbers_follow_the_paper(name, lr, warmup, total, precision):
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(lr)
     recipe = scaling.CONFIGS[name]
     assert (recipe.warmup_steps, recipe.total_steps) == (warmup, total)
-    assert ds["train_micro_batch_size_per_gpu"] == 32 and "gradient_accumulation_steps" not in ds
+    assert ds["train_micro_batch_size_per_gpu"] == 32
+    assert "gradient_accumulation_steps" not in ds
     sgd = ds["optimizer"]["params"]
     assert (ds["optimizer"]["type"], sgd["momentum"], sgd["nesterov"], sgd["weight_decay"], sgd["fused"]) == (
         "SGD", 0.9, True, 1e-4, True)  # fmt: skip
@@ -47,8 +48,11 @@ def test_config_numbers_follow_the_paper(name, lr, warmup, total, precision):
 
 def test_cpu_config_is_small_unfused_and_bf16_only_where_it_is_native():
     ds = json.loads((DS_CONFIGS / "cpu.json").read_text())
-    assert ds["train_batch_size"] == 64 and ds["bf16"] == {"enabled": "auto"} and "fp16" not in ds
-    assert "fused" not in ds["optimizer"]["params"] and ds["optimizer"]["params"]["lr"] == 0.025
+    assert ds["train_batch_size"] == 64
+    assert ds["bf16"] == {"enabled": "auto"}
+    assert "fp16" not in ds
+    assert "fused" not in ds["optimizer"]["params"]
+    assert ds["optimizer"]["params"]["lr"] == 0.025
 
 
 def test_check_command_finds_an_edited_file(tmp_path):
@@ -58,14 +62,18 @@ def test_check_command_finds_an_edited_file(tmp_path):
     edited["optimizer"]["params"]["nesterov"] = False
     (tmp_path / "bs8k.json").write_text(json.dumps(edited))
     proc = run_module("pipeline.scaling", "--check", str(tmp_path))
-    assert proc.returncode == 1 and "bs8k.json: differs" in proc.stderr and "bs1k" not in proc.stderr
+    assert proc.returncode == 1
+    assert "bs8k.json: differs" in proc.stderr
+    assert "bs1k" not in proc.stderr
 
 
 def test_custom_config_and_bad_batch(tmp_path):
     out = tmp_path / "b4k.json"
     proc = run_module("pipeline.scaling", "--batch-size", "4096", "--precision", "bf16", "--out", str(out), check=True)
     ds = json.loads(out.read_text())
-    assert ds["optimizer"]["params"]["lr"] == 1.6 and ds["bf16"]["enabled"] is True
+    assert ds["optimizer"]["params"]["lr"] == 1.6
+    assert ds["bf16"]["enabled"] is True
     assert "warmup 1565 of 28170 steps" in proc.stdout
     proc = run_module("pipeline.scaling", "--batch-size", "100", "--out", str(out))
-    assert proc.returncode == 2 and "not a positive multiple of the micro-batch 32" in proc.stderr
+    assert proc.returncode == 2
+    assert "not a positive multiple of the micro-batch 32" in proc.stderr

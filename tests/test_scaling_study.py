@@ -8,12 +8,13 @@ from PIL import Image
 
 from pipeline import scaling_study
 from pipeline.scaling import Recipe
-from pipeline.scaling_study import VARIANTS, plan
-from tests.helpers import logged, run_module
+from pipeline.scaling_study import VARIANTS, study_runs
+from tests.runs import run_module
+from tests.wandb_files import logged
 
 
 def test_each_variant_gets_the_lr_and_warmup_the_rule_gives():
-    runs = {r.name: r for r in plan(32, [32, 256, 1024], list(VARIANTS), lr0=0.0125, warmup=2, lars=True)}
+    runs = {r.name: r for r in study_runs(32, [32, 256, 1024], list(VARIANTS), lr0=0.0125, warmup=2, lars=True)}
     assert list(runs) == [
         "b32-baseline", "b256-rule+warmup", "b256-rule", "b256-no-rule",
         "b1024-rule+warmup", "b1024-rule", "b1024-no-rule", "b1024-rule+warmup-lars",
@@ -30,30 +31,37 @@ def test_each_variant_gets_the_lr_and_warmup_the_rule_gives():
         recipe = Recipe(run.batch_size, 32, epochs=10, warmup_epochs=run.warmup_epochs,
                         reference_batch=run.reference_batch, reference_lr=0.0125)  # fmt: skip
         assert (recipe.peak_lr, recipe.base_lr) == pytest.approx((lr, 0.0125)), name
-    assert runs["b1024-rule+warmup-lars"].optimizer == "lars" and runs["b256-rule"].optimizer == "sgd"
+    assert runs["b1024-rule+warmup-lars"].optimizer == "lars"
+    assert runs["b256-rule"].optimizer == "sgd"
 
 
 @pytest.mark.slow
 def test_a_tiny_study_end_to_end(prepared, tmp_path):
+    """Every run of the study on 2 ranks (--nproc 2: train.py through torchrun, each rank half of the batch)."""
     out = tmp_path / "study"
     proc = run_module(
         "pipeline.scaling_study", "--data-dir", str(prepared), "--base-batch", "32", "--batch-sizes", "32,64",
         "--epochs", "2", "--warmup-epochs", "1", "--out", str(out), "--arch", "resnet18", "--crop-size", "32",
-        "--val-resize", "36", "--lars", "--wandb-mode", "offline",
+        "--val-resize", "36", "--lars", "--wandb-mode", "offline", "--variants", "rule+warmup",
+        "--nproc", "2", "--micro-batch", "16",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     runs = summary["runs"]
-    assert [r["name"] for r in runs] == ["b32-baseline", "b64-rule+warmup", "b64-rule", "b64-no-rule",
-                                         "b64-rule+warmup-lars"]  # fmt: skip
+    # Every variant's lr and warmup: test_each_variant_gets_the_lr_and_warmup_the_rule_gives; here one, with LARS.
+    assert [r["name"] for r in runs] == ["b32-baseline", "b64-rule+warmup", "b64-rule+warmup-lars"]
     images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
     for r in runs:
         assert 0 <= r["final_val_top1"] <= 100
         xs = [x for x, _ in r["train_error_curve"]]
-        assert xs == sorted(xs) and xs[-1] == 2 and all(x * 4 == int(x * 4) for x in xs)
+        assert xs == sorted(xs)
+        assert xs[-1] == 2
+        assert all(x * 4 == int(x * 4) for x in xs)
         assert all(0 <= y <= 100 for _, y in r["train_error_curve"])
         # train.py ran with the lr and warmup of the plan: its derived schedule says so.
         saved = yaml.safe_load((out / "runs" / r["name"] / "config.yaml").read_text())
+        assert saved["derived"]["world_size"] == 2
+        assert saved["deepspeed"]["train_batch_size"] == r["batch_size"]
         per_epoch = -(-images // r["batch_size"])
         assert saved["schedule"]["peak_lr"] == pytest.approx(r["lr"])
         assert saved["schedule"]["base_lr"] == pytest.approx(summary["base_lr"])
@@ -69,13 +77,17 @@ def test_a_tiny_study_end_to_end(prepared, tmp_path):
         runs[1]["final_val_top1"] - runs[0]["final_val_top1"]
     )
     table = (out / "summary.md").read_text()
-    assert table.count("\n") == 2 + len(runs) and "| 64 | rule+warmup | lars | 0.025 | 1 |" in table
+    assert table.count("\n") == 2 + len(runs)
+    assert "| 64 | rule+warmup | lars | 0.025 | 1 |" in table
     with Image.open(out / "curves.png") as png:
-        assert png.size[0] > 400 and png.size[1] > 300
+        assert png.size[0] > 400
+        assert png.size[1] > 300
     study = logged(out)
     logged_row = study["history"][0]
-    assert logged_row["curves/_type"] == "image-file" and logged_row["summary/_type"] == "table-file"
-    assert logged_row["summary/nrows"] == len(runs) and study["config"]["base_batch"] == 32
+    assert logged_row["curves/_type"] == "image-file"
+    assert logged_row["summary/_type"] == "table-file"
+    assert logged_row["summary/nrows"] == len(runs)
+    assert study["config"]["base_batch"] == 32
 
 
 def test_bad_study_input_is_one_line(capsys):
@@ -88,25 +100,9 @@ def test_bad_study_input_is_one_line(capsys):
     assert "--variants rule,lars: choose from" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_a_study_with_two_ranks_per_run(prepared, tmp_path):
-    """--nproc 2: every run is train.py on 2 ranks (torchrun), each rank half of the batch; a micro-batch the
-    ranks cannot share is refused before any run."""
-    refused = run_module("pipeline.scaling_study", "--data-dir", "x", "--base-batch", "32", "--batch-sizes", "32,64",
-                         "--out", str(tmp_path / "no"), "--epochs", "2", "--nproc", "2")  # fmt: skip
-    assert refused.returncode == 2 and "batch size 32 is not a positive multiple of --micro-batch 32 x --nproc 2" in (
-        refused.stderr)  # fmt: skip
-    out = tmp_path / "study"
-    proc = run_module(
-        "pipeline.scaling_study", "--data-dir", str(prepared), "--base-batch", "32", "--batch-sizes", "32,64",
-        "--variants", "rule+warmup", "--epochs", "1", "--warmup-epochs", "0", "--out", str(out), "--arch",
-        "resnet18", "--crop-size", "32", "--val-resize", "36", "--wandb-mode", "disabled", "--nproc", "2",
-        "--micro-batch", "16",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    runs = json.loads((out / "summary.json").read_text())["runs"]
-    assert [r["name"] for r in runs] == ["b32-baseline", "b64-rule+warmup"]
-    for r in runs:
-        saved = yaml.safe_load((out / "runs" / r["name"] / "config.yaml").read_text())
-        assert saved["derived"]["world_size"] == 2 and saved["deepspeed"]["train_batch_size"] == r["batch_size"]
-        assert 0 <= r["final_val_top1"] <= 100 and r["train_error_curve"][-1][0] == 1
+def test_a_micro_batch_the_ranks_cannot_share_is_refused_before_any_run(capsys, tmp_path):
+    argv = ["--data-dir", "x", "--base-batch", "32", "--batch-sizes", "32,64", "--out", str(tmp_path / "no"),
+            "--epochs", "2", "--nproc", "2"]  # fmt: skip
+    assert scaling_study.main(argv) == 2
+    assert "batch size 32 is not a positive multiple of --micro-batch 32 x --nproc 2" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()

@@ -7,7 +7,7 @@ import torch
 from pipeline import engine, schedule
 from pipeline.scaling import Recipe
 from pipeline.schedule import LRSchedule, Schedule, derive, lr_at
-from tests.helpers import small_convnet
+from tests.models import small_convnet
 
 # B = 8192 on ImageNet, 90 epochs, 5 of warmup: 157 steps per epoch.
 BS8K = Recipe(8192)
@@ -25,7 +25,8 @@ def test_derived_numbers():
         16 * 40,
     )
     small = derive("warmup_decay", Recipe(64, train_images=1000, epochs=10, warmup_epochs=1))
-    assert small.base_lr == small.peak_lr == 0.025 and small.warmup_steps == 0
+    assert small.base_lr == small.peak_lr == 0.025
+    assert small.warmup_steps == 0
 
 
 def goyal(step: int, batch: int, per_epoch: int, epochs: int = 90) -> float:
@@ -64,15 +65,15 @@ def test_the_schedule_ends_where_the_recipe_does():
     for batch in (64, 256, 8192):
         s, g = derive("warmup_decay", Recipe(batch)), derive("goyal_steps", Recipe(batch))
         assert s.peak_lr == g.peak_lr == pytest.approx(0.1 * batch / 256)
-        assert s.end_lr == 0 and lr_at(s, s.total_steps - 1) == pytest.approx(
-            s.peak_lr / (s.total_steps - s.warmup_steps)
-        )
+        assert s.end_lr == 0
+        assert lr_at(s, s.total_steps - 1) == pytest.approx(s.peak_lr / (s.total_steps - s.warmup_steps))
         assert g.end_lr == pytest.approx(g.peak_lr * 0.001)
         assert lr_at(s, s.total_steps // 2) < lr_at(s, s.warmup_steps)  # a batch at or below 256 decays too
     line = derive("warmup_decay", Recipe(8192)).describe()
     assert "lr 0.1 -> 3.2 over 785 warmup steps, then linearly to 0 at step 14130; peak 3.2, end 0;" in line
     small = derive("warmup_decay", Recipe(64, train_images=1000, epochs=8)).describe()
-    assert "lr 0.025 from the first step (no warmup" in small and "peak 0.025, end 0;" in small
+    assert "lr 0.025 from the first step (no warmup" in small
+    assert "peak 0.025, end 0;" in small
 
 
 def test_the_run_draws_its_schedule(tmp_path):
@@ -82,9 +83,18 @@ def test_the_run_draws_its_schedule(tmp_path):
     from PIL import Image
 
     with Image.open(tmp_path / "lr.png") as image:
-        assert image.format == "PNG" and image.size == (400, 208)
+        assert image.format == "PNG"
+        assert image.size == (400, 220)
+        pixels = image.convert("RGB").load()
+    # The curve's colour where the lr is: at the peak (end of warmup), and a tenth of it after the first drop.
+    blue = (31, 119, 180)
+    x = lambda step: 46 + (400 - 12 - 46) * step / 14130  # noqa: E731
+    y = lambda lr: 190 - (190 - 24) * lr / 3.2  # noqa: E731
+    assert any(pixels[round(x(2000)), round(y(3.2)) + d] == blue for d in (-1, 0, 1))
+    assert any(pixels[round(x(5000)), round(y(0.32)) + d] == blue for d in (-1, 0, 1))
     steps = schedule._plot_steps(s)
-    assert {0, 785, 14130, 4709, 4710, 9419, 9420, 12559, 12560} <= set(steps) and len(steps) < 2200
+    assert {0, 785, 14130, 4709, 4710, 9419, 9420, 12559, 12560} <= set(steps)
+    assert len(steps) < 2200
 
 
 def test_warmup_adds_a_constant_every_step():
@@ -101,7 +111,8 @@ def test_step_lr_state_round_trip():
     first.step(123)
     again = LRSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), s)
     again.load_state_dict(first.state_dict())
-    assert again.get_last_lr() == [lr_at(s, 123)] and again.last_batch_iteration == 123
+    assert again.get_last_lr() == [lr_at(s, 123)]
+    assert again.last_batch_iteration == 123
 
 
 @pytest.mark.parametrize("kind", ["warmup_decay", "goyal_steps"])
@@ -133,7 +144,8 @@ def test_deepspeed_alone_would_shift_the_schedule(process_group):
     for step in range(4):
         eng.backward(eng(x).float().sum() * (float("inf") if step == 1 else 1.0))
         eng.step()
-    assert eng.skipped_steps == 1 and engine.lr(eng) != pytest.approx(lr_at(s, 4))
+    assert eng.skipped_steps == 1
+    assert engine.lr(eng) != pytest.approx(lr_at(s, 4))
     schedule.follow(eng)
     assert engine.lr(eng) == pytest.approx(lr_at(s, 4))
 
@@ -204,6 +216,7 @@ def test_channels_last_weights_train_like_contiguous_ones(process_group, fused):
             eng.step()
         masters[channels_last] = [p.detach().clone() for g in eng.optimizer.fp32_groups for p in g]
         assert masters[channels_last][0].is_contiguous(memory_format=torch.channels_last) == channels_last
-        assert eng.global_steps == 3 and eng.skipped_steps == 0
+        assert eng.global_steps == 3
+        assert eng.skipped_steps == 0
     for a, b in zip(masters[False], masters[True], strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

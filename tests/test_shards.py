@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.shards import DataError, build_index, default_index_cache, open_shards, shard_bounds
+from pipeline.data.shards import DataError, build_index, default_index_cache, open_shards, shard_bounds
 from tests import procs
-from tests.helpers import jpeg, write_manifest, write_shards
+from tests.pictures import jpeg
+from tests.shardsets import write_manifest, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +33,8 @@ def test_built_indexes_equal_dalis_tfrecord2idx(tmp_path):
     procs.run([sys.executable, str(tool), str(shard), str(tmp_path / "dali.idx")], check=True, capture_output=True)
     shards = open_shards(tmp_path)
     assert (tmp_path / "train-00001-of-00003.idx").read_bytes() == (tmp_path / "dali.idx").read_bytes()
-    assert shards.splits["train"].counts == (4, 4, 4) and shards.splits["validation"].images == 5
+    assert shards.splits["train"].counts == (4, 4, 4)
+    assert shards.splits["validation"].images == 5
     assert shards.splits["train"].indexes[1] == str(shard) + ".idx"
 
 
@@ -94,13 +96,15 @@ def test_shard_bounds_split_like_dali():
 def test_default_cache_is_per_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     a, b = default_index_cache(tmp_path / "a"), default_index_cache(tmp_path / "b")
-    assert a != b and a.parent == tmp_path / "cache" / "imagenet-pipeline" / "indexes"
+    assert a != b
+    assert a.parent == tmp_path / "cache" / "imagenet-pipeline" / "indexes"
 
 
 def test_build_index_is_atomic_and_counts(tmp_path):
     small_set(tmp_path)
     count = build_index(tmp_path / "train-00000-of-00003", tmp_path / "x.idx")
-    assert count == 4 and len((tmp_path / "x.idx").read_text().splitlines()) == 4
+    assert count == 4
+    assert len((tmp_path / "x.idx").read_text().splitlines()) == 4
     assert not list(tmp_path.glob(".*.partial"))
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from data_prep.source import SourceError, scan
 from data_prep.synthetic import jpeg_bytes
-from tests.helpers import run_module
+from tests.runs import run_module
 
 JPEG = jpeg_bytes(Image.new("RGB", (8, 8), (10, 20, 30)), 90)
 
@@ -128,5 +128,7 @@ def test_cli_error_is_one_line_and_exit_status_2(tmp_path):
         "1",
     )
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ") and "n09" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith("error: ")
+    assert "n09" in proc.stderr
     assert not (tmp_path / "out").exists()

@@ -8,9 +8,9 @@ import sys
 import pytest
 import torch
 
-from pipeline.distributed import free_port, without_launcher
+from pipeline.launch import free_port, without_launcher
 from tests import procs
-from tests.helpers import ROOT
+from tests.runs import ROOT
 from tests.sync_bn_ranks import batch, layers
 
 

@@ -6,7 +6,8 @@ import numpy as np
 from PIL import Image
 
 from data_prep.synthetic import generate, wnid
-from tests.helpers import run_module, tree_bytes
+from tests.runs import run_module
+from tests.shardsets import tree_bytes
 
 
 def mean_hue(path) -> float:
@@ -19,7 +20,8 @@ def test_layout_sizes_and_determinism(tmp_path):
     root = generate(str(tmp_path / "a"), classes=3, train_per_class=12, val_per_class=2, min_side=50, max_side=90)
     assert sorted(p.name for p in (root / "train").iterdir()) == [wnid(0), wnid(1), wnid(2)]
     sizes = [Image.open(p).size for p in (root / "train").rglob("*.JPEG")]
-    assert len(sizes) == 36 and all(50 <= min(s) <= 90 for s in sizes)
+    assert len(sizes) == 36
+    assert all(50 <= min(s) <= 90 for s in sizes)
     assert len({round(w / h, 1) for w, h in sizes}) >= 3, "aspect ratios should vary like photos"
     assert len(list((root / "val").rglob("ILSVRC2012_val_*.JPEG"))) == 6
     again = generate(str(tmp_path / "b"), classes=3, train_per_class=12, val_per_class=2, min_side=50, max_side=90)

@@ -7,7 +7,7 @@ into .venv) and is skipped elsewhere. Last run: TensorFlow 2.21.0, 2026-11-21, a
 import pytest
 
 from pipeline.format import example, tfrecord
-from tests.helpers import read_shard, shards_of
+from tests.shardsets import read_shard, shards_of
 
 tf = pytest.importorskip("tensorflow")
 

@@ -67,6 +67,8 @@ def test_damage_is_reported_with_the_record_offset(damage, message):
 def test_a_dali_index_reads_back_as_written():
     spans = [(0, 120), (120, 4096), (4216, 77)]
     text = "".join(tfrecord.index_line(offset, size) for offset, size in spans)
-    assert text.splitlines()[1] == "120 4096" and tfrecord.index_spans(text) == spans
-    assert tfrecord.index_spans("") is None and tfrecord.index_spans("0 12 24") is None
+    assert text.splitlines()[1] == "120 4096"
+    assert tfrecord.index_spans(text) == spans
+    assert tfrecord.index_spans("") is None
+    assert tfrecord.index_spans("0 12 24") is None
     assert tfrecord.index_spans("0 twelve") is None

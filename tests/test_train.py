@@ -12,10 +12,12 @@ import torch
 import yaml
 
 from pipeline import checkpoint, cpu, engine, train
+from pipeline.data.shards import IGNORE, shard_bounds
 from pipeline.schedule import Schedule, lr_at
-from pipeline.shards import IGNORE, shard_bounds
 from tests import procs
-from tests.helpers import CPU_ONLY, ROOT, SMALL, ds_file, labelled_set, logged, metrics, ok, train_cli, weights
+from tests.runs import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
+from tests.shardsets import labelled_set
+from tests.wandb_files import logged
 
 
 @pytest.mark.slow
@@ -29,7 +31,8 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     manifest = json.loads((prepared / "manifest.json").read_text())
     images, classes = manifest["splits"]["train"]["images"], manifest["num_classes"]
     per_epoch = math.ceil(images / 64)
-    assert f"{3 * per_epoch} steps ({per_epoch} per epoch)" in stdout and "1 ranks x 32 x 2 accumulation" in stdout
+    assert f"{3 * per_epoch} steps ({per_epoch} per epoch)" in stdout
+    assert "1 ranks x 32 x 2 accumulation" in stdout
     assert f"saved checkpoint {out / 'checkpoints' / checkpoint.tag(per_epoch)} at step {per_epoch}" in stdout
 
     epochs, summary = metrics(out)
@@ -37,13 +40,18 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert {"epoch", "train_loss", "val_top1", "val_top5", "lr", "images_per_sec", "skipped_steps"} <= set(epochs[0])
     # It learns: the loss falls and validation accuracy ends far above chance.
     assert epochs[-1]["train_loss"] < 0.7 * epochs[0]["train_loss"]
-    assert epochs[-1]["val_top1"] > 3 * 100 / classes and epochs[-1]["val_top5"] >= epochs[-1]["val_top1"]
-    assert summary["best_top1"] == max(e["val_top1"] for e in epochs) and summary["steps"] == 3 * per_epoch
-    assert f"done: val top-1 {epochs[-1]['val_top1']:.1f}%" in stdout and str(out / "wandb") in stdout
+    assert epochs[-1]["val_top1"] > 3 * 100 / classes
+    assert epochs[-1]["val_top5"] >= epochs[-1]["val_top1"]
+    assert summary["best_top1"] == max(e["val_top1"] for e in epochs)
+    assert summary["steps"] == 3 * per_epoch
+    assert f"done: val top-1 {epochs[-1]['val_top1']:.1f}%" in stdout
+    assert str(out / "wandb") in stdout
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["run"]["optim"]["arch"] == "resnet18" and saved["derived"]["train_images"] == images
-    assert saved["schedule"]["total_steps"] == 3 * per_epoch and saved["deepspeed"]["gradient_accumulation_steps"] == 2
+    assert saved["run"]["optim"]["arch"] == "resnet18"
+    assert saved["derived"]["train_images"] == images
+    assert saved["schedule"]["total_steps"] == 3 * per_epoch
+    assert saved["deepspeed"]["gradient_accumulation_steps"] == 2
     # On a CPU: NCHW batches and model, in cpu.json's precision for this processor (bf16 batches cast from DALI's
     # float32 where bf16 is native, float32 elsewhere), two batches prefetched.
     assert not saved["derived"]["channels_last"]
@@ -57,7 +65,8 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert saved["derived"]["data_threads"] == 1
     assert saved["derived"]["decoder_memory"] == {"gpu_bytes": 0, "pinned_bytes": 0}
     # Every 3 steps and at each epoch's end (the last step is both); the 2 newest complete ones are kept.
-    assert "at step 3\n" in stdout and stdout.count(f"at step {3 * per_epoch}\n") == 2
+    assert "at step 3\n" in stdout
+    assert stdout.count(f"at step {3 * per_epoch}\n") == 2
     saves = sorted({*range(3, 3 * per_epoch + 1, 3), *range(per_epoch, 3 * per_epoch + 1, per_epoch)})
     assert [p.name for p in checkpoint.complete(out / "checkpoints")] == [checkpoint.tag(s) for s in saves[-2:]]
 
@@ -70,7 +79,8 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
 
     # wandb (offline) wrote the run config, one history row per optimizer step, and the summary.
     run = logged(out)
-    assert run["config"]["schedule"] == saved["schedule"] and run["config"]["derived"]["num_classes"] == classes
+    assert run["config"]["schedule"] == saved["schedule"]
+    assert run["config"]["derived"]["num_classes"] == classes
     steps = {h["_step"]: h for h in run["history"] if "train/loss" in h}
     assert sorted(steps) == list(range(1, 3 * per_epoch + 1))
     schedule = Schedule(**{**saved["schedule"], "milestones": tuple(saved["schedule"]["milestones"])})
@@ -92,7 +102,8 @@ def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
     assert {k: derived["data"][k] for k in ("layout", "prefetch", "hw_decoder_load")} == {
         "layout": "NHWC", "prefetch": 3, "hw_decoder_load": 0.5}  # fmt: skip
     conv = weights(out, 2)["conv1.weight"]
-    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.is_contiguous()
 
 
 @pytest.mark.slow
@@ -130,7 +141,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
     assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, 2 * per_epoch + 1))
     assert all(losses[1][step] == pytest.approx(loss, rel=1e-5) for step, loss in losses[0].items())
     a, b = metrics(tmp_path / "straight")[1], metrics(tmp_path / "split")[1]
-    assert a["steps"] == b["steps"] == 2 * per_epoch and a["last_top1"] == pytest.approx(b["last_top1"])
+    assert a["steps"] == b["steps"] == 2 * per_epoch
+    assert a["last_top1"] == pytest.approx(b["last_top1"])
 
 
 @pytest.mark.slow
@@ -140,7 +152,7 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     report = tmp_path / "ranks.json"
     ds = ds_file(tmp_path, 16, 4, "fp32")
     launcher = Path(sys.executable).parent / "deepspeed"
-    from pipeline.distributed import free_port
+    from pipeline.launch import free_port
 
     proc = procs.run(
         [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests" / "train_ranks.py"),
@@ -158,7 +170,8 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
             assert len(seen["seen"][epoch]) == 24
             slices.append(set(seen["seen"][epoch][: end - start]))
             assert len(slices[-1]) == end - start
-        assert not slices[0] & slices[1] and slices[0] | slices[1] == set(range(45))
+        assert not slices[0] & slices[1]
+        assert slices[0] | slices[1] == set(range(45))
     assert ranks[0]["params"] == ranks[1]["params"]
     assert ranks[0]["bn_means"] != ranks[1]["bn_means"]
 
@@ -184,7 +197,9 @@ def test_bad_input_fails_before_any_heavy_work(prepared, capsys, args, message):
     argv = [x for k, v in base.items() if k not in args for x in (k, v)] + args
     assert train.main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert err.startswith("error: ")
+    assert message in err
+    assert err.count("\n") == 1
 
 
 def test_batch_that_does_not_split_over_the_ranks(prepared, capsys, monkeypatch):
@@ -201,7 +216,8 @@ def test_resume_from_an_incomplete_checkpoint_is_refused(prepared, tmp_path):
     proc = train_cli("--deepspeed_config", str(ROOT / "ds_configs" / "cpu.json"), "--data-dir", str(prepared), *SMALL,
                      "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
                      "--resume", str(broken), "--wandb-mode", "disabled")  # fmt: skip
-    assert proc.returncode == 2 and f"--resume {broken}: not a complete checkpoint" in proc.stderr
+    assert proc.returncode == 2
+    assert f"--resume {broken}: not a complete checkpoint" in proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -226,9 +242,12 @@ def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
              section.items()}  # fmt: skip
     assert {k: saved[k] for k in ("arch", "epochs", "eval_every", "label_smoothing", "crop_size")} == {
         "arch": "resnet18", "epochs": 3, "eval_every": 2, "label_smoothing": 0.1, "crop_size": 32}  # fmt: skip
-    assert saved["seed"] == 7 and saved["out_dir"] == str(out)  # the flags win over the file
+    # The flags win over the file.
+    assert saved["seed"] == 7
+    assert saved["out_dir"] == str(out)
     # --epochs 3 with the default warmup is valid: Goyal et al.'s 5 of 90 epochs, scaled, printed with the schedule.
-    assert saved["warmup_epochs"] == pytest.approx(5 * 3 / 90) and "(--warmup-epochs 0.166667)" in stdout
+    assert saved["warmup_epochs"] == pytest.approx(5 * 3 / 90)
+    assert "(--warmup-epochs 0.166667)" in stdout
 
 
 @pytest.mark.slow

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from pipeline import engine, train
-from pipeline.distributed import without_launcher
+from pipeline.launch import without_launcher
 from pipeline.meters import StepMeter
 from tests import procs
-from tests.helpers import ROOT, labelled_set, metrics, ok, weights
+from tests.runs import ROOT, metrics, ok, weights
+from tests.shardsets import labelled_set
 
 pytestmark = pytest.mark.gpu
 
@@ -42,19 +43,23 @@ def test_fp16_resnet50_trains_and_its_loss_scale_moves(tmp_path, name, conv_dtyp
     assert "note:" not in stdout  # no fallback on a GPU
     rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
     # (A fresh network can overflow at 2^16 by itself too: every skip halves the scale, and step 2 is one.)
-    assert rows[0]["loss_scale"] <= 2.0**16 and rows[1]["skipped_steps"] == rows[0]["skipped_steps"] + 1
+    assert rows[0]["loss_scale"] <= 2.0**16
+    assert rows[1]["skipped_steps"] == rows[0]["skipped_steps"] + 1
     assert rows[1]["loss_scale"] == rows[0]["loss_scale"] / 2
     for before, after in zip(rows, rows[1:], strict=False):
         assert (after["skipped_steps"] > before["skipped_steps"]) == (after["loss_scale"] < before["loss_scale"])
     assert any(after["loss_scale"] > before["loss_scale"] for before, after in zip(rows[1:], rows[2:], strict=False))
     epochs, summary = metrics(out)
-    assert summary["steps"] == 2 * 3 and summary["skipped_steps"] >= 1 and all(e["images_per_sec"] > 0 for e in epochs)
+    assert summary["steps"] == 2 * 3
+    assert summary["skipped_steps"] >= 1
+    assert all(e["images_per_sec"] > 0 for e in epochs)
     saved = weights(out, summary["steps"])
     # Batch norm in fp32 (weights and running statistics), the convolutions channels-last.
     assert saved["bn1.weight"].dtype == saved["bn1.running_mean"].dtype == torch.float32
     assert torch.isfinite(saved["bn1.running_var"]).all()
     conv = saved["conv1.weight"]
-    assert conv.dtype == conv_dtype and conv.is_contiguous(memory_format=torch.channels_last)
+    assert conv.dtype == conv_dtype
+    assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("name", ["bs256.json", "bs256-autocast.json"])
@@ -68,12 +73,13 @@ def test_fused_sgd_steps_channels_last_weights(name):
 
     distributed.init()  # a one-process NCCL group (sets the rendezvous variables when no launcher did)
     ds = json.loads((ROOT / "ds_configs" / name).read_text())
-    ds, _ = engine.fit({**ds, "train_batch_size": 32}, name, 1, cuda=True)
+    ds, _ = engine.configure({**ds, "train_batch_size": 32}, name, 1, cuda=True)
     s = derive("warmup_decay", Recipe(32, train_images=1000, epochs=2, warmup_epochs=1))
     model, _ = build_model("resnet50", 10)
     initial = model.conv1.weight.detach().clone()
     eng = engine.build(model, engine.with_schedule(ds, s), s, channels_last=True)
-    assert ds["optimizer"]["params"]["fused"] and engine.LossScale(eng).now()[0] == 2.0**16
+    assert ds["optimizer"]["params"]["fused"]
+    assert engine.LossScale(eng).now()[0] == 2.0**16
     assert torch.equal(eng.module.conv1.weight.float().cpu(), initial.to(eng.module.conv1.weight.dtype).float())
     assert eng.module.bn1.weight.dtype == eng.module.bn1.running_mean.dtype == torch.float32
     dtype = getattr(torch, engine.DATA_DTYPES[engine.precision(ds)])
@@ -94,26 +100,30 @@ def test_training_steps_between_flushes_do_not_sync(tmp_path):
     """The autocast mode with fused SGD: forward, backward, the scaled optimizer step, the schedule and the meters
     run under torch.cuda.set_sync_debug_mode("error"), which raises on any host-device sync."""
     data = labelled_set(tmp_path / "data", train=128, val=21)
-    run = train.start(["--deepspeed_config", small_config(tmp_path, "bs256-autocast.json"), "--data-dir", str(data),
-                       "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
-                       "--wandb-mode", "disabled"])  # fmt: skip
-    assert not isinstance(run, int) and run.precision == "autocast-fp16" and run.accum == 2
+    argv = ["--deepspeed_config", small_config(tmp_path, "bs256-autocast.json"), "--data-dir", str(data),
+            "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"),
+            "--wandb-mode", "disabled"]  # fmt: skip
+    run = train.assemble(*train.parse(argv))
+    assert run.precision == "autocast-fp16"
+    assert run.accum == 2
     eng = run.engine
     images = torch.randn(32, 3, 224, 224, device=eng.device, dtype=torch.float16)
     images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, run.data.num_classes, (32,), device=eng.device)
     meter = StepMeter(run.micro, run.schedule.steps_per_epoch, eng.device)
     for _ in range(4):  # warm-up: cuDNN's autotuning and the scaler's first scale may synchronise
-        train.train_step(run.engine, run.scale, run.criterion, images, labels, meter)
+        run.stepper.step(images, labels, meter)
     meter.flush()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        closed = [train.train_step(run.engine, run.scale, run.criterion, images, labels, meter) for _ in range(6)]
+        closed = [run.stepper.step(images, labels, meter) for _ in range(6)]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert closed == [False, True] * 3 and eng.global_steps == 5
+    assert closed == [False, True] * 3
+    assert eng.global_steps == 5
     rows = meter.flush()  # the sync point
-    run.scale.resolve(rows)
-    assert [r["step"] for r in rows] == [3, 4, 5] and all(r["skipped_steps"] == 0 for r in rows)
+    run.stepper.scale.resolve(rows)
+    assert [r["step"] for r in rows] == [3, 4, 5]
+    assert all(r["skipped_steps"] == 0 for r in rows)
     train.distributed.close()

@@ -9,7 +9,7 @@ import pytest
 
 from data_prep.verify import verify
 from pipeline.format import example, tfrecord
-from tests.helpers import run_module
+from tests.runs import run_module
 
 SHARD = "train-00001-of-00004"
 
@@ -62,7 +62,8 @@ def test_truncated_shard(copy):
     offset, size = offsets(copy, SHARD)[-1]
     (copy / SHARD).write_bytes((copy / SHARD).read_bytes()[: offset + size - 10])
     status, lines = problems_of(copy)
-    assert status == 1 and len(lines) == 1
+    assert status == 1
+    assert len(lines) == 1
     assert lines[0].startswith(f"{copy / SHARD}: record at offset {offset}: truncated")
 
 
@@ -133,7 +134,8 @@ def test_full_decode_catches_a_corrupt_jpeg_inside_a_valid_record(copy):
     rewrite_shard(copy, SHARD, lambda r: r.update({example.ENCODED: [r[example.ENCODED][0][:-700]]}))
     assert problems_of(copy) == (0, [])
     status, lines = problems_of(copy, "--full")
-    assert status == 1 and len(lines) == 1
+    assert status == 1
+    assert len(lines) == 1
     assert lines[0].startswith(f"{copy / SHARD}: record at offset 0: image does not decode (undecodable: ")
 
 
@@ -141,7 +143,8 @@ def test_full_decode_catches_a_wrong_recorded_size(copy):
     rewrite_shard(copy, SHARD, lambda r: r.update({example.HEIGHT: [r[example.HEIGHT][0] + 1]}))
     assert problems_of(copy) == (0, [])
     status, lines = problems_of(copy, "--full")
-    assert status == 1 and len(lines) == 1
+    assert status == 1
+    assert len(lines) == 1
     assert lines[0].startswith(f"{copy / SHARD}: record at offset 0: image is ")
     width, height = lines[0].split("image is ")[1].split(",")[0].split("x")
     assert lines[0].endswith(f"record says {width}x{int(height) + 1}")

@@ -14,23 +14,23 @@ from pipeline import train  # noqa: E402
 
 
 def main() -> int:
-    """start -> (the same run with faulty images) -> train_to_end, as pipeline/train.py's main does."""
+    """pipeline/train.py's main, its training images made faulty."""
     factor, at = os.environ["FAULT"].split("@")
     first, onwards = int(at.rstrip("+")), at.endswith("+")
-    run = train.start(sys.argv[1:])
-    if isinstance(run, int):
-        return run
-    read = run.data.train_epoch
 
-    def faulty(epoch):
-        for i, batch in enumerate(read(epoch)):
-            step = epoch * run.schedule.steps_per_epoch + i // run.accum + 1  # the optimizer step it belongs to
-            if step == first or (onwards and step >= first):
-                batch = batch._replace(images=batch.images * float(factor))
-            yield batch
+    def faulty(run) -> None:
+        read = run.data.train_epoch
 
-    run.data.train_epoch = faulty
-    return train.train_to_end(run)
+        def epoch_batches(epoch):
+            for i, batch in enumerate(read(epoch)):
+                step = epoch * run.schedule.steps_per_epoch + i // run.accum + 1  # the optimizer step it belongs to
+                if step == first or (onwards and step >= first):
+                    batch = batch._replace(images=batch.images * float(factor))
+                yield batch
+
+        run.data.train_epoch = epoch_batches
+
+    return train.main(sys.argv[1:], prepare=faulty)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 RANKS_REPORT=OUT.json deepspeed --num_gpus 2 tests/train_ranks.py [pipeline/train.py flags...]
 
-It runs pipeline/train.py's own start -> fit -> finish, recording each rank's training labels and
+It runs pipeline/train.py's own assemble -> epoch_loop -> close, recording each rank's training labels and
 final weights, and rank 0 writes them all to $RANKS_REPORT (the launcher puts --local_rank first in argv).
 """
 
@@ -24,11 +24,9 @@ def digest(tensors) -> str:
 
 
 def main() -> int:
-    """Train, then gather every rank's labels seen per epoch, parameters and batch-norm statistics."""
+    """Assemble, train, then gather every rank's labels seen per epoch, parameters and batch-norm statistics."""
     out, argv = os.environ["RANKS_REPORT"], sys.argv[1:]
-    run = train.start(argv)
-    if isinstance(run, int):
-        return run
+    run = train.assemble(*train.parse(argv))
     seen, read = {}, run.data.train_epoch
 
     def recording(epoch):
@@ -37,8 +35,8 @@ def main() -> int:
             yield batch
 
     run.data.train_epoch = recording
-    tracker = train.open_tracker(run)
-    summary = train.fit(run, tracker)
+    sinks = train.open_run_sinks(run)
+    summary = train.epoch_loop(run, sinks)
     module = run.engine.module
     mine = {
         # Which host (network namespace) the rank ran on, and a variable the launching host set.
@@ -53,7 +51,7 @@ def main() -> int:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump({"ranks": gathered, "summary": summary}, f)
-    train.finish(run, tracker, summary)
+    train.close(run, sinks, summary)
     return 0
 
 

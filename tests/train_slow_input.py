@@ -13,20 +13,20 @@ from pipeline import train  # noqa: E402
 
 
 def main() -> int:
-    """start -> (the same run, each batch SLOW seconds late) -> train_to_end, as pipeline/train.py's main does."""
+    """pipeline/train.py's main, each training batch SLOW seconds late."""
     delay = float(os.environ["SLOW"])
-    run = train.start(sys.argv[1:])
-    if isinstance(run, int):
-        return run
-    read = run.data.train_epoch
 
-    def slow(epoch):
-        for batch in read(epoch):
-            time.sleep(delay)
-            yield batch
+    def slowed(run) -> None:
+        read = run.data.train_epoch
 
-    run.data.train_epoch = slow
-    return train.train_to_end(run)
+        def slow(epoch):
+            for batch in read(epoch):
+                time.sleep(delay)
+                yield batch
+
+        run.data.train_epoch = slow
+
+    return train.main(sys.argv[1:], prepare=slowed)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Pictures of what the model sees: the first samples of a split after augmentation, with their class names.
 
-python -m pipeline.preview --data-dir DIR --split {train,validation} --num N --out grid.png [--save-npz F]
+python -m pipeline.data.preview --data-dir DIR --split {train,validation} --num N --out grid.png [--save-npz F]
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.augment import MEAN, STD
 from pipeline.data import DataConfig, ImageNetData
+from pipeline.data.augment import MEAN, STD
+from pipeline.data.shards import IGNORE, DataError
 from pipeline.format.layout import SPLITS
-from pipeline.shards import IGNORE, DataError
 
 CAPTION = 14  # pixels of text under each picture
 
@@ -71,7 +71,7 @@ def write_preview(data: ImageNetData, split: str, num: int, out: str, npz: str |
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input ends with a one-line error and exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.preview", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.preview", description=__doc__.split("\n")[0])
     p.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
     p.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
     p.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")
@@ -88,9 +88,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.num < 1:
             raise DataError(f"--num {args.num}: must be at least 1")
         config = DataConfig(
-            args.data_dir, batch_size=min(args.num, 64), crop_size=args.crop_size, val_resize=args.val_resize,
-            device=args.data_device, seed=args.seed, num_classes=args.num_classes, index_dir=args.index_dir,
-        )  # fmt: skip
+            args.data_dir,
+            batch_size=min(args.num, 64),
+            crop_size=args.crop_size,
+            val_resize=args.val_resize,
+            device=args.data_device,
+            seed=args.seed,
+            num_classes=args.num_classes,
+            index_dir=args.index_dir,
+        )
         shown = write_preview(ImageNetData(config, splits=(args.split,)), args.split, args.num, args.out, args.save_npz)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

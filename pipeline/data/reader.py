@@ -25,11 +25,11 @@ import torch
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipeline import augment
-from pipeline.config import DataOptions
+from pipeline.data import augment
+from pipeline.data.shards import IGNORE, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
 from pipeline.format.check import check_shard
 from pipeline.format.layout import SPLITS
-from pipeline.shards import IGNORE, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
+from pipeline.options import at_least, flag_field
 
 DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
@@ -39,6 +39,47 @@ def _default_threads(gpu: bool) -> int:
     """DALI CPU threads per rank: this host's cores shared among its ranks, and no more than a GPU decoder uses."""
     share = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     return min(share, augment.GPU_DECODE_THREADS) if gpu else share
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """What to read and how to augment it (pipeline.data.DataConfig adds what the run derives: batch, dtype,
+    layout)."""
+
+    # Folder of train-*/validation-* TFRecord shards (make prep-imagenet).
+    data_dir: str = ""
+    # Side of the square training and validation crops.
+    crop_size: int = 224
+    # Validation: resize the shorter side to this, then center-crop `crop_size`.
+    val_resize: int = 256
+    # Where decoding runs: auto (the GPU when there is one), gpu or cpu.
+    device: str = flag_field("auto", "--data-device")
+    # DALI CPU threads per rank (0: this host's cores divided by its ranks, at most 4 when decoding on a GPU).
+    num_threads: int = flag_field(0, "--data-threads")
+    # Base seed of data order, augmentation and the initial weights.
+    seed: int = 0
+    # Class count of shards without manifest.json (their labels are 1-based, TF style; default 1000).
+    num_classes: int | None = None
+    # Where missing indexes go when the data folder is read-only (default: under ~/.cache).
+    index_dir: str | None = None
+    # Share of JPEGs for the GPU's hardware JPEG decoder, 0..1 (default: chosen per GPU model in augment.py).
+    hw_decoder_load: float | None = None
+    # Batches DALI prepares ahead of the model (its prefetch queue depth).
+    prefetch: int = flag_field(2, "--data-prefetch")
+    # Samples each rank's reader shuffles through (more mixes further, costs host memory).
+    shuffle_buffer: int = 8192
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ValueError("--data-dir is required: the folder of train-*/validation-* shards")
+        at_least(self, ("crop_size", "prefetch", "shuffle_buffer"), 1)
+        at_least(self, ("seed", "num_threads"), 0)
+        if self.val_resize < self.crop_size:
+            raise ValueError(f"--val-resize {self.val_resize} is smaller than --crop-size {self.crop_size}")
+        if self.device not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"--data-device {self.device}: use auto, gpu or cpu")
+        if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
+            raise ValueError(f"--hw-decoder-load {self.hw_decoder_load}: must lie in [0, 1]")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ TFRecord sets (the TensorFlow ImageNet build, for one) often have none of them: 
 are built here, beside the shards or, when the data folder is read-only, in a cache folder, and
 labels follow the TensorFlow convention (1-based, 1000 classes unless `--num-classes` says otherwise).
 
-    python -m pipeline.shards --data-dir DIR [--index-dir D] [--num-classes K]   (build missing indexes, count)
+    python -m pipeline.data.shards --data-dir DIR [--index-dir D] [--num-classes K]   (build missing indexes, count)
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def find_bad_label(split: Split, label_base: int, num_classes: int) -> str | Non
 
 def main(argv: list[str] | None = None) -> int:
     """Build the missing DALI indexes of a shard folder and count its records; bad input: one line, exit 2."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.shards", description=main.__doc__.split(";")[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.data.shards", description=main.__doc__.split(";")[0])
     p.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
     p.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
     p.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")

@@ -35,6 +35,8 @@ def missing_shards(shards: list[Path]) -> list[str]:
         m = SHARD_NAME.match(p.name)
         seen.setdefault((m["prefix"], int(m["count"])), set()).add(int(m["index"]))
     return [
-        shard_name(prefix, i, count) for (prefix, count), found in sorted(seen.items()) for i in range(count)
+        shard_name(prefix, i, count)
+        for (prefix, count), found in sorted(seen.items())
+        for i in range(count)
         if i not in found
-    ]  # fmt: skip
+    ]

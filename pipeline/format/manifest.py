@@ -53,12 +53,19 @@ def load(folder: Path) -> Manifest | None:
         raw = json.loads(path.read_text())
         splits = raw["splits"]
         return Manifest(
-            path, int(raw["label_base"]), int(raw["num_classes"]),
+            path,
+            int(raw["label_base"]),
+            int(raw["num_classes"]),
             images={name: int(s["images"]) for name, s in splits.items()},
-            shards={name: tuple(ShardEntry(e["file"], int(e["records"]), int(e["bytes"]), e["sha256"])
-                                for e in s.get("shards", ())) for name, s in splits.items()},
-            settings=raw.get("settings", {}), raw=raw,
-        )  # fmt: skip
+            shards={
+                name: tuple(
+                    ShardEntry(e["file"], int(e["records"]), int(e["bytes"]), e["sha256"]) for e in s.get("shards", ())
+                )
+                for name, s in splits.items()
+            },
+            settings=raw.get("settings", {}),
+            raw=raw,
+        )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise ManifestError(
             f"{path}: not a manifest this version reads ({type(e).__name__}: {e}); rebuild the shards with "

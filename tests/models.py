@@ -1,0 +1,14 @@
+"""Small models for the engine's tests."""
+
+from __future__ import annotations
+
+import torch
+
+
+def small_convnet() -> torch.nn.Module:
+    """Conv, BN, ReLU, pooling and a linear layer: every parameter kind a ResNet has."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
+    )  # fmt: skip
