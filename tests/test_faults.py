@@ -121,7 +121,7 @@ def test_a_dead_or_silent_rank_ends_the_others(prepared, tmp_path, fault):
     sockets close: rank 0 fails at once) or stopped (its sockets stay open and silent: rank 0's collective waits
     --dist-timeout). Either way rank 0 ends with one line naming rank 1, and never hangs."""
     port, ds = str(free_port()), ds_file(tmp_path, 32, 16, "fp32")
-    ranks, timeout = [], 10
+    ranks, timeout = [], 6
     for rank in (0, 1):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip

@@ -20,8 +20,7 @@ from tests.hosts import Hosts, Slurm
 from tests.runs import ROOT, SMALL, ds_file, metrics
 from tests.shardsets import labelled_set
 
-# One worker runs every test that builds test hosts, one test after another (pytest -n: --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test-hosts")]
+pytestmark = pytest.mark.slow
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 # The test hosts share this machine's host name, which resolves to none of their addresses: gloo is told its
 # interface (on a cluster each node's name resolves to its own address). One thread per rank: 4 ranks, 2 cores.

@@ -19,8 +19,7 @@ from tests.runs import ROOT, SMALL, ds_file, metrics
 from tests.shardsets import labelled_set
 from tests.wandb_files import run_file
 
-# One worker runs every test that builds test hosts, one test after another (pytest -n: --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("test-hosts")]
+pytestmark = pytest.mark.slow
 DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
@@ -214,7 +213,7 @@ def test_a_host_whose_link_goes_down_ends_the_job_within_the_timeout(hosts, tmp_
     """A partition: the second host's link goes down mid-training, its sockets stay open and silent. The first
     host's ranks give up after --dist-timeout and say once which ranks were lost; the cut-off host's ranks end too,
     and the launcher returns (ssh's keep-alive ends its session with the cut-off host)."""
-    data, out, timeout = labelled_set(tmp_path / "data", train=45, val=21), tmp_path / "run", 12
+    data, out, timeout = labelled_set(tmp_path / "data", train=45, val=21), tmp_path / "run", 8
     args = launch(hosts, tmp_path, data, "--epochs", "30", "--save-every-steps", "2", "--dist-timeout", str(timeout))
     job = procs.start(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
                            env=hosts.env({"OMP_NUM_THREADS": "1"}))  # fmt: skip

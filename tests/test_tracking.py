@@ -70,19 +70,19 @@ def test_wandb_names_runs_to_compare_and_keeps_flat_keys_and_a_summary(prepared,
 
 @pytest.mark.slow
 def test_wandb_environment_variables_work_and_a_flag_wins(prepared, tmp_path):
-    # WANDB_MODE=disabled: test_a_slow_input_pipeline_is_named_at_the_epoch_end.
-    # WANDB_PROJECT, WANDB_DIR, WANDB_NAME, WANDB_RUN_GROUP are wandb's to read.
-    env = {"WANDB_MODE": "offline", "WANDB_PROJECT": "from-env", "WANDB_DIR": str(tmp_path / "wandb-dir"),
-           "WANDB_NAME": "my name", "WANDB_RUN_GROUP": "my group"}  # fmt: skip
-    stdout = ok(train_cli(*common(prepared, tmp_path / "b"), env=env))
-    assert not (tmp_path / "b" / "run" / "wandb").exists()
+    # WANDB_PROJECT, WANDB_DIR, WANDB_NAME are wandb's to read; a flag wins over its variable (--wandb-mode over
+    # WANDB_MODE=disabled, --wandb-group over WANDB_RUN_GROUP). WANDB_MODE=disabled alone:
+    # test_a_slow_input_pipeline_is_named_at_the_epoch_end.
+    env = {"WANDB_MODE": "disabled", "WANDB_PROJECT": "from-env", "WANDB_DIR": str(tmp_path / "wandb-dir"),
+           "WANDB_NAME": "my name", "WANDB_RUN_GROUP": "env group"}  # fmt: skip
+    flags = ("--wandb-mode", "offline", "--wandb-group", "flag group")
+    stdout = ok(train_cli(*common(prepared, tmp_path, *flags), env=env))
+    assert not (tmp_path / "run" / "wandb").exists()
     run = logged(tmp_path / "wandb-dir")
-    assert (run["run"]["project"], run["run"]["name"], run["run"]["group"]) == ("from-env", "my name", "my group")
+    assert run["run"]["project"] == "from-env"
+    assert run["run"]["name"] == "my name"
+    assert run["run"]["group"] == "flag group"
     assert f"wandb files in {tmp_path / 'wandb-dir' / 'wandb'}" in stdout
-    # A flag wins over the variable.
-    ok(train_cli(*common(prepared, tmp_path / "c", "--wandb-project", "from-flag", "--wandb-mode", "offline"),
-                 env={"WANDB_PROJECT": "from-env", "WANDB_MODE": "disabled"}))  # fmt: skip
-    assert logged(tmp_path / "c" / "run")["run"]["project"] == "from-flag"
 
 
 class MemorySink(Sink):

@@ -108,11 +108,11 @@ def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
-    ds = ds_file(tmp_path, 32, 16, "fp32")
+    ds = ds_file(tmp_path, 64, 32, "fp32")
     common = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "1",
               "--schedule", "goyal_steps"]  # fmt: skip
     images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
-    per_epoch = math.ceil(images / 32)
+    per_epoch = math.ceil(images / 64)
     ok(train_cli(*common, "--out-dir", str(tmp_path / "straight"), "--wandb-mode", "disabled"))
     # Stop two steps into the second epoch, then continue in a new process.
     first = ok(
