@@ -2,8 +2,9 @@
 
 bf16 and fp16 kernels are fast only on processors with 16-bit instructions (AVX512-BF16 or AMX: Intel Cooper Lake,
 Sapphire Rapids and later, AMD Zen 4 and later). Elsewhere oneDNN emulates them: ResNet-18's forward and backward
-pass ran 27 to 36 times slower than in fp32 on a 2-core AMD EPYC with AVX2 (bench/results/*-cpu-precision.md).
-So a CPU run trains in bf16 only where the processor has it, and in fp32 everywhere else.
+pass ran 21 to 39 times slower than in fp32 on a 2-core AMD EPYC with AVX2
+(bench/results/2026-12-06-cpu-vm-precision.md). So a CPU run trains in bf16 only where the processor has it, and
+in fp32 everywhere else.
 """
 
 from __future__ import annotations
