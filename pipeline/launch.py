@@ -204,6 +204,12 @@ def first_task(env: Mapping[str, str] | None = None) -> bool:
     return all(env.get(name, "0") == "0" for name in ranks)
 
 
+def first_on_node() -> bool:
+    """Whether this rank is its node's first (LOCAL_RANK 0, or no local rank set): the one that reports what
+    differs between nodes."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def first_host(nodelist: str) -> str:
     """The first host of a SLURM node list ("gpu[07-09,12],cpu3" -> "gpu07"), from its syntax: the first item,
     each bracket replaced by its first number (zero padding kept). `scontrol show hostnames` where that syntax is

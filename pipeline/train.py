@@ -69,7 +69,7 @@ class Stop(Exception):
         """Print the line (stderr) where `who` says."""
         speaks = {
             "rank 0": os.environ.get("RANK", "0") == "0",
-            "each node": os.environ.get("LOCAL_RANK", "0") == "0",
+            "each node": launch.first_on_node(),
             "every rank": True,
             "task 0": launch.first_task(),
             None: False,
@@ -587,7 +587,7 @@ class FaultLine:
                 return False
             self.said = True
         self.sinks.summary({"fault": line})
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        if launch.first_on_node():
             print(line, file=sys.stderr, flush=True)
         return True
 
@@ -636,7 +636,7 @@ def lost_ranks(run: Run, sinks: Sinks, fault: FaultLine) -> str:
     fault.say(f"error: {line}")
     sinks.close()
     wait = run.opts.cluster.dist_timeout + 10
-    if run.roll.store is None and int(os.environ.get("LOCAL_RANK", 0)) != 0:
+    if run.roll.store is None and not launch.first_on_node():
         # No store to wait on: leave the line to this node's first rank (the launcher ends this one when it exits).
         time.sleep(wait)
     run.roll.leave(wait)
