@@ -89,9 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def train(args: argparse.Namespace, mode: str, folder: Path) -> tuple[int, list[str]]:
     """pipeline/train.py in `mode`, everything else as in every other mode: its exit status and command."""
     gpu = torch.cuda.is_available()
-    recipe = scaling.Recipe(
-        args.batch, args.micro_batch, mode, epochs=args.epochs, warmup_epochs=args.warmup_epochs, fused=gpu
-    )
+    # The file counts its schedule's steps on ImageNet at 90 epochs, as every generated file does; the run fits them
+    # to the built-in set, --epochs and --warmup-epochs.
+    recipe = scaling.Recipe(args.batch, args.micro_batch, mode, fused=gpu)
     folder.mkdir(parents=True)
     (folder / "ds.json").write_text(scaling.render(scaling.ds_config(recipe)))
     fp16_on_cpu = args.fp16_on_cpu and not gpu and mode in LOSS_SCALED

@@ -13,17 +13,20 @@ Precision modes (`precision(ds)`), each with fp32 master weights and fp32 batch 
 from __future__ import annotations
 
 import copy
+import logging
 from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pipeline import cpu, gpu
+from pipeline import schedule as schedules
 from pipeline.model import param_groups
 from pipeline.options import at_least
 from pipeline.scaling import REFERENCE_BATCH, REFERENCE_LR
-from pipeline.schedule import SCHEDULES, LRSchedule, Schedule
+from pipeline.schedule import Schedule
 
 # Element type of the image batches for each precision: what the first convolution computes in.
 DATA_DTYPES = {
@@ -90,13 +93,6 @@ def configure(
         # Numerics: DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the recipe does not clip.
         ds["gradient_clipping"] = 0.0
         notes.append(f"{path}: no gradient_clipping given; not clipping (DeepSpeed's default would clip at 1.0)")
-    if "scheduler" in ds:
-        # Numerics: DeepSpeed's WarmupDecayLR cannot decay to 0 from a warmup that starts at 0.1 (schedule.py).
-        kind = ds.pop("scheduler").get("type")
-        notes.append(
-            f"{path}: its scheduler ({kind}) is not used: the run derives its learning-rate schedule from the "
-            "batch and the data (--schedule)"
-        )
     if "timers" not in ds:
         # Sync: DeepSpeed's throughput timer is on by default and synchronises the device twice per micro-step.
         ds["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
@@ -174,10 +170,13 @@ def check_combination(ds: dict, path: str, channels_last: bool, compile_mode: st
 
 
 def with_schedule(ds: dict, schedule: Schedule) -> dict:
-    """The configuration with the peak lr of the schedule derived from the real dataset (the schedule itself is
-    handed to deepspeed.initialize: schedule.LRSchedule)."""
-    ds = copy.deepcopy(ds)
-    ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = schedule.peak_lr
+    """The configuration that builds `schedule`: DeepSpeed's scheduler section for its types (none for
+    goyal_steps, whose scheduler build() hands to DeepSpeed), and the optimizer's lr."""
+    ds = {k: v for k, v in copy.deepcopy(ds).items() if k != "scheduler"}
+    if schedule.deepspeed:
+        ds["scheduler"] = {"type": schedule.kind, "params": dict(schedule.params)}
+    lr = schedule.optimizer_lr or schedule.peak_lr
+    ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
     return ds
 
 
@@ -206,9 +205,11 @@ def build(
     compile_mode: str = "none",
     channels_last: bool = False,
 ):
-    """A DeepSpeed engine over `model` (NCHW) with Nesterov SGD from `ds` (or LARS) and the run's schedule, made
-    ready to train: the initial weights as built, batch norm in fp32, the weights channels-last if asked (see
-    to_channels_last), and the model torch.compiled in `compile_mode` unless that is "none"."""
+    """A DeepSpeed engine over `model` (NCHW) with Nesterov SGD from `ds` (or LARS) and the run's schedule (built by
+    DeepSpeed from `ds`'s "scheduler" for its types: see with_schedule), made ready to train: the initial weights
+    as built, batch norm in fp32, full-size fp16 updates on loss-scale growth steps, the lr of step 0, the weights
+    channels-last if asked (see to_channels_last), and the model torch.compiled in `compile_mode` unless that is
+    "none"."""
     import deepspeed
 
     sgd = ds["optimizer"]["params"]
@@ -218,16 +219,23 @@ def build(
         # A client optimizer replaces the configuration's; DeepSpeed still wraps it for fp16/bf16 and fp32 masters.
         ds = {k: v for k, v in ds.items() if k != "optimizer"}
         client_optimizer = lars(groups, sgd, lars_trust)
+    if schedule.deepspeed != ("scheduler" in ds):
+        raise ValueError(f"{schedule.kind}: build the engine from engine.with_schedule's configuration")
     initial = {p: p.detach().clone() for p in model.parameters()}
-    engine, *_ = deepspeed.initialize(
-        model=model,
-        model_parameters=groups,
-        optimizer=client_optimizer,
-        config=ds,
-        lr_scheduler=lambda opt: LRSchedule(opt, schedule),
-    )
+    with _quiet(_NOT_STARTED):
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=groups,
+            optimizer=client_optimizer,
+            config=ds,
+            # None: DeepSpeed builds the configuration's scheduler (a client scheduler would override it).
+            lr_scheduler=None if schedule.deepspeed else (lambda opt: schedules.GoyalSteps(opt, schedule)),
+        )
     keep_norms_fp32(engine)
     undo_startup_step(engine, initial)
+    if wrapper_scale(engine) is not None:
+        unscale_by_the_scale_of_backward(engine.optimizer)
+    schedules.follow(engine)
     if hasattr(engine.optimizer, "overflow_checker"):
         engine.optimizer.overflow_checker = one_read_overflow_check(engine)
     if channels_last:
@@ -238,6 +246,25 @@ def build(
         # of a run (and of each new input shape) spend their time compiling.
         engine.compile(compile_kwargs={} if compile_mode == "default" else {"mode": compile_mode})
     return engine
+
+
+# DeepSpeed's schedulers say this when built (at iteration -1, before `follow` sets step 0): nothing to act on.
+_NOT_STARTED = "Attempting to get learning rate from scheduler before it has started"
+
+
+@contextmanager
+def _quiet(message: str):
+    """DeepSpeed's log without `message`, inside the block."""
+    from deepspeed.utils import logger
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != message
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def _flat(opt) -> bool:
@@ -344,6 +371,30 @@ def one_read_overflow_check(engine):
             return bool(found.item())
 
     return OneRead(engine.optimizer.fp16_groups, mpu=engine.mpu, deepspeed=engine)
+
+
+def unscale_by_the_scale_of_backward(wrapper) -> None:
+    """Numerics: make DeepSpeed's fp16 wrapper divide the gradients by the loss scale they were multiplied by.
+    DeepSpeed 0.19.8's `step` doubles the scale (on the step that ends a window of clean steps) before it unscales,
+    so that step's gradients, scaled by S, would be divided by 2S: a half-size update once per loss_scale_window
+    (with clipping, hidden only where the clip factor is 2 or more). The scale is read as `step` starts (the one
+    backward used) and stands in for the grown one while DeepSpeed's own unscale-and-clip runs; in any other order
+    of DeepSpeed's the two are the same number and this changes nothing."""
+    config, step, unscale = wrapper.loss_scale_config, wrapper.step, wrapper.unscale_and_clip_grads
+    used = {}
+
+    def step_from_its_scale(*args, **kwargs):
+        used["scale"] = config.cur_scale
+        return step(*args, **kwargs)
+
+    def unscale_by_the_used_scale(*args, **kwargs):
+        grown, config.cur_scale = config.cur_scale, used.get("scale", config.cur_scale)
+        try:
+            return unscale(*args, **kwargs)
+        finally:
+            config.cur_scale = grown
+
+    wrapper.step, wrapper.unscale_and_clip_grads = step_from_its_scale, unscale_by_the_used_scale
 
 
 def set_growth_interval(engine, steps: int) -> None:
@@ -463,13 +514,6 @@ OPTIMIZERS = ("sgd", "lars")
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 # torch.compile modes (DeepSpeed's engine.compile); reduce-overhead also captures CUDA graphs.
 COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhead", "max-autotune")
-# Goyal et al.: 5 epochs of gradual warmup in a 90-epoch run.
-WARMUP_EPOCHS, RECIPE_EPOCHS = 5.0, 90
-
-
-def default_warmup_epochs(epochs: int) -> float:
-    """The recipe's warmup for a run of `epochs`: 5 epochs at 90 or more, the same share of a shorter run."""
-    return WARMUP_EPOCHS * min(1.0, epochs / RECIPE_EPOCHS)
 
 
 @dataclass(frozen=True)
@@ -484,11 +528,12 @@ class OptimOptions:
     epochs: int = 90
     # Label smoothing of the training loss (0.1 beyond 8k in Jia et al.; 0 in Goyal et al.).
     label_smoothing: float = 0.0
-    # warmup_decay (linear warmup, then linear decay to 0 at the end) or goyal_steps (x0.1 at epochs 30/60/80 of
-    # 90, scaled to --epochs).
-    schedule: str = "warmup_decay"
-    # Epochs of linear warmup from 0.1 to 0.1*B/256 (default: Goyal et al.'s 5 of 90 epochs, scaled to shorter
-    # --epochs: 5 x epochs / 90; a batch of 256 or less has nothing to warm up).
+    # deepspeed: the DeepSpeed configuration's scheduler, built by DeepSpeed, its step counts fitted to the data and
+    # --epochs (ds_configs/: WarmupDecayLR, linear warmup from 0, then linearly to 0 at the end); goyal_steps: the
+    # paper's (warmup from 0.1, x0.1 at epochs 30/60/80 of 90, scaled to --epochs).
+    schedule: str = "deepspeed"
+    # Epochs of linear warmup (default: the configuration's warmup_num_steps, fitted to the run; goyal_steps: 5 of
+    # 90 epochs, scaled to shorter --epochs, none at or below B=256).
     warmup_epochs: float | None = None
     # The linear scaling rule's anchor: lr = reference_lr * B / reference_batch (0.1 at 256 in the paper).
     reference_batch: int = REFERENCE_BATCH
@@ -527,13 +572,11 @@ class OptimOptions:
                 f"--reference-batch {self.reference_batch}, --reference-lr {self.reference_lr}, --lars-trust "
                 f"{self.lars_trust}: all must be positive"
             )
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(SCHEDULES)}")
+        if self.schedule not in schedules.KINDS:
+            raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(schedules.KINDS)}")
         if self.epochs < 1:
             raise ValueError(f"--epochs {self.epochs}: must be at least 1")
-        if self.warmup_epochs is None:
-            object.__setattr__(self, "warmup_epochs", default_warmup_epochs(self.epochs))
-        if not 0 <= self.warmup_epochs < self.epochs:
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")

@@ -107,7 +107,8 @@ def plan_table(plans: list[Plan], c: Cluster) -> str:
     for p in plans:
         r = p.recipe
         beyond = " (beyond 8k: LARS, label smoothing)" if r.batch_size > 8192 else ""
-        warmup = f"{r.warmup_steps:,}" if r.peak_lr > r.base_lr else "none (lr constant)"
+        # The committed configurations' WarmupDecayLR warms up from 0 at every batch size.
+        warmup = f"{r.warmup_steps:,}"
         lines.append(
             f"| {p.gpus:,} | {r.batch_size:,}{beyond} | {p.accumulation} | {r.peak_lr:g} | {warmup} | "
             f"{r.steps_per_epoch:,} | {1000 * p.compute_s:.1f} ms | {1000 * p.allreduce_s:.1f} ms "

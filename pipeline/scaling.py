@@ -4,11 +4,12 @@
     python -m pipeline.scaling --check ds_configs         # exit 1 if a committed file differs
     python -m pipeline.scaling --batch-size 4096 --precision bf16 --out my.json   # one custom file
 
-Goyal et al. 2017: lr = 0.1 * B / 256, reached by a linear warmup from 0.1 over 5 epochs of
-optimizer steps, then decayed; every other hyper-parameter stays the same at every batch size.
-Below B = 256 the peak is under 0.1, so there is nothing to warm up: the lr starts at the peak.
-The per-GPU micro-batch is the batch-norm batch (32 in the paper); gradient accumulation makes up
-the rest of B, and DeepSpeed derives it from the world size at start.
+Goyal et al. 2017: lr = 0.1 * B / 256, reached by a linear warmup over 5 epochs of optimizer steps, then
+decayed; every other hyper-parameter stays the same at every batch size. Each file holds the design's schedule
+as DeepSpeed's `WarmupDecayLR`: linear warmup from 0 (`warmup_min_lr`, also where its decay ends) to the peak,
+then linearly to 0 at the last step, counted on ImageNet-1k over 90 epochs (a run fits the counts to its own
+data and epochs: pipeline/schedule.py). The per-GPU micro-batch is the batch-norm batch (32 in the paper);
+gradient accumulation makes up the rest of B, and DeepSpeed derives it from the world size at start.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# ILSVRC2012 training images; the committed files count epochs in these. Runs re-derive from their data.
-IMAGENET_TRAIN_IMAGES = 1_281_167
+# ILSVRC2012 training images and the paper's epochs: the committed files count their steps in these. Runs fit the
+# counts to their own data and epochs.
+IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS = 1_281_167, 90
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1
 # fp16/bf16: DeepSpeed's wrapper (16-bit weights, fp32 masters); autocast-*: fp32 weights under torch.autocast,
 # fp16 with torch's GradScaler (pipeline/engine.py says what each keeps in which precision).
@@ -42,7 +44,7 @@ class Recipe:
     # native bf16, else fp32).
     precision: str = "fp16"
     # Epochs of the schedule and of its warmup.
-    epochs: int = 90
+    epochs: int = RECIPE_EPOCHS
     warmup_epochs: float = 5.0
     # Training images per epoch.
     train_images: int = IMAGENET_TRAIN_IMAGES
@@ -74,7 +76,8 @@ class Recipe:
 
     @property
     def base_lr(self) -> float:
-        """Where warmup starts: the reference lr, or the peak for batches under the reference."""
+        """Where the paper's warmup starts (--schedule goyal_steps): the reference lr, or the peak for batches under
+        the reference. The design's WarmupDecayLR starts from 0."""
         return min(self.reference_lr, self.peak_lr)
 
     @property
@@ -93,6 +96,19 @@ class Recipe:
         return self.epochs * self.steps_per_epoch
 
 
+def warmup_decay_section(r: Recipe) -> dict:
+    """The recipe's schedule as DeepSpeed's WarmupDecayLR: linear warmup from 0 to the peak, then linearly to 0 at
+    the last step. Numerics: DeepSpeed's default warmup_type is log; the paper's warmup is linear."""
+    params = {
+        "warmup_min_lr": 0.0,
+        "warmup_max_lr": r.peak_lr,
+        "warmup_num_steps": r.warmup_steps,
+        "total_num_steps": r.total_steps,
+        "warmup_type": "linear",
+    }
+    return {"type": "WarmupDecayLR", "params": params}
+
+
 def ds_config(r: Recipe) -> dict:
     """The DeepSpeed configuration of a recipe."""
     sgd = {"lr": r.peak_lr, "momentum": r.momentum, "nesterov": True, "weight_decay": r.weight_decay}
@@ -102,8 +118,8 @@ def ds_config(r: Recipe) -> dict:
         "train_batch_size": r.batch_size,
         "train_micro_batch_size_per_gpu": r.micro_batch,
         "steps_per_print": 10**9,
-        # No "scheduler": pipeline/train.py derives the schedule from the batch and the real data (schedule.py).
         "optimizer": {"type": "SGD", "params": sgd},
+        "scheduler": warmup_decay_section(r),
         "gradient_clipping": 0.0,
         "wall_clock_breakdown": False,
         # Sync: the throughput timer is on by default and synchronises the device twice per micro-step.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import cpu, scaling
+from pipeline import cpu, scaling, schedule
 from pipeline.launch import free_port, without_launcher
 from pipeline.tracking import METRICS, STEPS, wandb_mode
 
@@ -76,12 +76,12 @@ def study_runs(base_batch: int, batch_sizes: list[int], variants: list[str], lr0
 def train_command(run: StudyRun, args: argparse.Namespace, folder: Path, group: str) -> list[str]:
     """The pipeline/train.py command line of one run (through torchrun for several ranks)."""
     precision = args.precision or ("fp16" if torch.cuda.is_available() else cpu.default_precision())
+    # The file counts its schedule's steps as every generated file does (ImageNet, 90 epochs); the run fits them to
+    # the data, --epochs and --warmup-epochs.
     recipe = scaling.Recipe(
         run.batch_size,
         args.micro_batch,
         precision,
-        epochs=args.epochs,
-        warmup_epochs=run.warmup_epochs,
         fused=torch.cuda.is_available(),
         reference_batch=run.reference_batch,
         reference_lr=args.base_lr,
@@ -282,7 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=float, default=2.0, help="warmup of the rule+warmup variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--lars", action="store_true", help="also rule+warmup with LARS at the largest batch")
-    p.add_argument("--schedule", choices=("goyal_steps", "warmup_decay"), default="goyal_steps")
+    p.add_argument("--schedule", choices=schedule.KINDS, default=schedule.GOYAL)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--crop-size", type=int, default=224)

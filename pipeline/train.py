@@ -33,7 +33,6 @@ from pipeline.data import IGNORE, DataConfig, DataError, ImageNetData, ShardSet,
 from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, validate
 from pipeline.model import build_model, check_arch, sync_batch_norm, uses_channels_last
-from pipeline.scaling import Recipe
 from pipeline.tracking import PROJECT, Sinks, exposed_key, open_sinks, wandb_init_args, wandb_mode
 
 # Share of an epoch's time the loop may wait for batches before the run says the input pipeline limits it.
@@ -228,11 +227,15 @@ def assemble(opts: config.RunConfig, ds: dict, notes: list[str]) -> Run:
         # A node's own view of the data (shared storage not mounted there).
         raise Stop(str(e), 2, "each node") from e
     try:
+        lr_schedule, ds, fitted = fit_schedule(opts.optim, ds, shards.splits["train"].images)
+    except ValueError as e:
+        raise Stop(str(e), 2, "rank 0") from e
+    try:
         rank, world = distributed.init(opts.cluster.dist_timeout, opts.cluster.join_timeout)
     except distributed.JoinError as e:
         raise Stop(str(e), 4, "each node") from e
     try:
-        run = build(opts, ds, notes, rank, world, shards)
+        run = build(opts, ds, [*notes, *fitted], rank, world, shards, lr_schedule)
         run.out.mkdir(parents=True, exist_ok=True)
         resume(run)
     except (ValueError, DataError) as e:
@@ -243,8 +246,30 @@ def assemble(opts: config.RunConfig, ds: dict, notes: list[str]) -> Run:
     return run
 
 
-def build(opts: config.RunConfig, ds: dict, notes: list[str], rank: int, world: int, shards: ShardSet) -> Run:
-    """The components: data on this rank's slice, the schedule from the real data, the model and its engine."""
+def fit_schedule(optim: engine.OptimOptions, ds: dict, train_images: int) -> tuple[schedule.Schedule, dict, list[str]]:
+    """The run's lr schedule fitted to its data and epochs, the configuration that builds it, and what fitting
+    changed (pipeline/schedule.py)."""
+    steps = schedule.RunSteps(
+        ds["train_batch_size"],
+        train_images,
+        optim.epochs,
+        optim.warmup_epochs,
+        optim.reference_batch,
+        optim.reference_lr,
+    )
+    return schedule.fit(optim.schedule, ds, optim.deepspeed_config, steps)
+
+
+def build(
+    opts: config.RunConfig,
+    ds: dict,
+    notes: list[str],
+    rank: int,
+    world: int,
+    shards: ShardSet,
+    lr_schedule: schedule.Schedule,
+) -> Run:
+    """The components: data on this rank's slice, the model and its engine with the run's schedule."""
     optim = opts.optim
     cuda = torch.cuda.is_available()
     # NHWC from DALI through every convolution: the layout Tensor Cores read without transposes.
@@ -263,17 +288,6 @@ def build(opts: config.RunConfig, ds: dict, notes: list[str], rank: int, world: 
         opts.data, batch_size=micro, dtype=engine.DATA_DTYPES[precision], layout=layout, device=device
     )
     data = ImageNetData(data_config, rank, world, grad_accum=accum, shards=shards)
-    recipe = Recipe(
-        ds["train_batch_size"],
-        micro,
-        epochs=optim.epochs,
-        warmup_epochs=optim.warmup_epochs,
-        train_images=shards.splits["train"].images,
-        reference_batch=optim.reference_batch,
-        reference_lr=optim.reference_lr,
-    )
-    lr_schedule = schedule.derive(optim.schedule, recipe)
-    ds = engine.with_schedule(ds, lr_schedule)
     # The same initial weights on every rank and in every session with this seed.
     torch.manual_seed(opts.data.seed)
     model, zeroed = build_model(optim.arch, data.num_classes)
@@ -338,7 +352,8 @@ def announce(run: Run) -> None:
     for note in run.notes:
         print(f"note: {note}")
     batch = f"B={run.ds['train_batch_size']} = {run.world} ranks x {run.micro} x {run.accum} accumulation"
-    warmup = f"--warmup-epochs {run.opts.optim.warmup_epochs:g}"
+    s = run.schedule
+    warmup = f"{s.warmup_steps} warmup steps: {s.warmup_steps / s.steps_per_epoch:g} epochs"
     gammas = f"{run.zeroed} residual BN gammas zeroed"
     print(f"schedule {run.schedule.describe()} ({warmup}); {batch}; {run.precision}; {gammas}")
 
@@ -693,7 +708,7 @@ def wandb_names(run: Run) -> dict:
         "device": device,
         "peak_lr": run.schedule.peak_lr,
         "epochs": optim.epochs,
-        "warmup_epochs": optim.warmup_epochs,
+        "warmup_epochs": run.schedule.warmup_steps / run.schedule.steps_per_epoch,
         "schedule_kind": run.schedule.kind,
         "optimizer": optim.optimizer,
         "label_smoothing": optim.label_smoothing,

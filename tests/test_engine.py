@@ -6,10 +6,9 @@ import torch
 
 from pipeline import engine
 from pipeline.meters import StepMeter
-from pipeline.schedule import Schedule
-from tests.models import small_convnet
+from tests.models import constant_schedule, small_convnet
 
-SCHEDULE = Schedule("warmup_decay", 0.5, 0.5, warmup_steps=0, total_steps=20, steps_per_epoch=5)
+SCHEDULE = constant_schedule(0.5, total_steps=20, steps_per_epoch=5)
 MODES = {
     "bf16": {"bf16": {"enabled": True}},
     "fp32": {},
@@ -80,9 +79,11 @@ def test_batch_norm_stays_fp32_and_its_statistics_move(process_group, mode):
     assert bn.running_mean.abs().sum() > 0
     assert torch.isfinite(bn.running_var).all()
     assert eng.global_steps == 2
-    # The same 3e-4 update to a running mean of 1.0: bf16 (8 bits of mantissa) cannot hold it, fp32 does.
-    ones = torch.ones(1)
-    assert (ones.bfloat16() * 0.9997 + 0.0003).item() == 1.0 != (ones * 0.9997 + 0.0003 * 0.5).item()
+    # A small move of a running mean near 1: 1.0 -> 1.0 + 0.1 x (1.0625 - 1.0) = 1.00625, which the engine's batch
+    # norm keeps; a bf16 statistic (8 bits of mantissa: steps of 2^-7 at 1) would hold 1.0078125 instead.
+    bn.running_mean.fill_(1.0)
+    bn(torch.full((4, 8, 2, 2), 1.0625, dtype=x.dtype))
+    assert torch.allclose(bn.running_mean, torch.full((8,), 1.00625), rtol=0, atol=1e-7)
 
 
 def test_the_wrapper_reads_one_overflow_flag_per_step(process_group):

@@ -15,8 +15,8 @@ import torch
 from pipeline import checkpoint, engine
 from pipeline.faults import Guard, NumericFault
 from pipeline.launch import free_port, without_launcher
-from pipeline.schedule import Schedule
 from tests import procs
+from tests.models import constant_schedule
 from tests.pictures import jpeg
 from tests.runs import ROOT, SMALL, SMALL_16BIT, ds_file, ok, train_cli
 from tests.shardsets import write_shards
@@ -61,7 +61,7 @@ def test_nan_loss_in_bf16_stops_at_its_step(prepared, tmp_path):
 
 def test_overflow_skips_in_a_row_stop_a_real_engine(process_group):
     """DeepSpeed skips bf16 steps with non-finite gradients; the guard counts them and stops at the limit."""
-    s = Schedule("warmup_decay", 0.1, 0.1, warmup_steps=0, total_steps=20, steps_per_epoch=5)
+    s = constant_schedule(0.1, total_steps=20, steps_per_epoch=5)
     ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
           "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}  # fmt: skip
     eng = engine.build(torch.nn.Linear(4, 3), engine.with_schedule(ds, s), s)
@@ -107,7 +107,7 @@ def test_a_record_that_does_not_decode_stops_training_naming_it(tmp_path):
     write_shards(tmp_path / "data", "train", [(good, 1)] * 12 + [(good[:300], 1)] + [(good, 1)] * 3, 2)
     write_shards(tmp_path / "data", "validation", [(good, 1)] * 4, 1)
     proc = train_cli("--deepspeed_config", ds_file(tmp_path, 32, 16, "fp32"), "--data-dir", str(tmp_path / "data"),
-                     "--num-classes", "2", *SMALL, "--epochs", "2", "--warmup-epochs", "1",
+                     "--num-classes", "2", *SMALL, "--epochs", "3", "--warmup-epochs", "1",
                      "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled")  # fmt: skip
     assert proc.returncode == 2
     assert re.match(rf"error: {tmp_path}/data/train-0000\d-of-00002: record at offset \d+: image does not decode",

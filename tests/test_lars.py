@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline import engine
-from pipeline.schedule import Schedule
+from tests.models import constant_schedule
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,7 @@ def test_first_lars_step_is_the_clipped_trust_ratio_update(process_group, mode):
     model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     lr, wd, trust = 0.5, 1e-4, 0.02
-    s = Schedule("goyal_steps", lr, lr, warmup_steps=0, total_steps=10, steps_per_epoch=5)
+    s = constant_schedule(lr, total_steps=10, steps_per_epoch=5)
     sgd = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": wd}
     ds = {"train_batch_size": 6, "train_micro_batch_size_per_gpu": 6, "optimizer": {"type": "SGD", "params": sgd},
           **mode}  # fmt: skip

@@ -18,6 +18,7 @@ from pipeline.launch import free_port, without_launcher
 from pipeline.meters import StepMeter
 from pipeline.model import build_model
 from tests import oracle, procs
+from tests.models import constant_schedule
 from tests.runs import ROOT, SMALL_16BIT, ds_file, ok
 
 # An update's error relative to the oracle's update, per mode: fp32 differs only in summation order; the 16-bit
@@ -29,19 +30,21 @@ CONFIGS = [(mode, accum) for mode in oracle.MODES for accum in (1, 2)]
 
 
 def assert_follows_the_oracle(result: dict, mode: str, world: int, accum: int) -> None:
-    expected = oracle.torch_sgd_steps(world, accum)
-    initial = dict(oracle.initial_model().named_parameters())
-    moved = {name: float((expected[name] - initial[name].detach()).norm()) for name in expected}
-    for name, error in oracle.update_errors(result["weights"], expected).items():
-        if moved[name] < 1e-3 * max(moved.values()):
-            # The oracle barely moves it (a convolution's bias before batch norm has no gradient): absolute terms.
-            assert float((result["weights"][name] - expected[name]).norm()) < 1e-3 * max(moved.values()), name
-        else:
-            assert error < TOLERANCE[mode], (
-                f"{mode}, {world} ranks x {accum} micro-batches: {name} is off by {error:.2e}"
-            )
+    assert_weights_follow(result["weights"], oracle.torch_sgd_steps(world, accum), mode, f"{world} ranks x {accum}")
     assert result["lrs"] == pytest.approx([oracle.paper_lr(step) for step in range(oracle.STEPS)], rel=1e-12)
     assert result["skipped"] == 0
+
+
+def assert_weights_follow(weights: dict, expected: dict, mode: str, what: str) -> None:
+    """Every parameter's update within the mode's tolerance of the oracle's."""
+    initial = dict(oracle.initial_model().named_parameters())
+    moved = {name: float((expected[name] - initial[name].detach()).norm()) for name in expected}
+    for name, error in oracle.update_errors(weights, expected).items():
+        if moved[name] < 1e-3 * max(moved.values()):
+            # The oracle barely moves it (a convolution's bias before batch norm has no gradient): absolute terms.
+            assert float((weights[name] - expected[name]).norm()) < 1e-3 * max(moved.values()), name
+        else:
+            assert error < TOLERANCE[mode], f"{mode}, {what}: {name} is off by {error:.2e}"
 
 
 @pytest.mark.parametrize("mode, accum", CONFIGS)
@@ -88,7 +91,8 @@ def test_deepspeed_0_19_8_leaves_the_fp16_wrappers_loss_unscaled(process_group, 
     installed DeepSpeed changed (upstream pull request 8393 fixes it): LossScale then leaves the scaling to it."""
     import deepspeed
 
-    ds, _ = oracle.ds_config("fp16", world=1, accum=1)
+    constant = constant_schedule(0.1, total_steps=6, steps_per_epoch=3)
+    ds, _ = oracle.ds_config("fp16", world=1, accum=1, s=constant)
     # No weight decay: the wrapper adds it after dividing by the scale, so only the gradient's part would shrink.
     ds["optimizer"]["params"]["weight_decay"] = 0.0
     torch.manual_seed(0)
@@ -96,14 +100,14 @@ def test_deepspeed_0_19_8_leaves_the_fp16_wrappers_loss_unscaled(process_group, 
     reference = torch.nn.Linear(4, 1, bias=False)
     reference.load_state_dict(linear.state_dict())
     before = linear.weight.detach().clone()
-    eng = engine.build(linear, ds, oracle.SCHEDULE)
+    eng = engine.build(linear, ds, constant)
     assert type(eng.optimizer).__name__ == "FP16_UnfusedOptimizer"
     assert eng.optimizer.loss_scale_config.cur_scale == 256
     assert not engine.deepspeed_scales_loss(eng), f"DeepSpeed {deepspeed.__version__} now scales the loss itself"
     eng.backward(eng(torch.ones(1, 4).half()).float().sum())
     eng.step()
     moved = before - oracle.fp32_weights(eng)["weight"]
-    sgd = torch.optim.SGD(reference.parameters(), lr=oracle.paper_lr(0), momentum=oracle.MOMENTUM, nesterov=True)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=oracle.MOMENTUM, nesterov=True)
     reference(torch.ones(1, 4)).sum().backward()
     sgd.step()
     # Every update is 1/256 of torch SGD's.
@@ -147,7 +151,8 @@ def test_an_injected_inf_is_skipped_and_the_scale_grows_after_its_window(process
         images = images * (float("inf") if step == 1 else 1.0)
         train.train_step(eng, scale, train.cross_entropy, images.to(oracle.input_dtype(mode)), labels, meter)
         unchanged = all(torch.equal(before[n], w) for n, w in oracle.fp32_weights(eng).items())
-        assert unchanged == (step == 1), f"step {step}"
+        # Step 0 trains at lr 0 (the warmup's start): it moves nothing either way.
+        assert unchanged == (step in (0, 1)), f"step {step}"
     rows = meter.flush()
     scale.resolve(rows)
     start = float(start)
@@ -157,6 +162,72 @@ def test_an_injected_inf_is_skipped_and_the_scale_grows_after_its_window(process
     assert [float(r["loss_scale"]) for r in rows] == [start, *halved, *[start] * (4 - len(halved))]
     assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1, 1]
     assert [r["lr"] for r in rows] == pytest.approx([oracle.paper_lr(s) for s in range(5)], rel=1e-12)
+
+
+@pytest.mark.parametrize("clip, full, halved", [(0.0, 1.0, 0.5), (0.5, 0.25, 0.25), (1.5, 0.75, 0.5)])
+def test_growth_steps_update_full_size_where_deepspeed_0_19_8_halves_them(process_group, fp16_cpu, clip, full, halved):
+    """Pins the installed DeepSpeed's order, which engine.unscale_by_the_scale_of_backward corrects: its fp16
+    wrapper doubles the loss scale before it unscales, so on each growth step the gradients are divided by twice the
+    scale they were multiplied by. Here the weight's gradient is [1, 1, 1, 1] (norm 2) at every step and the update
+    is lr x gradient x the clip factor (no momentum, no weight decay): clip 0.5 gives a quarter, clip 1.5 three
+    quarters. DeepSpeed alone moves half as far on growth steps (clipping at 0.5 hides it); the engine as built
+    moves full size on every step. If the raw ratios change, DeepSpeed changed its order: the correction is then a
+    no-op, and this pin is to be updated."""
+    x = torch.ones(1, 4).half()
+    constant = constant_schedule(0.1, total_steps=8, steps_per_epoch=8)
+    for fixed in (False, True):
+        ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": clip,
+              "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 2},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}}}  # fmt: skip
+        ds, _ = engine.configure(ds, "pin.json", 1, cuda=False, allow_cpu=True)
+        eng = engine.build(torch.nn.Linear(4, 1, bias=False), engine.with_schedule(ds, constant), constant)
+        if not fixed:
+            # DeepSpeed's own methods again (the correction replaced them on the instance).
+            del eng.optimizer.step, eng.optimizer.unscale_and_clip_grads
+        scale, wrapper = engine.LossScale(eng), eng.optimizer.loss_scale_config
+        ratios, grew = [], []
+        for _ in range(6):
+            before, scale_before = oracle.fp32_weights(eng)["weight"], wrapper.cur_scale
+            eng.backward(scale.for_backward(eng(x).float().sum()))
+            eng.step()
+            ratios.append(float((before - oracle.fp32_weights(eng)["weight"]).mean()) / 0.1)
+            grew.append(wrapper.cur_scale > scale_before)
+        assert sum(grew) >= 2
+        expected = [halved if g and not fixed else full for g in grew]
+        assert ratios == pytest.approx(expected, abs=1e-3), f"fixed {fixed}: scale grew {grew}, ratios {ratios}"
+
+
+@pytest.mark.parametrize("mode", ["fp16", "autocast-fp16"])
+@pytest.mark.parametrize("clip", [0.0, 0.4])
+def test_a_long_fp16_run_equals_torch_sgd(process_group, fp16_cpu, mode, clip):
+    """16 steps from the production loss scale of 2^16 through the end of warmup into the decay, with and without
+    clipping: the scale grows every 3 clean steps until this model overflows, those steps are skipped, and the
+    weights equal torch SGD's (no update on a skipped step, the recipe's lr on every other, clipped where asked)."""
+    result = oracle.long_run(mode, clip)
+    scales, skipped = result["scales"], result["skipped"]
+    assert scales[0] == 2.0**16
+    assert any(after > before for before, after in zip(scales, scales[1:], strict=False))
+    assert skipped
+    assert result["lrs"] == pytest.approx([oracle.long_lr(s) for s in range(oracle.LONG_STEPS)], rel=1e-12)
+    expected, clipped = oracle.torch_sgd_long(skipped, clip)
+    if clip:
+        # Clipping acts on some steps, not all.
+        assert 0 < clipped < oracle.LONG_STEPS - len(skipped)
+    assert_weights_follow(result["weights"], expected, mode, f"16 steps, clip {clip}")
+
+
+@pytest.mark.parametrize("mode", ["fp16", "autocast-fp16"])
+def test_a_resume_in_the_middle_continues_as_the_straight_run(process_group, fp16_cpu, mode, tmp_path):
+    """Checkpointed after 7 of 16 steps and resumed into a new engine as train.py resumes (DeepSpeed restores only
+    its scheduler's step counter; `follow` sets the lr): the same lr on every step, the same loss scales and
+    skips, the same weights as a run without the break."""
+    straight = oracle.long_run(mode)
+    resumed = oracle.long_run(mode, resume_at=7, folder=tmp_path)
+    assert resumed["lrs"] == straight["lrs"]
+    assert resumed["scales"] == straight["scales"]
+    assert resumed["skipped"] == straight["skipped"]
+    for name, weight in straight["weights"].items():
+        assert torch.equal(resumed["weights"][name], weight), name
 
 
 @pytest.mark.parametrize("mode", ["fp16", "autocast-fp16", "bf16", "autocast-bf16"])
@@ -171,7 +242,7 @@ def test_a_few_dozen_steps_lower_the_loss_as_fp32_does(process_group, fp16_cpu, 
 
 def loss_curve(mode: str, steps: int = 30) -> list[float]:
     """The training loss of `steps` optimizer steps at a constant lr 0.1 over 4 fixed batches."""
-    schedule = oracle.schedule.Schedule("goyal_steps", 0.1, 0.1, 0, steps, steps)
+    schedule = constant_schedule(0.1, steps, steps)
     ds, _ = oracle.ds_config(mode, world=1, accum=1)
     eng = engine.build(oracle.initial_model(), engine.with_schedule(ds, schedule), schedule)
     scale, meter = engine.LossScale(eng), StepMeter(oracle.BATCH, steps, eng.device)
@@ -186,7 +257,8 @@ def loss_curve(mode: str, steps: int = 30) -> list[float]:
 @pytest.mark.slow
 def test_train_py_trains_with_the_fp16_wrapper_on_a_cpu(prepared, tmp_path):
     """The whole of pipeline/train.py with DeepSpeed's fp16 wrapper (bench/fp16_cpu_train.py lets DeepSpeed's CPU
-    accelerator build it; --allow-cpu keeps fp16): its first step moves the weights as an fp32 run's does."""
+    accelerator build it; --allow-cpu keeps fp16): its first two steps (WarmupDecayLR's lr 0, then the first lr
+    above 0) move the weights as an fp32 run's do."""
     runs = {}
     for mode in ("fp32", "fp16"):
         script = ROOT / ("bench/fp16_cpu_train.py" if mode == "fp16" else "pipeline/train.py")
@@ -206,7 +278,7 @@ def test_train_py_trains_with_the_fp16_wrapper_on_a_cpu(prepared, tmp_path):
             "--epochs",
             "1",
             "--max-steps",
-            "1",
+            "2",
             "--out-dir",
             str(out),
             "--wandb-mode",
@@ -229,7 +301,7 @@ def test_train_py_trains_with_the_fp16_wrapper_on_a_cpu(prepared, tmp_path):
     initial = build_model("shufflenet_v2_x0_5", 6)[0].state_dict()
     weights = [k for k, v in initial.items() if v.dim() > 1]
     moved = {mode: torch.cat([(w[k] - initial[k]).flatten() for k in weights]) for mode, (_, w, _) in runs.items()}
-    # The first step in fp16 moves the weights as far as fp32's does (with the loss left unscaled: 1/256 as far).
+    # The first steps in fp16 move the weights as far as fp32's do (with the loss left unscaled: 1/256 as far).
     # Its direction is tested against torch SGD in test_first_steps_*: on a CPU batch norm takes fp16 inputs, and
     # this small model's gradients at 32 px (1x1 maps in its last stage) change by half from fp16 rounding alone.
     ratio = float(moved["fp16"].norm() / moved["fp32"].norm())

@@ -44,7 +44,7 @@ def test_the_table_and_its_errors(capsys):
     assert sum(line.startswith("| ") for line in out.splitlines()) == 4
     assert "| 256 P100s, Goyal et al. (measured) | 8,192 |" in out
     assert "| 1h |" in out
-    assert "| 8 | 256 | 1 | 0.1 | none (lr constant) | 5,005 |" in out
+    assert "| 8 | 256 | 1 | 0.1 | 25,025 | 5,005 |" in out
     assert "Model: 3,000 img/s per GPU, ring all-reduce of 25.6M fp16 gradients at 200 Gb/s per GPU" in out
     assert plan.main(["--overlap", "2"]) == 2
     assert capsys.readouterr().err.startswith("error: --overlap must lie in [0, 1]")

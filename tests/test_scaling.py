@@ -27,10 +27,19 @@ def test_committed_configs_equal_the_generator_output():
     ],
 )
 def test_config_numbers_follow_the_paper(name, lr, warmup, total, precision):
-    """The committed file holds the batch, the peak lr and the optimizer; the schedule is derived at start from
-    the real data (pipeline.schedule), so the file has none."""
+    """The committed file holds the batch, the peak lr, the optimizer and the design's schedule: DeepSpeed's
+    WarmupDecayLR, linear from 0 to the peak over 5 epochs, then linearly to 0 at the end of epoch 90."""
     ds = json.loads((DS_CONFIGS / f"{name}.json").read_text())
-    assert "scheduler" not in ds
+    assert ds["scheduler"] == {
+        "type": "WarmupDecayLR",
+        "params": {
+            "warmup_min_lr": 0.0,
+            "warmup_max_lr": pytest.approx(lr),
+            "warmup_num_steps": warmup,
+            "total_num_steps": total,
+            "warmup_type": "linear",
+        },
+    }
     assert ds["optimizer"]["params"]["lr"] == pytest.approx(lr)
     recipe = scaling.CONFIGS[name]
     assert (recipe.warmup_steps, recipe.total_steps) == (warmup, total)
@@ -53,6 +62,8 @@ def test_cpu_config_is_small_unfused_and_bf16_only_where_it_is_native():
     assert "fp16" not in ds
     assert "fused" not in ds["optimizer"]["params"]
     assert ds["optimizer"]["params"]["lr"] == 0.025
+    # B = 64 warms up too, from 0 (the paper's warmup from 0.1 has nothing to do at or below B = 256).
+    assert ds["scheduler"]["params"]["warmup_num_steps"] == 5 * 20019
 
 
 def test_check_command_finds_an_edited_file(tmp_path):

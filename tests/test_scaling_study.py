@@ -63,9 +63,10 @@ def test_a_tiny_study_end_to_end(prepared, tmp_path):
         assert saved["derived"]["world_size"] == 2
         assert saved["deepspeed"]["train_batch_size"] == r["batch_size"]
         per_epoch = -(-images // r["batch_size"])
-        assert saved["schedule"]["peak_lr"] == pytest.approx(r["lr"])
-        assert saved["schedule"]["base_lr"] == pytest.approx(summary["base_lr"])
-        assert saved["schedule"]["warmup_steps"] == round(r["warmup_epochs"] * per_epoch)
+        params = saved["schedule"]["params"]
+        assert params["peak_lr"] == pytest.approx(r["lr"])
+        assert params["base_lr"] == pytest.approx(summary["base_lr"])
+        assert params["warmup_steps"] == round(r["warmup_epochs"] * per_epoch)
         assert saved["run"]["optim"]["optimizer"] == r["optimizer"]
         assert saved["run"]["tracking"]["wandb_group"] == "scaling-study-study"
         # In wandb each run is named after its variant, in the study's group.

@@ -57,7 +57,7 @@ def test_wandb_names_runs_to_compare_and_keeps_flat_keys_and_a_summary(prepared,
     assert {k: config[k] for k in ("arch", "global_batch", "micro_batch", "grad_accum", "world_size", "precision")} == {
         "arch": "resnet18", "global_batch": 32, "micro_batch": 16, "grad_accum": 2, "world_size": 1,
         "precision": "fp32"}  # fmt: skip
-    assert config["peak_lr"] == config["schedule"]["peak_lr"]  # the flat keys beside the full sections
+    assert config["peak_lr"] == config["schedule"]["params"]["warmup_max_lr"]  # flat keys beside the full sections
     steps = [h for h in run["history"] if "train/loss" in h]
     assert len(steps) == 2
     assert all(h["train/data_wait_s"] >= 0 and h["train/step_s"] > 0 for h in steps)

@@ -83,20 +83,35 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert run["config"]["derived"]["num_classes"] == classes
     steps = {h["_step"]: h for h in run["history"] if "train/loss" in h}
     assert sorted(steps) == list(range(1, 3 * per_epoch + 1))
-    schedule = Schedule(**{**saved["schedule"], "milestones": tuple(saved["schedule"]["milestones"])})
+    schedule = Schedule(**saved["schedule"])
     assert all(h["train/lr"] == pytest.approx(lr_at(schedule, s - 1)) for s, h in steps.items())
     assert [h["epoch/val_top1"] for h in run["history"] if "epoch/val_top1" in h] == [e["val_top1"] for e in epochs]
     assert run["summary"]["best_top1"] == summary["best_top1"]
 
 
 @pytest.mark.slow
-def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
-    """The throughput levers as flags: channels-last on a CPU too, DALI's prefetch depth and hardware decoder share."""
+def test_speed_options_and_an_edited_scheduler_reach_the_run(prepared, tmp_path):
+    """The throughput levers as flags: channels-last on a CPU too, DALI's prefetch depth and hardware decoder share.
+    And a scheduler edited in the JSON (WarmupCosineLR, a warmup of 45 of 90 epochs) is the one DeepSpeed runs:
+    fitted to this run, printed, and the lr of every step."""
     out = tmp_path / "run"
-    args = ["--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "0", "--max-steps", "2",
+    edited = json.loads((ROOT / "ds_configs" / "cpu.json").read_text())
+    params = {"total_num_steps": 1801710, "warmup_num_steps": 900855, "warmup_type": "linear"}
+    edited["scheduler"] = {"type": "WarmupCosineLR", "params": params}
+    (tmp_path / "cosine.json").write_text(json.dumps(edited))
+    args = ["--data-dir", str(prepared), *SMALL, "--epochs", "2", "--max-steps", "2",
             "--memory-format", "channels_last", "--data-prefetch", "3", "--hw-decoder-load", "0.5",
             "--out-dir", str(out), "--wandb-mode", "disabled"]  # fmt: skip
-    ok(train_cli("--deepspeed_config", str(ROOT / "ds_configs" / "cpu.json"), *args))
+    stdout = ok(train_cli("--deepspeed_config", str(tmp_path / "cosine.json"), *args))
+    schedule = Schedule(**yaml.safe_load((out / "config.yaml").read_text())["schedule"])
+    assert schedule.kind == "WarmupCosineLR"
+    assert schedule.params["warmup_num_steps"] == schedule.total_steps // 2
+    assert "cosine.json: WarmupCosineLR fitted to this run" in stdout
+    assert "schedule WarmupCosineLR (DeepSpeed): " in stdout
+    assert f"total_num_steps {schedule.total_steps};" in stdout
+    rows = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in rows] == [lr_at(schedule, 0), lr_at(schedule, 1)]
+    assert rows[1]["lr"] > 0
     derived = yaml.safe_load((out / "config.yaml").read_text())["derived"]
     assert derived["channels_last"]
     assert {k: derived["data"][k] for k in ("layout", "prefetch", "hw_decoder_load")} == {
@@ -109,8 +124,7 @@ def test_speed_options_reach_the_reader_and_the_model(prepared, tmp_path):
 @pytest.mark.slow
 def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
     ds = ds_file(tmp_path, 64, 32, "fp32")
-    common = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "1",
-              "--schedule", "goyal_steps"]  # fmt: skip
+    common = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "1"]
     images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
     per_epoch = math.ceil(images / 64)
     ok(train_cli(*common, "--out-dir", str(tmp_path / "straight"), "--wandb-mode", "disabled"))
@@ -123,12 +137,18 @@ def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
     assert f"at step {per_epoch + 2}" in first
     second = ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--resume", "auto", "--wandb-mode", "offline"))
     assert f"resumed from {tmp_path / 'split' / 'checkpoints' / checkpoint.tag(per_epoch + 2)} at step" in second
-    # After the resume the lr is still the pure function of the step (goyal_steps over 2 epochs drops it at epoch 1).
+    # After the resume DeepSpeed's WarmupDecayLR (which restores only its step counter) sets the straight run's lr
+    # on every step, the pure function of the step, decaying in the second epoch.
     saved = yaml.safe_load((tmp_path / "split" / "config.yaml").read_text())["schedule"]
-    schedule = Schedule(**{**saved, "milestones": tuple(saved["milestones"])})
+    schedule = Schedule(**saved)
+    assert schedule.kind == "WarmupDecayLR"
     lrs = {h["_step"]: h["train/lr"] for h in logged(tmp_path / "split")["history"] if "train/lr" in h}
     assert sorted(lrs) == list(range(per_epoch + 3, 2 * per_epoch + 1))
     assert all(lr == pytest.approx(lr_at(schedule, step - 1)) for step, lr in lrs.items())
+    rows = map(json.loads, (tmp_path / "straight" / "steps.jsonl").read_text().splitlines())
+    straight_lrs = {r["step"]: r["lr"] for r in rows}
+    assert all(lr == straight_lrs[step] for step, lr in lrs.items())
+    assert lrs[2 * per_epoch] < lrs[per_epoch + 3]
     straight, split = weights(tmp_path / "straight", 2 * per_epoch), weights(tmp_path / "split", 2 * per_epoch)
     assert straight.keys() == split.keys()
     for name in straight:
@@ -183,6 +203,8 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
         (["--arch", "resnet51"], "--arch resnet51: not a torchvision classification model"),
         (["--deepspeed_config", "missing.json"], "--deepspeed_config missing.json: cannot read it as JSON"),
         (["--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs 3.0: must lie in [0, --epochs 2)"),
+        # 228 training images at B = 64: 4 steps per epoch, and a warmup of all 4 (not a ZeroDivisionError).
+        (["--epochs", "1", "--warmup-epochs", "0.99"], "WarmupDecayLR: warmup_num_steps 4 is the whole run (4 steps)"),
         (["--loss-scale-window", "-1"], "--loss-scale-window -1: must not be negative"),
         (["--loss-scale-window", "50"], "which has no loss scale; leave the flag out or use an fp16 configuration"),
         # No silent CPU fallback: a GPU configuration on a host without usable CUDA stops, naming why.
@@ -245,9 +267,15 @@ def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
     # The flags win over the file.
     assert saved["seed"] == 7
     assert saved["out_dir"] == str(out)
-    # --epochs 3 with the default warmup is valid: Goyal et al.'s 5 of 90 epochs, scaled, printed with the schedule.
-    assert saved["warmup_epochs"] == pytest.approx(5 * 3 / 90)
-    assert "(--warmup-epochs 0.166667)" in stdout
+    # --epochs 3 with the default warmup is valid: cpu.json's 5 of 90 epochs, fitted to 3 epochs of this data and
+    # printed with the schedule.
+    assert saved["warmup_epochs"] is None
+    schedule = yaml.safe_load((out / "config.yaml").read_text())["schedule"]
+    per_epoch = schedule["steps_per_epoch"]
+    assert schedule["params"]["warmup_num_steps"] == max(2, round(5 * 3 / 90 * per_epoch))
+    assert schedule["params"]["total_num_steps"] == 3 * per_epoch
+    assert "cpu.json: WarmupDecayLR fitted to this run" in stdout
+    assert f"({schedule['params']['warmup_num_steps']} warmup steps: " in stdout
 
 
 @pytest.mark.slow

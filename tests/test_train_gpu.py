@@ -66,18 +66,17 @@ def test_fp16_resnet50_trains_and_its_loss_scale_moves(tmp_path, name, conv_dtyp
 def test_fused_sgd_steps_channels_last_weights(name):
     """The first fused-SGD step on NHWC weights: every tensor it walks (weight or master, gradient, momentum) in
     one layout, and the weights as initialised until then."""
-    from pipeline import distributed
+    from pipeline import distributed, schedule
     from pipeline.model import build_model
-    from pipeline.scaling import Recipe
-    from pipeline.schedule import derive
 
     distributed.init()  # a one-process NCCL group (sets the rendezvous variables when no launcher did)
     ds = json.loads((ROOT / "ds_configs" / name).read_text())
     ds, _ = engine.configure({**ds, "train_batch_size": 32}, name, 1, cuda=True)
-    s = derive("warmup_decay", Recipe(32, train_images=1000, epochs=2, warmup_epochs=1))
+    s, ds, _ = schedule.fit("deepspeed", ds, name, schedule.RunSteps(32, 1000, 2, 1, 256, 0.1))
     model, _ = build_model("resnet50", 10)
     initial = model.conv1.weight.detach().clone()
-    eng = engine.build(model, engine.with_schedule(ds, s), s, channels_last=True)
+    eng = engine.build(model, ds, s, channels_last=True)
+    assert type(eng.lr_scheduler).__name__ == "WarmupDecayLR"
     assert ds["optimizer"]["params"]["fused"]
     assert engine.LossScale(eng).now()[0] == 2.0**16
     assert torch.equal(eng.module.conv1.weight.float().cpu(), initial.to(eng.module.conv1.weight.dtype).float())
