@@ -303,6 +303,33 @@ def keep_norms_fp32(engine) -> int:
     return len(norms)
 
 
+class InPrecision(nn.Module):
+    """A model that computes as an engine of precision `mode` does in its forward pass (evaluate's model): the
+    wrappers' 16-bit weights with fp32 norms, or fp32 weights under torch.autocast (as DeepSpeed's torch_autocast
+    runs the forward), or fp32. Its inputs come in DATA_DTYPES[mode], as the run's reader hands them."""
+
+    def __init__(self, model: nn.Module, mode: str, device_type: str):
+        super().__init__()
+        self.dtype, self.autocast, self.device_type = (
+            getattr(torch, DATA_DTYPES[mode]),
+            mode.startswith("auto"),
+            device_type,
+        )
+        if mode in ("fp16", "bf16"):
+            # The wrappers' 16-bit weights; norms keep their fp32 values (a round trip through 16 bits would not).
+            for module in model.modules():
+                if not isinstance(module, nn.modules.batchnorm._NormBase):
+                    for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                        tensor.data = tensor.data.to(self.dtype)
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.autocast:
+            return self.model(images)
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(images)
+
+
 def undo_startup_step(engine, initial: dict[nn.Parameter, torch.Tensor]) -> None:
     """Undo the optimizer step DeepSpeed's unfused wrapper takes on zero gradients when it is built (to create the
     optimizer state): it applied one weight-decay step at the peak lr to the fp32 masters and left momentum

@@ -5,8 +5,9 @@
     deepspeed --num_gpus 8 pipeline/evaluate.py --checkpoint RUN_DIR --data-dir DIR
 
 The validation pipeline is training's (pipeline.data): resize the shorter side, center crop, normalise,
-each image counted exactly once across the ranks. The model runs in fp32. Rank 0 prints the result and
-writes it as JSON.
+each image counted exactly once across the ranks. The model computes in the precision the run validated in
+(recorded in the checkpoint), so its top-1 is the run's own; `--precision fp32` (or any mode) chooses
+otherwise. Rank 0 prints the result and writes it as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from pipeline import checkpoint, distributed, launch
+from pipeline import checkpoint, distributed, engine, launch
 from pipeline.data import DataConfig, ImageNetData
 from pipeline.data.shards import DataError, open_shards
 from pipeline.meters import validate
@@ -38,7 +39,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--data-dir", required=True, help="folder of the validation-* shards")
     p.add_argument("--out", help="result JSON (default: <run folder>/eval-<checkpoint>.json)")
-    p.add_argument("--batch-size", type=int, default=50, help="images per rank per step")
+    p.add_argument("--batch-size", type=int, default=0, help="images per rank per step (0: the run's micro-batch)")
+    p.add_argument(
+        "--precision",
+        choices=tuple(engine.DATA_DTYPES),
+        help="what the model computes in (default: the precision the run validated in; fp32 for checkpoints that "
+        "do not record it)",
+    )
     p.add_argument("--data-device", choices=("auto", "gpu", "cpu"), default="auto", help="where DALI decodes")
     p.add_argument("--data-threads", type=int, default=0, help="DALI CPU threads per rank (0: cores / ranks)")
     p.add_argument("--dist-timeout", type=int, default=600, help="seconds a rank waits for a peer in a collective")
@@ -46,12 +53,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_model(path: Path, card: dict, device: torch.device) -> torch.nn.Module:
-    """The checkpoint's torchvision model in fp32, in eval mode on `device` (channels-last on a GPU)."""
+def load_model(path: Path, card: dict, device: torch.device, precision: str) -> torch.nn.Module:
+    """The checkpoint's torchvision model computing in `precision` (engine.InPrecision), in eval mode on `device`
+    (channels-last on a GPU)."""
     model = torchvision.models.get_model(card["arch"], weights=None, num_classes=card["num_classes"])
     model.load_state_dict(checkpoint.weights(path))
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return model.to(device, memory_format=memory_format).eval()
+    model = model.to(device, memory_format=memory_format)
+    return engine.InPrecision(model, precision, device.type).eval()
+
+
+def precision_of(card: dict, asked: str | None) -> tuple[str, str]:
+    """The precision to evaluate in, and why: --precision, else the run's (recorded with its checkpoints), else fp32."""
+    if asked:
+        return asked, "--precision"
+    if "precision" in card:
+        return card["precision"], "the run's"
+    return "fp32", "the checkpoint does not record the run's"
 
 
 def result_line(result: dict) -> str:
@@ -59,7 +77,8 @@ def result_line(result: dict) -> str:
     r = result
     return (
         f"top-1 {r['top1']:.2f}% top-5 {r['top5']:.2f}% over {r['images']:,} validation images "
-        f"({r['arch']} at step {r['step']}, {r['checkpoint']}; {r['world_size']} ranks)"
+        f"({r['arch']} at step {r['step']} in {r['precision']}, {r['precision_from']}; {r['checkpoint']}; "
+        f"{r['world_size']} ranks)"
     )
 
 
@@ -86,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cuda = args.data_device != "cpu" and torch.cuda.is_available()
+        precision, precision_from = precision_of(card, args.precision)
         config = DataConfig(
             args.data_dir,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or card.get("batch_size", 50),
+            dtype=engine.DATA_DTYPES[precision],
             crop_size=card["crop_size"],
             val_resize=card["val_resize"],
             layout="NHWC" if cuda else "NCHW",
@@ -96,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             num_threads=args.data_threads,
         )
         data = ImageNetData(config, rank, world, splits=("validation",), shards=shards)
-        top1, top5, seen = validate(load_model(path, card, data.device), data.validation(), data.device)
+        model = load_model(path, card, data.device, precision)
+        top1, top5, seen = validate(model, data.validation(), data.device)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -109,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
             "images": seen,
             "arch": card["arch"],
             "step": card["step"],
+            "precision": precision,
+            "precision_from": precision_from,
             "checkpoint": str(path),
             "data_dir": args.data_dir,
             "world_size": world,

@@ -660,14 +660,17 @@ def lost_ranks(run: Run, sinks: Sinks, fault: FaultLine) -> str:
 
 
 def model_card(run: Run) -> dict:
-    """What a checkpoint's weights need to be used without this run: the model, its classes and its input (saved
-    with every checkpoint, in complete.json too; pipeline.evaluate and pipeline.export read it)."""
+    """What a checkpoint's weights need to be used without this run: the model, its classes, its input and its
+    precision (saved with every checkpoint, in complete.json too; pipeline.evaluate and pipeline.export read it)."""
     return {
         "arch": run.opts.optim.arch,
         "num_classes": run.data.num_classes,
         "classes": list(run.data.shards.class_names),
         "crop_size": run.opts.data.crop_size,
         "val_resize": run.opts.data.val_resize,
+        # What validation computed in, and its batch per rank: pipeline.evaluate repeats both.
+        "precision": run.precision,
+        "batch_size": run.micro,
     }
 
 

@@ -18,7 +18,7 @@ from pipeline.meters import validate
 from pipeline.model import build_model
 from pipeline.schedule import Schedule
 from tests import procs
-from tests.runs import ROOT, SMALL, ds_file, ok, run_module, train_cli
+from tests.runs import ROOT, SMALL, SMALL_16BIT, ds_file, ok, run_module, train_cli
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_exported_logits_equal_the_engines(trained, tmp_path, process_group):
     equal within 1e-5 (both fp32 on the CPU; the same weights, so only operation order could differ)."""
     run_module("pipeline.export", str(trained), "--out", str(tmp_path / "model.pt"), check=True)
     saved = yaml.safe_load((trained / "config.yaml").read_text())
-    s = Schedule(**{**saved["schedule"], "milestones": tuple(saved["schedule"]["milestones"])})
+    s = Schedule(**saved["schedule"])
     model, _ = build_model("resnet18", saved["derived"]["num_classes"])
     eng = engine.build(model, saved["deepspeed"], s)
     checkpoint.load(eng, checkpoint.complete(trained / "checkpoints")[-1])
@@ -111,6 +111,51 @@ def test_evaluate_matches_the_export_and_is_the_same_on_two_ranks(trained, prepa
     assert two["world_size"] == 2
     assert two["images"] == images
     assert (two["top1"], two["top5"]) == (pytest.approx(result["top1"]), pytest.approx(result["top5"]))
+
+
+@pytest.fixture(scope="module")
+def trained_bf16(prepared, tmp_path_factory) -> Path:
+    """A run in DeepSpeed's bf16 wrapper (bf16 weights, fp32 norms): ShuffleNet at 32 px, 3 steps, validated."""
+    folder = tmp_path_factory.mktemp("trained-bf16")
+    ds = ds_file(folder, 32, 16, "bf16")
+    ok(train_cli("--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL_16BIT, "--epochs", "2",
+                 "--max-steps", "3", "--out-dir", str(folder / "run"), "--wandb-mode", "disabled"))  # fmt: skip
+    return folder / "run"
+
+
+@pytest.mark.slow
+def test_evaluate_computes_in_the_runs_precision_and_repeats_its_top1(trained_bf16, prepared, tmp_path, process_group):
+    """By default evaluate computes as the run validated (bf16 here), so its top-1 is the run's last; its model's
+    logits are the engine's, bit for bit, and an fp32 model's are not; --precision fp32 says so."""
+    proc = run_module("pipeline.evaluate", "--checkpoint", str(trained_bf16), "--data-dir", str(prepared),
+                      "--out", str(tmp_path / "bf16.json"), "--data-threads", "1", check=True)  # fmt: skip
+    result = json.loads((tmp_path / "bf16.json").read_text())
+    last = json.loads((trained_bf16 / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (result["precision"], result["precision_from"]) == ("bf16", "the run's")
+    assert "in bf16, the run's;" in proc.stdout
+    assert result["top1"] == pytest.approx(last["last_top1"], rel=1e-12)
+    from pipeline import evaluate
+
+    saved = yaml.safe_load((trained_bf16 / "config.yaml").read_text())
+    path = checkpoint.complete(trained_bf16 / "checkpoints")[-1]
+    card = checkpoint.card(path)
+    eng = engine.build(
+        build_model(card["arch"], card["num_classes"])[0], saved["deepspeed"], Schedule(**saved["schedule"])
+    )
+    checkpoint.load(eng, path)
+    eng.eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with torch.no_grad():
+        models = {p: evaluate.load_model(path, card, torch.device("cpu"), p) for p in ("bf16", "fp32")}
+        logits = {"bf16": models["bf16"](x), "fp32": models["fp32"](x.float())}
+        assert torch.equal(logits["bf16"], eng(x))
+        assert not torch.equal(logits["fp32"].float(), eng(x).float())
+    args = ["--checkpoint", str(trained_bf16), "--data-dir", str(prepared), "--data-threads", "1"]
+    proc = run_module(
+        "pipeline.evaluate", *args, "--out", str(tmp_path / "fp32.json"), "--precision", "fp32", check=True
+    )
+    assert json.loads((tmp_path / "fp32.json").read_text())["precision"] == "fp32"
+    assert "in fp32, --precision;" in proc.stdout
 
 
 @pytest.mark.slow
