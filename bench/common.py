@@ -71,8 +71,12 @@ def machine() -> dict:
     try:
         import torch
 
+        from pipeline import cpu as host_cpu
+
         info["torch"] = torch.__version__
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        # What the processor computes natively: 16-bit CPU runs are about 30x slower without it (pipeline/cpu.py).
+        info["cpu_capability"] = host_cpu.described()
     except ImportError:
         pass
     return info

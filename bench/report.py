@@ -31,7 +31,8 @@ def train_flop(arch: str, crop: int) -> float:
 
 def device_name(info: dict) -> str:
     """The machine in words for the results: the GPU's name, or the CPU's with its cores."""
-    return info["gpu"] or f"CPU only ({info['cpu']}, {info['cores']} cores)"
+    capability = f", {info['cpu_capability']}" if info.get("cpu_capability") else ""
+    return info["gpu"] or f"CPU only ({info['cpu']}, {info['cores']} cores{capability})"
 
 
 def device_slug(info: dict) -> str:
