@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from bench.windows import Windows
-from pipeline import engine, train
+from pipeline import deepspeed_json, train
 
 
 def dali_child(spec: dict) -> dict:
@@ -29,7 +29,7 @@ def dali_child(spec: dict) -> dict:
         batch_size=spec["micro"],
         crop_size=spec["crop"],
         val_resize=spec["crop"],
-        dtype=engine.DATA_DTYPES[spec["precision"]],
+        dtype=deepspeed_json.DATA_DTYPES[spec["precision"]],
         layout="NHWC" if spec["channels_last"] else "NCHW",
         num_threads=spec["data_threads"],
     )
@@ -71,7 +71,9 @@ class AmpSteps:
             fused=self.gpu,
         )
         # The compute dtype of the DeepSpeed run it is compared with (fp16/bf16 in either DeepSpeed mode).
-        self.half = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(engine.DATA_DTYPES[spec["precision"]])
+        self.half = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(
+            deepspeed_json.DATA_DTYPES[spec["precision"]]
+        )
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.half == torch.float16)
         self.images, self.labels = _synthetic_batch(
             spec["micro"], spec["crop"], spec["num_classes"], self.half or torch.float32, True, device
@@ -107,7 +109,7 @@ class DeepSpeedSteps:
             self.run = train.assemble(*train.parse(spec["argv"]))
         except train.Stop as stop:
             stop.say()
-            raise SystemExit(stop.status) from None
+            raise SystemExit(int(stop.status)) from None
         self.gpu, run = torch.cuda.is_available(), self.run
         self.images, self.labels = synthetic_batch_of(run)
         self.meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, run.engine.device)
@@ -119,7 +121,7 @@ class DeepSpeedSteps:
 
 def synthetic_batch_of(run) -> tuple:
     """One batch of random images, in the run's micro-batch, crop, dtype, layout and device."""
-    dtype = getattr(torch, engine.DATA_DTYPES[run.precision])
+    dtype = getattr(torch, deepspeed_json.DATA_DTYPES[run.precision])
     crop, classes = run.opts.data.crop_size, run.data.num_classes
     return _synthetic_batch(run.micro, crop, classes, dtype, run.channels_last, run.engine.device)
 

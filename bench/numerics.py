@@ -44,11 +44,11 @@ from bench.common import BENCH, machine  # noqa: E402
 from bench.report import device_name, device_slug  # noqa: E402
 from pipeline import checkpoint, scaling  # noqa: E402
 from pipeline.launch import without_launcher  # noqa: E402
+from pipeline.scaling import LOSS_SCALED  # noqa: E402
 from pipeline.scaling_study import final_top1  # noqa: E402
 from pipeline.tracking import STEPS  # noqa: E402
 
 GPU_MODES, CPU_MODES = "fp32,fp16,autocast-fp16", "fp32,bf16,autocast-bf16"
-LOSS_SCALED = ("fp16", "autocast-fp16")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

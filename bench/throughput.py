@@ -50,7 +50,7 @@ from bench.common import BENCH, bench_tree, machine  # noqa: E402
 from bench.data_bench import bench_shards  # noqa: E402
 from bench.report import HOPPER_MATRIX_FLOP_S, device_name, device_slug, markdown, train_flop, verdicts  # noqa: E402
 from bench.windows import steady_rates, steps_needed  # noqa: E402
-from pipeline import engine  # noqa: E402
+from pipeline import deepspeed_json  # noqa: E402
 from pipeline.launch import without_launcher  # noqa: E402
 from pipeline.model import uses_channels_last  # noqa: E402
 
@@ -149,8 +149,8 @@ class Bench:
         shards = open_shards(str(self.shards))
         self.train_images, self.num_classes = shards.splits["train"].images, shards.num_classes
         self.base = json.loads(Path(args.deepspeed_config).read_text())
-        fitted, self.notes = engine.configure(self.base, args.deepspeed_config, 1, self.gpu)
-        self.precision = engine.precision(fitted)
+        fitted, self.notes = deepspeed_json.configure(self.base, args.deepspeed_config, 1, self.gpu)
+        self.precision = deepspeed_json.precision(fitted)
         self.runs = 0
         self.info, self.date = machine(), datetime.date.today().isoformat()
         self.stem = Path(args.results) / "-".join(filter(None, [self.date, device_slug(self.info), args.tag]))

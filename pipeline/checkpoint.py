@@ -4,6 +4,12 @@ Layout: `<out_dir>/checkpoints/step00001234/` holds DeepSpeed's files plus `comp
 rank 0 writes (atomically, after fsync) once a barrier shows every rank has written its part. A
 folder without it (a crash mid-save) is never resumed from, never counts towards the checkpoints
 kept, and is deleted once a later checkpoint is complete.
+
+Beside DeepSpeed's own state (weights, optimizer, its loss scaler and scheduler, step counters), a checkpoint
+holds the state of every component a run registers (`Components`: progress, loss scale, schedule, fault guard,
+and whatever a run adds): the checkpoint saves what they hand it and hands it back on a resume, so the trainer
+never lists what it saves (torchtitan's checkpointer). It also holds the model card (`model_card`), which
+`complete.json` repeats for pipeline.evaluate and pipeline.export.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -48,9 +55,39 @@ def incomplete(folder: Path, before: int) -> list[Path]:
     return [p for p in folder.glob("step*") if not (p / COMPLETE).is_file() and p.name < tag(before)]
 
 
-def save(engine, folder: Path, state: dict, keep: int) -> Path:
-    """Save on every rank (a collective), mark complete on rank 0, then drop the oldest beyond `keep`."""
+class Stateful(Protocol):
+    """What a component hands the checkpoint, and takes back on a resume."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+# A run's components, registered once by name: everything a resume must restore besides DeepSpeed's own state.
+Components = dict[str, Stateful]
+
+
+def model_card(
+    arch: str, num_classes: int, classes: list[str], crop_size: int, val_resize: int, precision: str, batch_size: int
+) -> dict:
+    """What a checkpoint's weights need to be used without their run: the model, its classes, its input, and what
+    validation computed in with its batch per rank (pipeline.evaluate repeats both)."""
+    return {
+        "arch": arch,
+        "num_classes": num_classes,
+        "classes": list(classes),
+        "crop_size": crop_size,
+        "val_resize": val_resize,
+        "precision": precision,
+        "batch_size": batch_size,
+    }
+
+
+def save(engine, folder: Path, components: Components, card: dict, keep: int) -> Path:
+    """Save on every rank (a collective): DeepSpeed's state, every component's and the model card; mark complete
+    on rank 0 (complete.json: the step and the card), then drop the oldest beyond `keep`."""
     path = folder / tag(engine.global_steps)
+    state = {"components": {name: c.state_dict() for name, c in components.items()}, "model": card}
     if dist.get_rank() == 0 and (path / COMPLETE).is_file():
         # Saving this step again (an epoch end that --save-every-steps also hit): it is incomplete until rewritten.
         (path / COMPLETE).unlink()
@@ -58,7 +95,7 @@ def save(engine, folder: Path, state: dict, keep: int) -> Path:
     engine.save_checkpoint(str(folder), tag=path.name, client_state=state)
     dist.barrier()
     if dist.get_rank() == 0:
-        write_atomic(path / COMPLETE, json.dumps({"step": engine.global_steps, **state}).encode())
+        write_atomic(path / COMPLETE, json.dumps({"step": engine.global_steps, "model": card}).encode())
         for old in complete(folder)[:-keep] + incomplete(folder, before=engine.global_steps):
             shutil.rmtree(old, ignore_errors=True)
         print(f"saved checkpoint {path} at step {engine.global_steps}", flush=True)
@@ -80,14 +117,28 @@ def find(resume: str, folder: Path) -> Path | None:
     return path
 
 
-def load(engine, path: Path) -> dict:
-    """Restore weights, optimizer, loss scaler, scheduler and step counters; returns the saved client state."""
+def load(engine, path: Path, components: Components) -> list[str]:
+    """Restore DeepSpeed's state (weights, optimizer, loss scaler, scheduler, step counters), then every component's
+    (in the order they were registered); returns the components the checkpoint holds nothing for (they start
+    afresh)."""
     loaded, state = engine.load_checkpoint(str(path.parent), tag=path.name)
     if loaded is None:
         raise ValueError(f"--resume {path}: DeepSpeed could not load it; use another checkpoint or start afresh")
+    if "components" not in state:
+        raise ValueError(
+            f"--resume {path}: saved before checkpoints held their components' state; resume from a newer checkpoint "
+            "or start afresh with a new --out-dir"
+        )
+    saved = state["components"]
+    for name, component in components.items():
+        if name in saved:
+            try:
+                component.load_state_dict(saved[name])
+            except ValueError as e:
+                raise ValueError(f"--resume {path}: {e}") from e
     if dist.get_rank() == 0:
         print(f"resumed from {path} at step {engine.global_steps}", flush=True)
-    return state
+    return [name for name in components if name not in saved]
 
 
 def resolve(path: str) -> Path:

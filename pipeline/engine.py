@@ -1,18 +1,11 @@
-"""The DeepSpeed engine: a committed configuration fitted to this run's world and host, then built ready to train.
-
-Precision modes (`precision(ds)`), each with fp32 master weights and fp32 batch norm:
-- `fp16` / `bf16`: DeepSpeed's wrapper of a torch optimizer (FP16_UnfusedOptimizer). Conv and linear weights are
-  16-bit with fp32 masters; fp16 has DeepSpeed's dynamic loss scaling. Its step loops over the parameters in
-  Python and decides on the host whether to skip, so it syncs with the device every optimizer step.
-- `autocast-fp16` / `autocast-bf16`: DeepSpeed's `torch_autocast`. The weights stay fp32, the forward pass runs
-  under torch.autocast, and fp16 scales the loss with torch's GradScaler: the numerics of plain PyTorch AMP. With
-  fused SGD the whole step runs without a host-device sync.
-- `fp32`.
+"""The DeepSpeed engine: built from the fitted configuration (pipeline.deepspeed_json) over a torchvision model and
+made ready to train: the workarounds DeepSpeed's wrappers need (batch norm in fp32, the start-up step undone, the
+overflow check read once, channels-last masters), the model as an engine of a precision computes (`InPrecision`,
+for evaluation), and the model and optimizer options.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections import defaultdict
 from contextlib import contextmanager
@@ -21,163 +14,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline import cpu, gpu
 from pipeline import schedule as schedules
+from pipeline.deepspeed_json import DATA_DTYPES
+from pipeline.loss_scale import unscale_by_the_scale_of_backward, wrapper_scale
 from pipeline.model import param_groups
 from pipeline.options import at_least
 from pipeline.scaling import REFERENCE_BATCH, REFERENCE_LR
 from pipeline.schedule import Schedule
-
-# Element type of the image batches for each precision: what the first convolution computes in.
-DATA_DTYPES = {
-    "fp16": "float16",
-    "bf16": "bfloat16",
-    "fp32": "float32",
-    "autocast-fp16": "float16",
-    "autocast-bf16": "bfloat16",
-}
-# torch.compile modes that capture CUDA graphs.
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
-def precision(ds: dict) -> str:
-    """The precision mode the configuration asks for (one of pipeline.scaling.PRECISIONS)."""
-    autocast = ds.get("torch_autocast", {})
-    if autocast.get("enabled"):
-        dtype = str(autocast.get("dtype", ""))
-        if dtype not in ("fp16", "float16", "torch.float16", "half", "bf16", "bfloat16", "torch.bfloat16"):
-            raise ValueError(f"torch_autocast.dtype {dtype or None!r}: set it to fp16 or bf16")
-        return "autocast-bf16" if "bf" in dtype else "autocast-fp16"
-    if ds.get("fp16", {}).get("enabled"):
-        return "fp16"
-    if ds.get("bf16", {}).get("enabled"):
-        return "bf16"
-    return "fp32"
-
-
-def grad_accum(ds: dict, path: str, world_size: int) -> int:
-    """Micro-steps per optimizer step: train_batch_size / (micro-batch x ranks), which must divide evenly."""
-    batch, micro = ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu")
-    if not isinstance(batch, int) or not isinstance(micro, int):
-        raise ValueError(
-            f"{path}: needs integer train_batch_size and train_micro_batch_size_per_gpu; "
-            "generate one with python -m pipeline.scaling"
-        )
-    if batch % (micro * world_size):
-        raise ValueError(
-            f"{path}: train_batch_size {batch} is not a multiple of micro-batch {micro} x {world_size} ranks; "
-            "run on a rank count that divides it or generate a configuration with python -m pipeline.scaling"
-        )
-    return batch // (micro * world_size)
-
-
-def configure(
-    ds: dict, path: str, world_size: int, cuda: bool, allow_cpu: bool = False, loss_scale_window: int = 0
-) -> tuple[dict, list[str]]:
-    """The configuration fitted to this world and host, and one line per change made to the committed file.
-    A configuration for GPUs (fp16) on a host where CUDA is not usable stops here unless `allow_cpu`.
-    `loss_scale_window` (when not 0) becomes DeepSpeed's fp16.loss_scale_window; see set_growth_interval for the
-    autocast mode's GradScaler."""
-    ds, notes = copy.deepcopy(ds), []
-    ds["gradient_accumulation_steps"] = grad_accum(ds, path, world_size)
-    notes += resolve_auto_bf16(ds, path, cuda)
-    mode = precision(ds)
-    if loss_scale_window and mode not in ("fp16", "autocast-fp16"):
-        raise ValueError(
-            f"--loss-scale-window {loss_scale_window}: {path} trains in {mode}, which has no loss "
-            "scale; leave the flag out or use an fp16 configuration"
-        )
-    if loss_scale_window and mode == "fp16":
-        ds["fp16"]["loss_scale_window"] = loss_scale_window
-    if "gradient_clipping" not in ds:
-        # Numerics: DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the recipe does not clip.
-        ds["gradient_clipping"] = 0.0
-        notes.append(f"{path}: no gradient_clipping given; not clipping (DeepSpeed's default would clip at 1.0)")
-    if "timers" not in ds:
-        # Sync: DeepSpeed's throughput timer is on by default and synchronises the device twice per micro-step.
-        ds["timers"] = {"throughput": {"enabled": False, "synchronized": False}}
-    if mode in ("fp16", "autocast-fp16") and not cuda:
-        if not allow_cpu:
-            raise ValueError(gpu.refusal(f"{path} asks for {mode}"))
-        if mode == "fp16" and not accelerator_fp16():
-            # DeepSpeed's CPU accelerator refuses its fp16 wrapper; bf16 keeps the same fp32 master weights.
-            ds.pop("fp16")
-            ds["bf16"] = {"enabled": True}
-            notes.append(
-                f"{path}: --allow-cpu: DeepSpeed's fp16 wrapper needs an accelerator with fp16; this CPU host "
-                "trains in bf16 (no loss scaling)"
-            )
-        else:
-            notes.append(f"{path}: --allow-cpu: {mode} on this CPU host")
-    mode = precision(ds)
-    if mode in ("fp16", "bf16") and "communication_data_type" not in ds:
-        # Numerics: the wrapper's default all-reduces in its 16-bit type, which would round batch norm's fp32
-        # gradients to 16 bits and sum the ranks' 16-bit gradients in 16 bits; fp32 does neither.
-        ds["communication_data_type"] = "fp32"
-        notes.append(
-            f"{path}: no communication_data_type given; all-reducing gradients in fp32 (DeepSpeed's default "
-            f"would round batch norm's fp32 gradients to {mode})"
-        )
-    if not cuda and mode != "fp32" and not cpu.native(mode.removeprefix("autocast-")):
-        notes.append(
-            f"{path}: {mode} on a CPU without native {mode.removeprefix('autocast-')} ({cpu.capability()}): its "
-            f"kernels are emulated, {cpu.EMULATED_SLOWDOWN}; for fp32 use ds_configs/cpu.json or a configuration "
-            "from python -m pipeline.scaling --precision fp32"
-        )
-    if not cuda and ds.get("optimizer", {}).get("params", {}).pop("fused", False):
-        notes.append(f"{path}: fused SGD kernels are for CUDA; using torch's default SGD on this CPU host")
-    return ds, notes
-
-
-def accelerator_fp16() -> bool:
-    """Whether DeepSpeed's accelerator builds its fp16 wrapper here (CUDA; its CPU accelerator says no)."""
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().is_fp16_supported()
-
-
-def resolve_auto_bf16(ds: dict, path: str, cuda: bool) -> list[str]:
-    """Settle `"bf16": {"enabled": "auto"}` (ds_configs/cpu.json) in place: bf16 where this host computes it
-    natively (a GPU with bf16, a CPU with bf16 instructions), fp32 elsewhere; returns the note saying which."""
-    if ds.get("bf16", {}).get("enabled") != "auto":
-        return []
-    native = torch.cuda.is_bf16_supported() if cuda else cpu.native("bf16")
-    where = "this GPU" if cuda else f"this CPU ({cpu.described()})"
-    if native:
-        ds["bf16"]["enabled"] = True
-    else:
-        ds.pop("bf16")
-    return [f'{path}: bf16 "auto": {"bf16" if native else "fp32"} on {where}']
-
-
-def check_combination(ds: dict, path: str, channels_last: bool, compile_mode: str) -> None:
-    """Refuse settings that together crash or train wrongly, before any work (ValueError, one line)."""
-    accum, stage = ds["gradient_accumulation_steps"], ds.get("zero_optimization", {}).get("stage", 0)
-    if compile_mode in CUDA_GRAPH_MODES and accum > 1:
-        # CUDA graphs own the .grad buffers; accumulation adds into them between replays and gets overwritten
-        # (PyTorch issues 169545, 96693: an error, or silently wrong gradients).
-        raise ValueError(
-            f"--compile {compile_mode} captures CUDA graphs, which cannot accumulate gradients ({path}: {accum} "
-            "micro-steps per optimizer step); make train_micro_batch_size_per_gpu the rank's whole batch, or use "
-            "--compile default"
-        )
-    if stage and channels_last:
-        # ZeRO re-links the weights to flat NCHW views of its buffers after every step, undoing the layout.
-        raise ValueError(
-            f"{path}: zero_optimization stage {stage} cannot keep channels-last weights; use --memory-format "
-            "contiguous, or ZeRO stage 0 (data parallelism needs no ZeRO for ResNet-sized models)"
-        )
-
-
-def with_schedule(ds: dict, schedule: Schedule) -> dict:
-    """The configuration that builds `schedule`: DeepSpeed's scheduler section for its types (none for
-    goyal_steps, whose scheduler build() hands to DeepSpeed), and the optimizer's lr."""
-    ds = {k: v for k, v in copy.deepcopy(ds).items() if k != "scheduler"}
-    if schedule.deepspeed:
-        ds["scheduler"] = {"type": schedule.kind, "params": dict(schedule.params)}
-    lr = schedule.optimizer_lr or schedule.peak_lr
-    ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
-    return ds
 
 
 def lars(groups: list[dict], sgd: dict, trust: float):
@@ -220,7 +63,7 @@ def build(
         ds = {k: v for k, v in ds.items() if k != "optimizer"}
         client_optimizer = lars(groups, sgd, lars_trust)
     if schedule.deepspeed != ("scheduler" in ds):
-        raise ValueError(f"{schedule.kind}: build the engine from engine.with_schedule's configuration")
+        raise ValueError(f"{schedule.kind}: build the engine from deepspeed_json.with_schedule's configuration")
     initial = {p: p.detach().clone() for p in model.parameters()}
     with _quiet(_NOT_STARTED):
         engine, *_ = deepspeed.initialize(
@@ -400,138 +243,6 @@ def one_read_overflow_check(engine):
     return OneRead(engine.optimizer.fp16_groups, mpu=engine.mpu, deepspeed=engine)
 
 
-def unscale_by_the_scale_of_backward(wrapper) -> None:
-    """Numerics: make DeepSpeed's fp16 wrapper divide the gradients by the loss scale they were multiplied by.
-    DeepSpeed 0.19.8's `step` doubles the scale (on the step that ends a window of clean steps) before it unscales,
-    so that step's gradients, scaled by S, would be divided by 2S: a half-size update once per loss_scale_window
-    (with clipping, hidden only where the clip factor is 2 or more). The scale is read as `step` starts (the one
-    backward used) and stands in for the grown one while DeepSpeed's own unscale-and-clip runs; in any other order
-    of DeepSpeed's the two are the same number and this changes nothing."""
-    config, step, unscale = wrapper.loss_scale_config, wrapper.step, wrapper.unscale_and_clip_grads
-    used = {}
-
-    def step_from_its_scale(*args, **kwargs):
-        used["scale"] = config.cur_scale
-        return step(*args, **kwargs)
-
-    def unscale_by_the_used_scale(*args, **kwargs):
-        grown, config.cur_scale = config.cur_scale, used.get("scale", config.cur_scale)
-        try:
-            return unscale(*args, **kwargs)
-        finally:
-            config.cur_scale = grown
-
-    wrapper.step, wrapper.unscale_and_clip_grads = step_from_its_scale, unscale_by_the_used_scale
-
-
-def set_growth_interval(engine, steps: int) -> None:
-    """The fp16 loss scale doubles after `steps` optimizer steps without an overflow (0: leave it as it is).
-    Autocast fp16: torch's GradScaler, built by DeepSpeed with its default of 2000. DeepSpeed's wrapper: its
-    scaler, for after a resume, which restores the window saved in the checkpoint. Nothing to do in other modes."""
-    scaler, wrapper = engine.torch_autocast_z0_gradscaler, getattr(engine.optimizer, "loss_scale_config", None)
-    if steps and scaler is not None:
-        scaler.set_growth_interval(steps)
-    elif steps and getattr(wrapper, "dynamic_loss_scale", False):
-        wrapper.scale_window = steps
-
-
-def wrapper_scale(engine):
-    """The loss-scale state of DeepSpeed's fp16 wrapper (its `cur_scale` divides every gradient in `step()`), or
-    None where no wrapper scales the loss (fp32, bf16, the autocast modes)."""
-    scale = getattr(engine.optimizer, "loss_scale_config", None)
-    return scale if getattr(scale, "use_grad_scaling", False) else None
-
-
-def deepspeed_scales_loss(engine) -> bool:
-    """Whether `engine.backward` multiplies the loss by the fp16 wrapper's scale itself, found by running it once on
-    a loss of 0 and reading the gradient that reaches that loss: 1 where it does not (DeepSpeed 0.19.8 without ZeRO:
-    only ZeRO optimizers and the autocast GradScaler scale there), the scale where it does (the fix proposed
-    upstream, deepspeedai/DeepSpeed pull request 8393). Every rank calls it (the backward all-reduces); it leaves
-    no gradient behind."""
-    scale = wrapper_scale(engine)
-    param = next(p for p in engine.module.parameters() if p.requires_grad)
-    seen = []
-    zero = param.reshape(-1)[0].float() * 0
-    zero.register_hook(lambda grad: seen.append(grad))
-    engine.backward(zero, scale_wrt_gas=False)
-    for p in engine.module.parameters():
-        p.grad = None
-    # Sync: one read, once, when the engine is built.
-    factor = float(seen[0])
-    if factor not in (1.0, scale.cur_scale):
-        raise RuntimeError(
-            f"DeepSpeed {_deepspeed_version()} multiplied the fp16 loss by {factor}, neither 1 nor the loss scale "
-            f"{scale.cur_scale}: check pipeline/engine.py's loss scaling against it"
-        )
-    return factor != 1.0
-
-
-def _deepspeed_version() -> str:
-    import deepspeed
-
-    return deepspeed.__version__
-
-
-class LossScale:
-    """The loss scale of an engine and the optimizer steps skipped for overflow, read without a host-device sync:
-    from DeepSpeed's fp16 wrapper as host numbers, from torch's GradScaler (autocast fp16) as device values that
-    `resolve` reads at the next flush. DeepSpeed does not count GradScaler skips: a drop of the scale is one.
-
-    Trap: DeepSpeed's fp16 wrapper divides every gradient by its scale (2^16 at the start) in its step, but
-    DeepSpeed 0.19.8's `engine.backward` never multiplies the loss by it without ZeRO, so every update would be
-    2^-16 of its size. `for_backward` scales the loss where the installed DeepSpeed does not (found once, by
-    `deepspeed_scales_loss`), and never twice."""
-
-    def __init__(self, engine):
-        self.engine, self.scaler = engine, engine.torch_autocast_z0_gradscaler
-        # GradScaler mode: skips counted here, and the scale after the last resolved step (None: not started).
-        self.scaler_skipped, self.last = 0, None
-        # The fp16 wrapper's scale state, where this code must apply it to the loss.
-        wrapper = wrapper_scale(engine)
-        self.to_apply = wrapper if wrapper is not None and not deepspeed_scales_loss(engine) else None
-
-    def for_backward(self, loss: torch.Tensor) -> torch.Tensor:
-        """The loss to hand to engine.backward: multiplied by the fp16 wrapper's current scale where DeepSpeed
-        leaves that to us (a host float: no sync), else as it is."""
-        return loss if self.to_apply is None else loss.float() * self.to_apply.cur_scale
-
-    def now(self) -> tuple[float | torch.Tensor, int | None]:
-        """After an optimizer step: the loss scale and the skipped steps so far (None until `resolve`)."""
-        if self.scaler is None:
-            wrapper = getattr(self.engine.optimizer, "loss_scale_config", self.engine.optimizer)
-            return float(getattr(wrapper, "cur_scale", 1.0)), self.engine.skipped_steps
-        # The scaler's own tensor is updated in place every step: keep this step's value (a device copy).
-        scale = self.scaler._get_scale_async()
-        return (float(self.scaler._init_scale) if scale is None else scale.clone()), None
-
-    def resolve(self, rows: list[dict]) -> None:
-        """Fill the skipped-step counts of flushed rows (their loss scales now host floats)."""
-        for row in rows:
-            if row["skipped_steps"] is None:
-                before = self.last if self.last is not None else self.scaler._init_scale
-                self.scaler_skipped += row["loss_scale"] < before
-                self.last = row["loss_scale"]
-                row["skipped_steps"] = self.scaler_skipped
-
-    @property
-    def skipped(self) -> int:
-        """Optimizer steps skipped for overflow so far (resolved ones, under a GradScaler)."""
-        return self.engine.skipped_steps if self.scaler is None else self.scaler_skipped
-
-    def state_dict(self) -> dict:
-        """For the checkpoint's client state: the GradScaler (DeepSpeed does not save it) and its skip count.
-        Note: a host-device sync point (the scale is read)."""
-        if self.scaler is None:
-            return {}
-        return {"grad_scaler": self.scaler.state_dict(), "skipped": self.scaler_skipped, "last": self.last}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what `state_dict` saved."""
-        if self.scaler is not None and state:
-            self.scaler.load_state_dict(state["grad_scaler"])
-            self.scaler_skipped, self.last = state["skipped"], state["last"]
-
-
 def lr(engine) -> float:
     """The learning rate the next optimizer step will use."""
     return engine.lr_scheduler.get_last_lr()[0]
@@ -599,8 +310,7 @@ class OptimOptions:
                 f"--reference-batch {self.reference_batch}, --reference-lr {self.reference_lr}, --lars-trust "
                 f"{self.lars_trust}: all must be positive"
             )
-        if self.schedule not in schedules.KINDS:
-            raise ValueError(f"--schedule {self.schedule}: use one of {', '.join(schedules.KINDS)}")
+        schedules.check_kind(self.schedule)
         if self.epochs < 1:
             raise ValueError(f"--epochs {self.epochs}: must be at least 1")
         if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:

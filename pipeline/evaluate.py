@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from pipeline import checkpoint, distributed, engine, launch
+from pipeline import checkpoint, deepspeed_json, distributed, engine, launch
 from pipeline.data import DataConfig, ImageNetData
 from pipeline.data.shards import DataError, open_shards
 from pipeline.meters import validate
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=0, help="images per rank per step (0: the run's micro-batch)")
     p.add_argument(
         "--precision",
-        choices=tuple(engine.DATA_DTYPES),
+        choices=tuple(deepspeed_json.DATA_DTYPES),
         help="what the model computes in (default: the precision the run validated in; fp32 for checkpoints that "
         "do not record it)",
     )
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         config = DataConfig(
             args.data_dir,
             batch_size=args.batch_size or card.get("batch_size", 50),
-            dtype=engine.DATA_DTYPES[precision],
+            dtype=deepspeed_json.DATA_DTYPES[precision],
             crop_size=card["crop_size"],
             val_resize=card["val_resize"],
             layout="NHWC" if cuda else "NCHW",

@@ -9,21 +9,32 @@ from __future__ import annotations
 
 import math
 
+from pipeline.scaling import LOSS_SCALED
+
 
 class NumericFault(RuntimeError):
     """The run cannot go on: overflow after overflow, or a non-finite loss; the message names the step."""
 
 
 class Guard:
-    """Watches the optimizer steps of a run for numeric faults, from the rows of each flush (host values)."""
+    """Watches the optimizer steps of a run for numeric faults, from the rows of each flush (host values); a
+    checkpoint component, so a resumed run goes on counting."""
 
-    def __init__(self, precision: str, max_skipped_steps: int, min_loss_scale: float, skipped_steps: int = 0):
+    def __init__(self, precision: str, max_skipped_steps: int, min_loss_scale: float):
         self.precision, self.max_skipped, self.min_scale = precision, max_skipped_steps, min_loss_scale
         # Loss-scaled precisions skip overflowing steps instead of stopping on a non-finite loss.
-        self.scaled = precision in ("fp16", "autocast-fp16")
+        self.scaled = precision in LOSS_SCALED
         # The skipped-step count so far (restored by a resume): a rise means this step was skipped.
-        self.consecutive, self.skipped = 0, skipped_steps
+        self.consecutive, self.skipped = 0, 0
         self.last_finite: tuple[int, float] | None = None
+
+    def state_dict(self) -> dict:
+        """A checkpoint component: the skips so far and in a row, and the last finite loss."""
+        return {"skipped": self.skipped, "consecutive": self.consecutive, "last_finite": self.last_finite}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped, self.consecutive = state["skipped"], state["consecutive"]
+        self.last_finite = tuple(state["last_finite"]) if state["last_finite"] else None
 
     def _last(self) -> str:
         """The last finite loss seen, for the message."""

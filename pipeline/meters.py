@@ -69,7 +69,7 @@ class StepMeter:
 
     def optimizer_step(self, step: int, lr: float, loss_scale: float | torch.Tensor, skipped: int | None) -> None:
         """Close an optimizer step: sum its micro-batches (still on the device). `loss_scale` may be a device value,
-        and `skipped` unknown (None) until it is read (engine.LossScale.resolve)."""
+        and `skipped` unknown (None) until it is read (loss_scale.LossScale.resolve)."""
         totals, now = torch.stack(self.pending).sum(0), time.perf_counter()
         # Host times: the wait for this step's batches, and the wall time since the last step closed.
         self.rows.append(

@@ -26,9 +26,11 @@ from pathlib import Path
 IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS = 1_281_167, 90
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1
 # fp16/bf16: DeepSpeed's wrapper (16-bit weights, fp32 masters); autocast-*: fp32 weights under torch.autocast,
-# fp16 with torch's GradScaler (pipeline/engine.py says what each keeps in which precision).
-# auto: bf16 where the host computes it natively, fp32 elsewhere (settled at start: engine.resolve_auto_bf16).
+# fp16 with torch's GradScaler (pipeline/deepspeed_json.py says what each keeps in which precision).
+# auto: bf16 where the host computes it natively, fp32 elsewhere (settled at start: deepspeed_json.resolve_auto_bf16).
 PRECISIONS = ("fp16", "bf16", "fp32", "autocast-fp16", "autocast-bf16", "auto")
+# The modes with a dynamic loss scale (fp16 overflows are skipped steps, not faults).
+LOSS_SCALED = ("fp16", "autocast-fp16")
 
 
 @dataclass(frozen=True)

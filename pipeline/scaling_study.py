@@ -282,7 +282,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=float, default=2.0, help="warmup of the rule+warmup variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {','.join(VARIANTS)}")
     p.add_argument("--lars", action="store_true", help="also rule+warmup with LARS at the largest batch")
-    p.add_argument("--schedule", choices=schedule.KINDS, default=schedule.GOYAL)
+    p.add_argument("--schedule", choices=tuple(schedule.KINDS), default=schedule.GOYAL)
     p.add_argument("--arch", default="resnet18")
     p.add_argument("--num-classes", type=int)
     p.add_argument("--crop-size", type=int, default=224)

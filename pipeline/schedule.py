@@ -25,8 +25,6 @@ from pathlib import Path
 
 from pipeline.scaling import IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, Recipe, warmup_decay_section
 
-# `--schedule`: the configuration's scheduler (built by DeepSpeed), or the paper's steps (ours).
-KINDS = ("deepspeed", "goyal_steps")
 GOYAL = "goyal_steps"
 # DeepSpeed's schedulers a run accepts in its configuration, and the parameters of each that count optimizer steps
 # (what fitting scales). LRRangeTest is a tuning sweep, not a training schedule; torch's schedulers step by epoch.
@@ -178,23 +176,28 @@ def default_warmup_epochs(epochs: int) -> float:
 
 
 def fit(kind: str, ds: dict, path: str, run: RunSteps) -> tuple[Schedule, dict, list[str]]:
-    """The run's schedule, the configuration as DeepSpeed is to build it (its "scheduler" fitted, or removed for
-    goyal_steps; the optimizer's lr), and one line per change. ValueError (one line) for what cannot be fitted."""
+    """The run's schedule of --schedule `kind`, the configuration as DeepSpeed is to build it (its "scheduler"
+    fitted, or removed; the optimizer's lr) and one line per change. ValueError (one line) for what cannot be
+    fitted."""
+    check_kind(kind)
+    ds = {**ds, "optimizer": {**ds.get("optimizer", {}), "params": dict(ds.get("optimizer", {}).get("params", {}))}}
+    sgd = ds["optimizer"]["params"]
+    if sgd.get("lr", run.generated_for.peak_lr) == run.generated_for.peak_lr:
+        # The rule's value (or none): the rule's, with this run's anchor (--reference-batch/--reference-lr).
+        sgd["lr"] = run.recipe.peak_lr
+    return KINDS[kind](ds, path, run)
+
+
+def check_kind(kind: str) -> None:
+    """Refuse a --schedule that is not in the registry (ValueError, one line)."""
     if kind not in KINDS:
         raise ValueError(f"--schedule {kind}: use one of {', '.join(KINDS)}")
-    ds = {**ds, "optimizer": {**ds.get("optimizer", {}), "params": dict(ds.get("optimizer", {}).get("params", {}))}}
-    notes = []
-    rule_peak, file_peak = run.recipe.peak_lr, run.generated_for.peak_lr
-    sgd = ds["optimizer"]["params"]
-    if sgd.get("lr", file_peak) == file_peak:
-        # The rule's value (or none): the rule's, with this run's anchor (--reference-batch/--reference-lr).
-        sgd["lr"] = rule_peak
-    if kind == GOYAL:
-        section = ds.pop("scheduler", None)
-        if section is not None:
-            notes.append(f"{path}: its scheduler ({section.get('type')}) is not used: --schedule goyal_steps")
-        return goyal_steps(run.recipe, sgd["lr"]), ds, notes
-    section = ds.get("scheduler")
+
+
+def from_configuration(ds: dict, path: str, run: RunSteps) -> tuple[Schedule, dict, list[str]]:
+    """--schedule deepspeed: the configuration's scheduler (the rule's WarmupDecayLR where it has none), its step
+    counts fitted to the run (_fit_counts), built by DeepSpeed."""
+    notes, section = [], ds.get("scheduler")
     if section is None:
         section = warmup_decay_section(run.generated_for)
         notes.append(f"{path}: no scheduler; using the linear scaling rule's WarmupDecayLR (as ds_configs/ hold)")
@@ -207,8 +210,8 @@ def fit(kind: str, ds: dict, path: str, run: RunSteps) -> tuple[Schedule, dict, 
     params = {**_defaults(kind), **section.get("params", {})}
     if "warmup_type" in _defaults(kind) and "warmup_type" not in section.get("params", {}):
         notes.append(f"{path}: {kind} without warmup_type warms up logarithmically (DeepSpeed's default), not linearly")
-    if params.get("warmup_max_lr") == file_peak:
-        params["warmup_max_lr"] = rule_peak
+    if params.get("warmup_max_lr") == run.generated_for.peak_lr:
+        params["warmup_max_lr"] = run.recipe.peak_lr
     params, changes = _fit_counts(kind, params, run)
     if changes:
         notes.append(
@@ -218,8 +221,17 @@ def fit(kind: str, ds: dict, path: str, run: RunSteps) -> tuple[Schedule, dict, 
             + ", ".join(changes)
         )
     ds["scheduler"] = {"type": kind, "params": params}
-    s = Schedule(kind, params, run.recipe.total_steps, run.recipe.steps_per_epoch, optimizer_lr=sgd["lr"])
-    return s, ds, notes
+    lr = ds["optimizer"]["params"]["lr"]
+    return Schedule(kind, params, run.recipe.total_steps, run.recipe.steps_per_epoch, optimizer_lr=lr), ds, notes
+
+
+def paper_steps(ds: dict, path: str, run: RunSteps) -> tuple[Schedule, dict, list[str]]:
+    """--schedule goyal_steps: the paper's schedule (goyal_steps), our GoyalSteps scheduler in place of the
+    configuration's."""
+    section, notes = ds.pop("scheduler", None), []
+    if section is not None:
+        notes.append(f"{path}: its scheduler ({section.get('type')}) is not used: --schedule goyal_steps")
+    return goyal_steps(run.recipe, ds["optimizer"]["params"]["lr"]), ds, notes
 
 
 def _defaults(kind: str) -> dict:
@@ -281,6 +293,11 @@ def goyal_steps(recipe: Recipe, optimizer_lr: float) -> Schedule:
     return Schedule(GOYAL, params, recipe.total_steps, per_epoch, optimizer_lr=optimizer_lr)
 
 
+# `--schedule`: one function each, fitting it to a run (the configuration's scheduler, built by DeepSpeed; or the
+# paper's steps, ours).
+KINDS = {"deepspeed": from_configuration, GOYAL: paper_steps}
+
+
 def goyal_lr(params: dict, step: int) -> float:
     """goyal_steps' lr of `step`: linear warmup from base_lr to peak_lr, then x0.1 at every milestone passed."""
     base, peak, warmup = params["base_lr"], params["peak_lr"], params["warmup_steps"]
@@ -320,6 +337,26 @@ class GoyalSteps:
 def follow(engine) -> None:
     """Set the lr of the next optimizer step from the engine's global step, skipped steps included."""
     engine.lr_scheduler.step(engine.global_steps)
+
+
+class Followed:
+    """The run's schedule as a checkpoint component: saved as its numbers; on a resume, a checkpoint of another
+    schedule is refused, and the lr of the next step is set from the restored global step (DeepSpeed's scheduler
+    restores only its step counter, not the lr)."""
+
+    def __init__(self, engine, schedule: Schedule):
+        self.engine, self.schedule = engine, schedule
+
+    def state_dict(self) -> dict:
+        return self.schedule.as_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state != self.schedule.as_dict():
+            raise ValueError(
+                f"it was trained on schedule {state}, this run derives {self.schedule.as_dict()}; resume with its "
+                "--epochs, --schedule and DeepSpeed config, or a new --out-dir"
+            )
+        follow(self.engine)
 
 
 # ---- lr.png ----

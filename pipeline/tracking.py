@@ -232,6 +232,36 @@ def open_sinks(out_dir: Path, rank: int, wandb_args: dict | None, config: dict, 
     return Sinks(sinks)
 
 
+def run_names(keys: dict) -> dict:
+    """A run's name, group and tags in wandb, from its flat keys (train.run_keys), so that a project dashboard
+    compares runs by arch, global batch, precision and rank count as they come in."""
+    arch, batch, precision = keys["arch"], keys["global_batch"], keys["precision"]
+    ranks = f"{keys['world_size']}x{keys['device']}"
+    return {
+        "name": f"{arch} B={batch} {precision} {ranks}",
+        "group": f"{arch} B={batch}",
+        "tags": [arch, f"B={batch}", precision, ranks],
+    }
+
+
+def open_run_sinks(options: TrackingOptions, out: Path, rank: int, keys: dict, sections: dict) -> Sinks:
+    """A training run's metric sinks, active on rank 0 only, its config the flat keys beside the full sections.
+    wandb: a flag wins, then wandb's own environment variables, then ours."""
+    mode, wandb_args = wandb_mode(options.wandb_mode), None
+    if mode != "disabled":
+        flags = {"mode": options.wandb_mode, "project": options.wandb_project, "group": options.wandb_group}
+        defaults = {
+            "mode": mode,
+            "project": PROJECT,
+            **run_names(keys),
+            "dir": str(out),
+            "id": None,
+            "job_type": "train",
+        }
+        wandb_args = wandb_init_args(flags, defaults)
+    return open_sinks(out, rank, wandb_args, {**keys, **sections})
+
+
 def exposed_key(env: dict | None = None, folders: tuple[Path, ...] | None = None) -> str | None:
     """A note when the wandb key this run has (WANDB_API_KEY) shows in `ps`: on the command line of a process this
     one descends from (DeepSpeed's launchers write .deepspeed_env's lines onto their command lines: pdsh's

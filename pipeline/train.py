@@ -16,24 +16,33 @@ import functools
 import logging
 import math
 import os
-import signal
-import socket
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import Enum, IntEnum
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from pipeline import checkpoint, config, distributed, engine, gpu, launch, schedule
-from pipeline.data import IGNORE, DataConfig, DataError, ImageNetData, ShardSet, open_shards
+from pipeline import (
+    checkpoint,
+    config,
+    deepspeed_json,
+    distributed,
+    ending,
+    engine,
+    launch,
+    loss_scale,
+    schedule,
+    tracking,
+)
+from pipeline.data import IGNORE, DataConfig, DataError, ImageNetData, ShardSet, decode_device, open_shards
 from pipeline.faults import Guard, NumericFault
 from pipeline.meters import StepMeter, validate
 from pipeline.model import build_model, check_arch, sync_batch_norm, uses_channels_last
-from pipeline.tracking import PROJECT, Sinks, exposed_key, open_sinks, wandb_init_args, wandb_mode
+from pipeline.tracking import Sinks, exposed_key
 
 # Share of an epoch's time the loop may wait for batches before the run says the input pipeline limits it.
 INPUT_BOUND_SHARE = 0.05
@@ -41,39 +50,61 @@ INPUT_BOUND_SHARE = 0.05
 
 def main(argv: list[str] | None = None, prepare: Callable[[Run], None] | None = None) -> int:
     """Parse, assemble, train, close. A run that cannot go on ends with one line and an exit status (Stop): 2 bad
-    input, 3 a numeric fault, 4 ranks lost from the job. `prepare(run)`, if given, changes the assembled run just
-    before it trains (the tests wrap its data reader)."""
+    input, 3 a numeric fault, 4 ranks lost from the job. `prepare(run)`, if given, changes the built run before a
+    resume restores it (the tests wrap its data reader, or register one more component)."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
-        run = assemble(*parse(argv))
-        if prepare is not None:
-            prepare(run)
+        run = assemble(*parse(argv), prepare=prepare)
         train(run)
     except Stop as stop:
         stop.say()
-        return stop.status
+        return int(stop.status)
     return 0
 
 
-class Stop(Exception):
-    """A run that ends early: its one line, its exit status, and who says it: "rank 0" (every rank finds the same),
-    "each node" (a node's first rank: what differs between nodes), "every rank" (a rank's own), "task 0" (the
-    launcher's first task, before ranks exist), or None (said already)."""
+class Status(IntEnum):
+    """A run's exit status when it ends early."""
 
-    def __init__(self, line: str, status: int, who: str | None):
+    BAD_INPUT = 2
+    NUMERIC_FAULT = 3
+    RANKS_LOST = 4
+
+
+class Speaker(Enum):
+    """Who says a Stop's line: what every rank finds the same is said once, what differs per node or rank by each."""
+
+    # Rank 0 (every rank finds the same).
+    RANK_0 = "rank 0"
+    # A node's first rank: what differs between nodes.
+    EACH_NODE = "each node"
+    # A rank's own.
+    EVERY_RANK = "every rank"
+    # The launcher's first task, before ranks exist.
+    TASK_0 = "task 0"
+    # Nobody: said already.
+    SAID = "said"
+
+    def speaks(self) -> bool:
+        """Whether this process says the line."""
+        return {
+            Speaker.RANK_0: lambda: os.environ.get("RANK", "0") == "0",
+            Speaker.EACH_NODE: launch.first_on_node,
+            Speaker.EVERY_RANK: lambda: True,
+            Speaker.TASK_0: launch.first_task,
+            Speaker.SAID: lambda: False,
+        }[self]()
+
+
+class Stop(Exception):
+    """A run that ends early: its one line, its exit status, and who says it."""
+
+    def __init__(self, line: str, status: Status, who: Speaker):
         super().__init__(line)
         self.line, self.status, self.who = line, status, who
 
     def say(self) -> None:
         """Print the line (stderr) where `who` says."""
-        speaks = {
-            "rank 0": os.environ.get("RANK", "0") == "0",
-            "each node": launch.first_on_node(),
-            "every rank": True,
-            "task 0": launch.first_task(),
-            None: False,
-        }[self.who]
-        if speaks:
+        if self.who.speaks():
             print(f"error: {self.line}", file=sys.stderr, flush=True)
 
 
@@ -88,13 +119,13 @@ def parse(argv: list[str] | None) -> tuple[config.RunConfig, dict, list[str]]:
         # First of all: the world size and this task's rank come from its launcher.
         launch.adopt()
     except launch.LaunchError as e:
-        raise Stop(str(e), 2, "task 0") from e
+        raise Stop(str(e), Status.BAD_INPUT, Speaker.TASK_0) from e
     try:
         opts = config.load(argv)
         optim = opts.optim
         check_arch(optim.arch)
         cuda = torch.cuda.is_available()
-        ds, notes = engine.configure(
+        ds, notes = deepspeed_json.configure(
             config.read_ds_config(optim.deepspeed_config),
             optim.deepspeed_config,
             int(os.environ["WORLD_SIZE"]),
@@ -102,10 +133,10 @@ def parse(argv: list[str] | None) -> tuple[config.RunConfig, dict, list[str]]:
             optim.allow_cpu,
             optim.loss_scale_window,
         )
-        if opts.data.device == "gpu" and not cuda and not optim.allow_cpu:
-            raise ValueError(gpu.refusal("--data-device gpu"))
+        # Refused here, before any rank waits for another, where the GPU is asked for and not usable.
+        decode_device(opts.data.device, cuda, optim.allow_cpu)
     except ValueError as e:
-        raise Stop(str(e), 2, "rank 0") from e
+        raise Stop(str(e), Status.BAD_INPUT, Speaker.RANK_0) from e
     return opts, ds, notes
 
 
@@ -114,8 +145,8 @@ def parse(argv: list[str] | None) -> tuple[config.RunConfig, dict, list[str]]:
 
 @dataclass
 class Progress:
-    """Where training stands, restored by a resume: the epoch and the optimizer steps done in it, the best
-    validation top-1 so far and its epoch, and the training time of every session so far."""
+    """Where training stands, a checkpoint component: the data position (the epoch and the optimizer steps done in
+    it), the best validation top-1 so far and its epoch, and the training time of every session so far."""
 
     epoch: int = 0
     step_in_epoch: int = 0
@@ -130,6 +161,10 @@ class Progress:
         for f in dataclasses.fields(self):
             setattr(self, f.name, state.get(f.name, getattr(self, f.name)))
 
+    def reached(self, global_steps: int, steps_per_epoch: int) -> None:
+        """Set the data position from the optimizer steps taken (every epoch has `steps_per_epoch`)."""
+        self.epoch, self.step_in_epoch = divmod(global_steps, steps_per_epoch)
+
     def validated(self, epoch: int, top1: float | None) -> None:
         """Record an epoch's validation top-1 (None: not validated)."""
         if top1 is not None and (self.best_top1 is None or top1 > self.best_top1):
@@ -141,7 +176,7 @@ class Stepper:
     """What takes an optimizer step and checks it: the engine, the loss, the loss scale, and the fault guard."""
 
     engine: object
-    scale: engine.LossScale
+    scale: loss_scale.LossScale
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     guard: Guard
 
@@ -177,7 +212,9 @@ class Run:
     zeroed: int
     stepper: Stepper
     roll: distributed.RollCall
-    progress: Progress = field(default_factory=Progress)
+    progress: Progress
+    # Everything a resume restores besides DeepSpeed's own state, by name (checkpoint.Components).
+    components: checkpoint.Components
 
     @property
     def out(self) -> Path:
@@ -218,29 +255,31 @@ class Run:
         }
 
 
-def assemble(opts: config.RunConfig, ds: dict, notes: list[str]) -> Run:
-    """Open the shards, join the process group, build the run's components, continue from --resume, and (rank 0)
-    say what the run is."""
+def assemble(opts: config.RunConfig, ds: dict, notes: list[str], prepare: Callable[[Run], None] | None = None) -> Run:
+    """Open the shards, join the process group, build the run's components, let `prepare` change them, continue
+    from --resume, and (rank 0) say what the run is."""
     try:
         shards = open_shards(opts.data.data_dir, num_classes=opts.data.num_classes)
     except (ValueError, DataError) as e:
         # A node's own view of the data (shared storage not mounted there).
-        raise Stop(str(e), 2, "each node") from e
+        raise Stop(str(e), Status.BAD_INPUT, Speaker.EACH_NODE) from e
     try:
         lr_schedule, ds, fitted = fit_schedule(opts.optim, ds, shards.splits["train"].images)
     except ValueError as e:
-        raise Stop(str(e), 2, "rank 0") from e
+        raise Stop(str(e), Status.BAD_INPUT, Speaker.RANK_0) from e
     try:
         rank, world = distributed.init(opts.cluster.dist_timeout, opts.cluster.join_timeout)
     except distributed.JoinError as e:
-        raise Stop(str(e), 4, "each node") from e
+        raise Stop(str(e), Status.RANKS_LOST, Speaker.EACH_NODE) from e
     try:
         run = build(opts, ds, [*notes, *fitted], rank, world, shards, lr_schedule)
         run.out.mkdir(parents=True, exist_ok=True)
+        if prepare is not None:
+            prepare(run)
         resume(run)
     except (ValueError, DataError) as e:
         distributed.close()
-        raise Stop(str(e), 2, "every rank") from e
+        raise Stop(str(e), Status.BAD_INPUT, Speaker.EVERY_RANK) from e
     if rank == 0:
         announce(run)
     return run
@@ -278,14 +317,14 @@ def build(
         # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest (numerics: the chosen
         # convolution algorithms, and so the last bits of the results, may differ from run to run).
         torch.backends.cudnn.benchmark = True
-    engine.check_combination(ds, optim.deepspeed_config, channels_last, optim.compile)
-    precision = engine.precision(ds)
+    deepspeed_json.check_combination(ds, optim.deepspeed_config, channels_last, optim.compile)
+    precision = deepspeed_json.precision(ds)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    device, note = data_device(opts.data.device, cuda)
+    device, note = decode_device(opts.data.device, cuda, optim.allow_cpu)
     notes = [*notes, *filter(None, [note])]
     layout = "NHWC" if channels_last else "NCHW"
     data_config = DataConfig.of(
-        opts.data, batch_size=micro, dtype=engine.DATA_DTYPES[precision], layout=layout, device=device
+        opts.data, batch_size=micro, dtype=deepspeed_json.DATA_DTYPES[precision], layout=layout, device=device
     )
     data = ImageNetData(data_config, rank, world, grad_accum=accum, shards=shards)
     # The same initial weights on every rank and in every session with this seed.
@@ -296,30 +335,49 @@ def build(
     eng = engine.build(
         model, ds, lr_schedule, optim.optimizer, optim.lars_trust, optim.compile, channels_last=channels_last
     )
-    engine.set_growth_interval(eng, optim.loss_scale_window)
+    loss_scale.set_growth_interval(eng, optim.loss_scale_window)
+    # The probe, here and once: does this DeepSpeed multiply the fp16 wrapper's loss by its scale itself? (a backward
+    # pass and an all-reduce on every rank)
+    deepspeed_scales = loss_scale.wrapper_scale(eng) is not None and loss_scale.deepspeed_scales_loss(eng)
     stepper = Stepper(
         engine=eng,
-        scale=engine.LossScale(eng),
+        scale=loss_scale.LossScale(eng, optim.loss_scale_window, deepspeed_scales),
         criterion=functools.partial(cross_entropy, label_smoothing=optim.label_smoothing),
         guard=Guard(precision, optim.max_skipped_steps, ds.get("fp16", {}).get("min_loss_scale", 1.0)),
     )
+    progress = Progress()
+    components = {
+        # First: a checkpoint of another schedule is refused before anything else is restored.
+        "schedule": schedule.Followed(eng, lr_schedule),
+        "progress": progress,
+        "loss_scale": stepper.scale,
+        "guard": stepper.guard,
+    }
     # DeepSpeed formed its own groups: they give up on a silent peer after --dist-timeout too.
     distributed.apply_timeout(opts.cluster.dist_timeout)
     # Heartbeats, so that a rank whose collective fails can say which ranks were lost.
     roll = distributed.RollCall(rank, world)
-    return Run(opts, ds, notes, rank, world, cuda, channels_last, precision, data, lr_schedule, zeroed, stepper, roll)
-
-
-def data_device(requested: str, cuda: bool) -> tuple[str, str | None]:
-    """Where decoding runs, and a note when that is not what --data-device asked: gpu on a host where CUDA is not
-    usable decodes on the CPU (parse refused it there unless --allow-cpu)."""
-    if requested == "gpu" and not cuda:
-        return "cpu", "--allow-cpu: --data-device gpu without a usable GPU; decoding on the CPU"
-    return requested, None
+    return Run(
+        opts,
+        ds,
+        notes,
+        rank,
+        world,
+        cuda,
+        channels_last,
+        precision,
+        data,
+        lr_schedule,
+        zeroed,
+        stepper,
+        roll,
+        progress,
+        components,
+    )
 
 
 def resume(run: Run) -> None:
-    """Continue from --resume's checkpoint, if any, refusing one made with a different schedule."""
+    """Continue from --resume's checkpoint, if any: DeepSpeed's state and every component's."""
     if not run.opts.checkpoint.resume:
         return
     path = checkpoint.find(run.opts.checkpoint.resume, run.out / "checkpoints")
@@ -327,21 +385,10 @@ def resume(run: Run) -> None:
         if run.rank == 0:
             print(f"--resume auto: no complete checkpoint in {run.out / 'checkpoints'} yet; starting afresh")
         return
-    state = checkpoint.load(run.engine, path)
-    if state.get("schedule") != run.schedule.as_dict():
-        raise ValueError(
-            f"--resume {path}: it was trained on schedule {state.get('schedule')}, this run derives "
-            f"{run.schedule.as_dict()}; resume with its --epochs, --schedule and DeepSpeed config, or a new --out-dir"
-        )
-    run.progress.load_state_dict(state)
-    scale = run.stepper.scale
-    scale.load_state_dict(state.get("loss_scale", {}))
-    # The checkpoint brought back its loss-scale window; the flag of this session wins.
-    engine.set_growth_interval(run.engine, run.opts.optim.loss_scale_window)
-    run.stepper.guard.skipped = scale.skipped
+    fresh = checkpoint.load(run.engine, path, run.components)
+    run.notes += [f"--resume {path}: it holds no {name} state; {name} starts afresh" for name in fresh]
     # A checkpoint of another memory layout (or DeepSpeed's loading) can leave momentum laid out unlike its weight.
     engine.match_state_layout(run.engine.optimizer)
-    schedule.follow(run.engine)
 
 
 def announce(run: Run) -> None:
@@ -365,8 +412,8 @@ def train(run: Run) -> None:
     """Train every epoch, then close. A numeric fault stops the run with exit status 3, bad data with 2, ranks lost
     from the job (a node died or its link went down) with 4."""
     sinks = open_run_sinks(run)
-    fault = FaultLine(sinks)
-    stop_on_signal(run, fault)
+    fault = ending.FaultLine(sinks)
+    ending.stop_on_signal(fault, run.rank, run.world, run.out / "checkpoints", lambda: run.engine.global_steps)
     try:
         summary = epoch_loop(run, sinks)
     except (NumericFault, DataError) as e:
@@ -375,28 +422,31 @@ def train(run: Run) -> None:
         distributed.close()
         # A numeric fault is the same on every rank (its values are all-reduced); bad data is this rank's own.
         if isinstance(e, NumericFault):
-            raise Stop(str(e), 3, "rank 0") from e
-        raise Stop(str(e), 2, "every rank") from e
+            raise Stop(str(e), Status.NUMERIC_FAULT, Speaker.RANK_0) from e
+        raise Stop(str(e), Status.BAD_INPUT, Speaker.EVERY_RANK) from e
     except RuntimeError as e:
         if distributed.lost_peer(e) is None:
             raise
-        raise Stop(lost_ranks(run, sinks, fault), 4, None) from e
+        checkpoints, step, timeout = run.out / "checkpoints", run.engine.global_steps, run.opts.cluster.dist_timeout
+        line = ending.lost_ranks(fault, sinks, run.roll, checkpoints, step, timeout)
+        raise Stop(line, Status.RANKS_LOST, Speaker.SAID) from e
     close(run, sinks, summary)
 
 
 def epoch_loop(run: Run, sinks: Sinks) -> dict:
     """Train, validate, record and checkpoint each epoch; returns the summary line."""
     opts, progress, eng, rows = run.opts, run.progress, run.engine, []
-    began = time.perf_counter()
-    for epoch in range(progress.epoch, opts.optim.epochs):
-        skip = progress.step_in_epoch if epoch == progress.epoch else 0
+    began, (first, done) = time.perf_counter(), (progress.epoch, progress.step_in_epoch)
+    cadence = Cadence(opts.tracking.log_every, opts.checkpoint.save_every_steps, opts.optim.max_steps)
+    for epoch in range(first, opts.optim.epochs):
+        skip = done if epoch == first else 0
         if run.cuda:
             torch.cuda.reset_peak_memory_stats()
         meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, eng.device)
         last_step = min(opts.optim.epochs * run.schedule.steps_per_epoch, opts.optim.max_steps or math.inf)
         sinks.progress(run.schedule.steps_per_epoch, epoch, initial=skip, run_total=last_step)
         batches = epoch_batches(run.data, epoch, skip * run.accum)
-        stop = train_epoch(run.stepper, batches, meter, sinks, opts, save=functools.partial(save, run, epoch))
+        stop = train_epoch(run.stepper, batches, meter, sinks, cadence, save=functools.partial(save, run))
         last = stop or epoch + 1 == opts.optim.epochs
         top1, top5 = evaluate(run) if last or (epoch + 1) % opts.tracking.eval_every == 0 else (None, None)
         progress.validated(epoch, top1)
@@ -407,7 +457,7 @@ def epoch_loop(run: Run, sinks: Sinks) -> dict:
         progress.train_seconds += time.perf_counter() - began
         began = time.perf_counter()
         if last or (epoch + 1) % opts.checkpoint.save_every_epochs == 0:
-            save(run, epoch)
+            save(run)
         if stop:
             break
     speed = sum(r["images_per_sec"] for r in rows) / len(rows) if rows else None
@@ -432,24 +482,27 @@ def epoch_batches(data: ImageNetData, epoch: int, done: int) -> Iterator:
     return batches
 
 
+@dataclass(frozen=True)
+class Cadence:
+    """When the loop records and checkpoints inside an epoch, and where it stops (0: never)."""
+
+    log_every: int
+    save_every: int
+    max_steps: int
+
+
 def train_epoch(
-    stepper: Stepper,
-    batches: Iterator,
-    meter: StepMeter,
-    sinks: Sinks,
-    opts: config.RunConfig,
-    save: Callable[[], None],
+    stepper: Stepper, batches: Iterator, meter: StepMeter, sinks: Sinks, cadence: Cadence, save: Callable[[], None]
 ) -> bool:
     """One epoch's optimizer steps: recorded every --log-every steps and before every --save-every-steps
     checkpoint, and at the epoch's end; returns whether --max-steps was reached."""
-    eng, every = stepper.engine, opts.checkpoint.save_every_steps
-    max_steps = opts.optim.max_steps
+    eng, every, max_steps = stepper.engine, cadence.save_every, cadence.max_steps
     eng.train()
     for images, labels in meter.timed(batches):
         if not stepper.step(images, labels, meter):
             continue
         saving = every and eng.global_steps % every == 0
-        if saving or eng.global_steps % opts.tracking.log_every == 0:
+        if saving or eng.global_steps % cadence.log_every == 0:
             stepper.record(meter, sinks)  # sync point: every --log-every steps and before a checkpoint
         if saving:
             save()
@@ -465,7 +518,7 @@ def no_mark(phase: str) -> None:
 
 def train_step(
     eng,
-    scale: engine.LossScale,
+    scale: loss_scale.LossScale,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     images: torch.Tensor,
     labels: torch.Tensor,
@@ -509,20 +562,19 @@ def evaluate(run: Run) -> tuple[float, float]:
     return top1, top5
 
 
-def save(run: Run, epoch: int) -> None:
-    """Checkpoint with the position to continue from: the epoch and the optimizer steps done in it."""
-    done = run.engine.global_steps - epoch * run.schedule.steps_per_epoch
-    position = (epoch + 1, 0) if done >= run.schedule.steps_per_epoch else (epoch, done)
-    state = {
-        **run.progress.state_dict(),
-        "epoch": position[0],
-        "step_in_epoch": position[1],
-        "schedule": run.schedule.as_dict(),
-        "run": dataclasses.asdict(run.opts),
-        "loss_scale": run.stepper.scale.state_dict(),
-        "model": model_card(run),
-    }
-    checkpoint.save(run.engine, run.out / "checkpoints", state, run.opts.checkpoint.keep_checkpoints)
+def save(run: Run) -> None:
+    """Checkpoint every component, with the data position to continue from and the model card."""
+    run.progress.reached(run.engine.global_steps, run.schedule.steps_per_epoch)
+    card = checkpoint.model_card(
+        run.opts.optim.arch,
+        run.data.num_classes,
+        run.data.shards.class_names,
+        run.opts.data.crop_size,
+        run.opts.data.val_resize,
+        run.precision,
+        run.micro,
+    )
+    checkpoint.save(run.engine, run.out / "checkpoints", run.components, card, run.opts.checkpoint.keep_checkpoints)
 
 
 def epoch_row(run: Run, epoch: int, meter: StepMeter, top1: float | None, top5: float | None) -> dict:
@@ -587,128 +639,22 @@ def done_line(summary: dict, out: Path, wandb: Path | None) -> str:
     return f"done: {result} after {summary['steps']} steps; {where}"
 
 
-class FaultLine:
-    """The one line a rank says when its job ends under it: the first to call `say` (the training path, or the
-    SIGTERM watcher in a thread of its own) writes it to the sinks and, on a node's first rank, to stderr; later
-    calls say nothing."""
-
-    def __init__(self, sinks: Sinks):
-        self.sinks, self.lock, self.said = sinks, threading.Lock(), False
-
-    def say(self, line: str) -> bool:
-        """Say `line` unless a line was said already; returns whether it was."""
-        with self.lock:
-            if self.said:
-                return False
-            self.said = True
-        self.sinks.summary({"fault": line})
-        if launch.first_on_node():
-            print(line, file=sys.stderr, flush=True)
-        return True
-
-
-def stop_on_signal(run: Run, fault: FaultLine) -> None:
-    """When the launcher or the scheduler stops this rank (SIGTERM: mpirun ending the job after it lost a node,
-    scancel, a SLURM time limit), say so in one line per node and in metrics.jsonl (rank 0), with the checkpoint
-    to resume from, before the SIGKILL that follows (1 s later under mpirun, whose own ending may cut the line off
-    its output). Unless the rank had said its fault already: mpirun's SIGTERM usually comes while the rank calls
-    the roll of the lost ranks (lost_ranks), so it says this line instead of that one.
-
-    The line comes from a thread of its own: the main thread may be blocked in a collective that waits on a rank
-    that is being stopped too, where Python's signal handlers never run. Python's own handler writes the signal's
-    number to the wakeup socket (signal.set_wakeup_fd) whichever thread the signal interrupts."""
-    receive, send = socket.socketpair()
-    send.setblocking(False)
-    signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
-    # A handler of our own, so that SIGTERM does not end the process before the watcher has spoken.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
-
-    def watch(wakeup=send) -> None:
-        # `wakeup` keeps the sending end open for as long as the watcher runs (its fd is Python's wakeup fd).
-        while receive.recv(1) != bytes([signal.SIGTERM]):
-            pass
-        last = checkpoint.complete(run.out / "checkpoints")
-        fault.say(
-            f"error: rank {run.rank} of {run.world} on {distributed.where()}: stopped by the launcher (SIGTERM) at "
-            f"step {run.engine.global_steps}; the job is over: rerun with --resume auto (last complete checkpoint: "
-            f"{last[-1].name if last else 'none'})"
-        )
-        os._exit(128 + signal.SIGTERM)
-
-    threading.Thread(target=watch, name="sigterm", daemon=True).start()
-
-
-def lost_ranks(run: Run, sinks: Sinks, fault: FaultLine) -> str:
-    """A collective failed because ranks went away: one line per node (its first rank) naming the ranks and nodes
-    lost (the roll call), then every survivor leaves together; returns the line. No close: the group is broken."""
-    last = checkpoint.complete(run.out / "checkpoints")
-    line = (
-        f"rank {run.rank} of {run.world} on {distributed.where()}: a collective failed at step "
-        f"{run.engine.global_steps}: lost {run.roll.lost()}; the job is over: when every node is back, rerun with "
-        f"--resume auto (last complete checkpoint: {last[-1].name if last else 'none'})"
-    )
-    # Said now, before the wait: a launcher may end the survivors once one of them has left.
-    fault.say(f"error: {line}")
-    sinks.close()
-    wait = run.opts.cluster.dist_timeout + 10
-    if run.roll.store is None and not launch.first_on_node():
-        # No store to wait on: leave the line to this node's first rank (the launcher ends this one when it exits).
-        time.sleep(wait)
-    run.roll.leave(wait)
-    run.roll.stop()
-    return line
-
-
-def model_card(run: Run) -> dict:
-    """What a checkpoint's weights need to be used without this run: the model, its classes, its input and its
-    precision (saved with every checkpoint, in complete.json too; pipeline.evaluate and pipeline.export read it)."""
-    return {
-        "arch": run.opts.optim.arch,
-        "num_classes": run.data.num_classes,
-        "classes": list(run.data.shards.class_names),
-        "crop_size": run.opts.data.crop_size,
-        "val_resize": run.opts.data.val_resize,
-        # What validation computed in, and its batch per rank: pipeline.evaluate repeats both.
-        "precision": run.precision,
-        "batch_size": run.micro,
-    }
-
-
 def open_run_sinks(run: Run) -> Sinks:
-    """The run's metric sinks, active on rank 0 only. wandb: a flag wins, then wandb's own environment variables,
-    then ours."""
-    tracking, names = run.opts.tracking, wandb_names(run)
-    mode = wandb_mode(tracking.wandb_mode)
-    wandb_args = None
-    if mode != "disabled":
-        flags = {"mode": tracking.wandb_mode, "project": tracking.wandb_project, "group": tracking.wandb_group}
-        defaults = {
-            "mode": mode,
-            "project": PROJECT,
-            "group": names["group"],
-            "name": names["name"],
-            "tags": names["tags"],
-            "dir": str(run.out),
-            "id": None,
-            "job_type": "train",
-        }
-        wandb_args = wandb_init_args(flags, defaults)
-    return open_sinks(run.out, run.rank, wandb_args, {**names["config"], **run.describe()})
+    """The run's metric sinks, active on rank 0 only (tracking.open_run_sinks), named by its keys."""
+    return tracking.open_run_sinks(run.opts.tracking, run.out, run.rank, run_keys(run), run.describe())
 
 
-def wandb_names(run: Run) -> dict:
-    """The run's name, group and tags in wandb, so a project dashboard compares runs by arch, global batch,
-    precision and rank count as they come in, and the flat config keys to filter on."""
-    optim, batch = run.opts.optim, run.ds["train_batch_size"]
-    device = "GPU" if run.cuda else "CPU"
-    flat = {
+def run_keys(run: Run) -> dict:
+    """The flat keys a dashboard compares runs by (wandb's config, beside the full sections)."""
+    optim = run.opts.optim
+    return {
         "arch": optim.arch,
-        "global_batch": batch,
+        "global_batch": run.ds["train_batch_size"],
         "micro_batch": run.micro,
         "grad_accum": run.accum,
         "world_size": run.world,
         "precision": run.precision,
-        "device": device,
+        "device": "GPU" if run.cuda else "CPU",
         "peak_lr": run.schedule.peak_lr,
         "epochs": optim.epochs,
         "warmup_epochs": run.schedule.warmup_steps / run.schedule.steps_per_epoch,
@@ -718,12 +664,6 @@ def wandb_names(run: Run) -> dict:
         "crop_size": run.opts.data.crop_size,
         "channels_last": run.channels_last,
         "compile": optim.compile,
-    }
-    return {
-        "name": f"{optim.arch} B={batch} {run.precision} {run.world}x{device}",
-        "group": f"{optim.arch} B={batch}",
-        "tags": [optim.arch, f"B={batch}", run.precision, f"{run.world}x{device}"],
-        "config": flat,
     }
 
 

@@ -18,7 +18,7 @@ from tests import oracle  # noqa: E402
 def batch_norm_all_reduce(mode: str, rank: int, fitted: bool) -> dict[str, torch.Tensor]:
     """The all-reduced gradients of the batch-norm weights after each rank set its own, 1 + k * 2^-20 (rank 0) and
     3 + k * 2^-20 (rank 1): exact in fp32, not in 16 bits. `fitted`: the configuration as train.py runs it; else
-    without the communication_data_type that engine.configure adds (DeepSpeed's default)."""
+    without the communication_data_type that deepspeed_json.configure adds (DeepSpeed's default)."""
     ds, _ = oracle.ds_config(mode, world=2, accum=1)
     if not fitted:
         ds.pop("communication_data_type")

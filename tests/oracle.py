@@ -1,4 +1,4 @@
-"""The first optimizer steps of a small model, twice: through our engine (engine.configure, engine.build,
+"""The first optimizer steps of a small model, twice: through our engine (deepspeed_json.configure, engine.build,
 train.train_step, as train.py runs them) and through plain torch SGD, the oracle. tests/test_numerics.py compares
 the two; on 2 gloo ranks the engine's side runs in tests/numerics_ranks.py.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, engine, schedule, train
+from pipeline import checkpoint, deepspeed_json, engine, loss_scale, schedule, train
 from pipeline.meters import StepMeter
 from tests.models import small_convnet
 
@@ -86,13 +86,15 @@ def ds_config(
         "optimizer": {"type": "SGD", "params": sgd},
         **modes[mode],
     }
-    fitted, notes = engine.configure(ds, f"{mode}.json", world, cuda=False, allow_cpu=True, loss_scale_window=window)
-    return engine.with_schedule(fitted, s), notes
+    fitted, notes = deepspeed_json.configure(
+        ds, f"{mode}.json", world, cuda=False, allow_cpu=True, loss_scale_window=window
+    )
+    return deepspeed_json.with_schedule(fitted, s), notes
 
 
 def input_dtype(mode: str) -> torch.dtype:
-    """The dtype the data pipeline hands this mode's model (engine.DATA_DTYPES)."""
-    return getattr(torch, engine.DATA_DTYPES[mode])
+    """The dtype the data pipeline hands this mode's model (deepspeed_json.DATA_DTYPES)."""
+    return getattr(torch, deepspeed_json.DATA_DTYPES[mode])
 
 
 def engine_steps(mode: str, rank: int, world: int, accum: int, steps: int = STEPS) -> dict:
@@ -100,7 +102,7 @@ def engine_steps(mode: str, rank: int, world: int, accum: int, steps: int = STEP
     weights (the wrapper's masters where there is one), the lrs used and the skipped-step count."""
     ds, _ = ds_config(mode, world, accum)
     eng = engine.build(initial_model(), ds, SCHEDULE)
-    scale = engine.LossScale(eng)
+    scale = loss_scale.LossScale(eng)
     meter = StepMeter(BATCH, SCHEDULE.steps_per_epoch, eng.device)
     micro = BATCH // world // accum
     for step in range(steps):
@@ -185,12 +187,11 @@ def long_run(mode: str, clip: float = 0.0, resume_at: int | None = None, folder:
     rows = []
     for step in range(LONG_STEPS):
         if step == resume_at:
-            path = checkpoint.save(eng, folder, {"loss_scale": scale.state_dict()}, keep=1)
+            # As train.py resumes: DeepSpeed's state, then the components (the loss scale, and the schedule, which
+            # sets the lr of the next step).
+            path = checkpoint.save(eng, folder, _components(eng, scale), card={}, keep=1)
             eng, scale = _long_engine(ds)
-            state = checkpoint.load(eng, path)
-            scale.load_state_dict(state["loss_scale"])
-            engine.set_growth_interval(eng, WINDOW)
-            schedule.follow(eng)
+            assert checkpoint.load(eng, path, _components(eng, scale)) == []
         meter = StepMeter(BATCH, LONG.steps_per_epoch, eng.device)
         images, labels = data(step)
         train.train_step(eng, scale, train.cross_entropy, images.to(input_dtype(mode)), labels, meter)
@@ -209,8 +210,13 @@ def long_run(mode: str, clip: float = 0.0, resume_at: int | None = None, folder:
 def _long_engine(ds: dict):
     """A fresh engine over the initial model, its loss scale, and GradScaler's growth interval of WINDOW."""
     eng = engine.build(initial_model(), ds, LONG)
-    engine.set_growth_interval(eng, WINDOW)
-    return eng, engine.LossScale(eng)
+    loss_scale.set_growth_interval(eng, WINDOW)
+    return eng, loss_scale.LossScale(eng, WINDOW)
+
+
+def _components(eng, scale: loss_scale.LossScale) -> dict:
+    """What a checkpoint of long_run holds besides DeepSpeed's state."""
+    return {"schedule": schedule.Followed(eng, LONG), "loss_scale": scale}
 
 
 def torch_sgd_long(skipped: list[int], clip: float = 0.0) -> tuple[dict[str, torch.Tensor], int]:

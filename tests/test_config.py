@@ -8,7 +8,7 @@ import torch
 import yaml
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
-from pipeline import config, engine, gpu
+from pipeline import config, deepspeed_json, gpu
 from pipeline.model import build_model, param_groups
 from pipeline.tracking import wandb_mode
 
@@ -93,19 +93,19 @@ def test_wandb_mode_default(monkeypatch, tmp_path):
 
 def test_grad_accum_from_world_size():
     ds = json.loads((DS_CONFIGS / "bs8k.json").read_text())
-    assert [engine.grad_accum(ds, "bs8k.json", w) for w in (1, 8, 64, 256)] == [256, 32, 4, 1]
+    assert [deepspeed_json.grad_accum(ds, "bs8k.json", w) for w in (1, 8, 64, 256)] == [256, 32, 4, 1]
     with pytest.raises(ValueError, match="bs8k.json: train_batch_size 8192 is not a multiple of micro-batch 32 x 3"):
-        engine.grad_accum(ds, "bs8k.json", 3)
+        deepspeed_json.grad_accum(ds, "bs8k.json", 3)
 
 
 def test_fp16_on_a_cpu_host_stops_unless_allowed_then_becomes_announced_bf16(monkeypatch):
     """DeepSpeed's stock CPU accelerator refuses its fp16 wrapper: --allow-cpu trains in bf16 and says so."""
-    monkeypatch.setattr(engine, "accelerator_fp16", lambda: False)
+    monkeypatch.setattr(deepspeed_json, "accelerator_fp16", lambda: False)
     ds = json.loads((DS_CONFIGS / "bs256.json").read_text())
     for name in ("bs256.json", "bs256-autocast.json"):
         committed = json.loads((DS_CONFIGS / name).read_text())
         with pytest.raises(ValueError) as refused:
-            engine.configure(committed, name, 2, cuda=False)
+            deepspeed_json.configure(committed, name, 2, cuda=False)
         # One line: what asked for the GPU, torch's CUDA build, what the driver offers, and the fix.
         line = str(refused.value)
         assert "\n" not in line
@@ -113,71 +113,74 @@ def test_fp16_on_a_cpu_host_stops_unless_allowed_then_becomes_announced_bf16(mon
         assert "CUDA is not usable on this host" in line
         assert gpu.diagnosis() in line
         assert "--allow-cpu" in line
-    fitted, notes = engine.configure(ds, "bs256.json", 2, cuda=False, allow_cpu=True)
-    assert engine.precision(fitted) == "bf16"
+    fitted, notes = deepspeed_json.configure(ds, "bs256.json", 2, cuda=False, allow_cpu=True)
+    assert deepspeed_json.precision(fitted) == "bf16"
     assert "data_types" not in fitted
     assert "fused" not in fitted["optimizer"]["params"]
     assert fitted["gradient_accumulation_steps"] == 4
     assert any("--allow-cpu: DeepSpeed's fp16 wrapper needs an accelerator with fp16; this CPU host trains in bf16"
                in n for n in notes)  # fmt: skip
-    autocast, notes = engine.configure(json.loads((DS_CONFIGS / "bs256-autocast.json").read_text()), "a.json", 2,
-                                 cuda=False, allow_cpu=True)  # fmt: skip
-    assert engine.precision(autocast) == "autocast-fp16"
+    autocast_ds = json.loads((DS_CONFIGS / "bs256-autocast.json").read_text())
+    autocast, notes = deepspeed_json.configure(autocast_ds, "a.json", 2, cuda=False, allow_cpu=True)
+    assert deepspeed_json.precision(autocast) == "autocast-fp16"
     assert any("--allow-cpu: autocast-fp16 on this CPU host" in n for n in notes)
-    on_gpu, notes = engine.configure(ds, "bs256.json", 8, cuda=True)
-    assert engine.precision(on_gpu) == "fp16"
+    on_gpu, notes = deepspeed_json.configure(ds, "bs256.json", 8, cuda=True)
+    assert deepspeed_json.precision(on_gpu) == "fp16"
     assert on_gpu["optimizer"]["params"]["fused"]
     assert notes == []
     assert on_gpu["communication_data_type"] == "fp32"
-    assert engine.precision(ds) == "fp16"  # the committed configuration is not changed
+    assert deepspeed_json.precision(ds) == "fp16"  # the committed configuration is not changed
     # DeepSpeed clips at 1.0 when a configuration says nothing; the recipe does not clip.
     assert fitted["gradient_clipping"] == 0.0
     bare = {k: v for k, v in ds.items() if k not in ("gradient_clipping", "timers", "communication_data_type")}
-    fitted, notes = engine.configure(bare, "mine.json", 1, cuda=True)
+    fitted, notes = deepspeed_json.configure(bare, "mine.json", 1, cuda=True)
     assert fitted["gradient_clipping"] == 0.0
     assert any("no gradient_clipping given; not clipping" in n for n in notes)
     # DeepSpeed's throughput timer syncs the device twice per micro-step unless a configuration turns it off.
     assert fitted["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
-    assert engine.configure({**ds, "gradient_clipping": 2.0}, "x.json", 1, cuda=True)[0]["gradient_clipping"] == 2.0
+    assert (
+        deepspeed_json.configure({**ds, "gradient_clipping": 2.0}, "x.json", 1, cuda=True)[0]["gradient_clipping"]
+        == 2.0
+    )
     # The wrapper's gradients are all-reduced in fp32 unless a configuration says otherwise.
     assert fitted["communication_data_type"] == "fp32"
     assert any("no communication_data_type given; all-reducing gradients in fp32" in n for n in notes)
     assert (
-        engine.configure({**ds, "communication_data_type": "fp16"}, "x.json", 1, cuda=True)[0][
+        deepspeed_json.configure({**ds, "communication_data_type": "fp16"}, "x.json", 1, cuda=True)[0][
             "communication_data_type"
         ]
         == "fp16"
     )
     # The scheduler section is left to DeepSpeed as written (pipeline.schedule fits its step counts to the data).
-    assert engine.configure(ds, "bs256.json", 1, cuda=True)[0]["scheduler"] == ds["scheduler"]
+    assert deepspeed_json.configure(ds, "bs256.json", 1, cuda=True)[0]["scheduler"] == ds["scheduler"]
 
 
 def test_fp16_on_a_cpu_host_trains_in_fp16_where_deepspeeds_accelerator_allows_it(fp16_cpu):
-    fitted, notes = engine.configure(json.loads((DS_CONFIGS / "bs256.json").read_text()), "bs256.json", 2, cuda=False,
-                               allow_cpu=True)  # fmt: skip
-    assert engine.precision(fitted) == "fp16"
+    bs256 = json.loads((DS_CONFIGS / "bs256.json").read_text())
+    fitted, notes = deepspeed_json.configure(bs256, "bs256.json", 2, cuda=False, allow_cpu=True)
+    assert deepspeed_json.precision(fitted) == "fp16"
     assert fitted["fp16"]["loss_scale"] == 0
     assert any("--allow-cpu: fp16 on this CPU host" in n for n in notes)
 
 
 def test_settings_that_cannot_go_together_are_refused_in_one_line():
     ds = {**json.loads((DS_CONFIGS / "bs256.json").read_text()), "gradient_accumulation_steps": 8}
-    for mode in engine.CUDA_GRAPH_MODES:
+    for mode in deepspeed_json.CUDA_GRAPH_MODES:
         with pytest.raises(ValueError, match=f"--compile {mode} captures CUDA graphs, which cannot accumulate"):
-            engine.check_combination(ds, "bs256.json", channels_last=False, compile_mode=mode)
-    engine.check_combination({**ds, "gradient_accumulation_steps": 1}, "x.json", False, "reduce-overhead")
-    engine.check_combination(ds, "bs256.json", channels_last=True, compile_mode="default")
+            deepspeed_json.check_combination(ds, "bs256.json", channels_last=False, compile_mode=mode)
+    deepspeed_json.check_combination({**ds, "gradient_accumulation_steps": 1}, "x.json", False, "reduce-overhead")
+    deepspeed_json.check_combination(ds, "bs256.json", channels_last=True, compile_mode="default")
     zero = {**ds, "zero_optimization": {"stage": 1}}
     with pytest.raises(ValueError, match="x.json: zero_optimization stage 1 cannot keep channels-last weights"):
-        engine.check_combination(zero, "x.json", channels_last=True, compile_mode="none")
-    engine.check_combination(zero, "x.json", channels_last=False, compile_mode="none")
+        deepspeed_json.check_combination(zero, "x.json", channels_last=True, compile_mode="none")
+    deepspeed_json.check_combination(zero, "x.json", channels_last=False, compile_mode="none")
 
 
 def test_autocast_precision_needs_a_dtype():
-    assert engine.precision({"torch_autocast": {"enabled": True, "dtype": "bf16"}}) == "autocast-bf16"
-    assert engine.precision({"torch_autocast": {"enabled": False}, "bf16": {"enabled": True}}) == "bf16"
+    assert deepspeed_json.precision({"torch_autocast": {"enabled": True, "dtype": "bf16"}}) == "autocast-bf16"
+    assert deepspeed_json.precision({"torch_autocast": {"enabled": False}, "bf16": {"enabled": True}}) == "bf16"
     with pytest.raises(ValueError, match="torch_autocast.dtype None: set it to fp16 or bf16"):
-        engine.precision({"torch_autocast": {"enabled": True}})
+        deepspeed_json.precision({"torch_autocast": {"enabled": True}})
 
 
 def test_resnet_residual_gammas_start_at_zero():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cpu, engine, scaling_study
+from pipeline import cpu, deepspeed_json, scaling_study
 from tests import procs
 from tests.runs import ROOT
 
@@ -60,8 +60,8 @@ def cpu_json() -> dict:
 
 def test_cpu_json_trains_in_fp32_without_native_bf16(monkeypatch):
     as_processor(monkeypatch, **AVX2)
-    fitted, notes = engine.configure(cpu_json(), "cpu.json", 1, cuda=False)
-    assert engine.precision(fitted) == "fp32"
+    fitted, notes = deepspeed_json.configure(cpu_json(), "cpu.json", 1, cuda=False)
+    assert deepspeed_json.precision(fitted) == "fp32"
     assert "bf16" not in fitted
     assert 'cpu.json: bf16 "auto": fp32 on this CPU (AVX2, no native bf16)' in notes
     assert not any("emulated" in n for n in notes)
@@ -69,16 +69,16 @@ def test_cpu_json_trains_in_fp32_without_native_bf16(monkeypatch):
 
 def test_cpu_json_trains_in_bf16_with_native_bf16(monkeypatch):
     as_processor(monkeypatch, **AVX512_BF16)
-    fitted, notes = engine.configure(cpu_json(), "cpu.json", 1, cuda=False)
-    assert engine.precision(fitted) == "bf16"
+    fitted, notes = deepspeed_json.configure(cpu_json(), "cpu.json", 1, cuda=False)
+    assert deepspeed_json.precision(fitted) == "bf16"
     assert fitted["bf16"] == {"enabled": True}
     assert 'cpu.json: bf16 "auto": bf16 on this CPU (AVX512, native bf16)' in notes
 
 
 def test_cpu_json_on_a_gpu_follows_the_gpu(monkeypatch):
     monkeypatch.setattr("torch.cuda.is_bf16_supported", lambda: True)
-    fitted, notes = engine.configure(cpu_json(), "cpu.json", 1, cuda=True)
-    assert engine.precision(fitted) == "bf16"
+    fitted, notes = deepspeed_json.configure(cpu_json(), "cpu.json", 1, cuda=True)
+    assert deepspeed_json.precision(fitted) == "bf16"
     assert 'cpu.json: bf16 "auto": bf16 on this GPU' in notes
 
 
@@ -87,8 +87,8 @@ def test_a_16_bit_configuration_on_a_cpu_without_it_says_what_to_expect(monkeypa
     """One note: the capability, the slowdown and the fp32 alternative; the run still trains as asked."""
     as_processor(monkeypatch, **AVX2)
     ds = json.loads((DS_CONFIGS / name).read_text())
-    fitted, notes = engine.configure(ds, name, 256, cuda=False, allow_cpu=True)
-    mode = engine.precision(fitted)
+    fitted, notes = deepspeed_json.configure(ds, name, 256, cuda=False, allow_cpu=True)
+    mode = deepspeed_json.precision(fitted)
     (note,) = [n for n in notes if "emulated" in n]
     assert note == (
         f"{name}: {mode} on a CPU without native {mode.removeprefix('autocast-')} (AVX2): its kernels are emulated, "
@@ -96,7 +96,9 @@ def test_a_16_bit_configuration_on_a_cpu_without_it_says_what_to_expect(monkeypa
         "pipeline.scaling --precision fp32"
     )
     as_processor(monkeypatch, **AVX512_BF16)
-    _, notes = engine.configure(json.loads((DS_CONFIGS / "bs8k-bf16.json").read_text()), "b.json", 256, cuda=False)
+    _, notes = deepspeed_json.configure(
+        json.loads((DS_CONFIGS / "bs8k-bf16.json").read_text()), "b.json", 256, cuda=False
+    )
     assert not any("emulated" in n for n in notes)
 
 
@@ -123,4 +125,4 @@ def test_the_scaling_studys_default_precision_follows_the_processor(monkeypatch,
     scaling_study.train_command(run, args, tmp_path, "group")
     ds = json.loads(Path(tmp_path / "ds.json").read_text())
     assert ds.get("bf16", {}).get("enabled") is (True if precision else None)
-    assert engine.precision(ds) == (precision or "fp32")
+    assert deepspeed_json.precision(ds) == (precision or "fp32")

@@ -4,7 +4,7 @@ out like its weights, batch norm in fp32, the one-read overflow check, and the a
 import pytest
 import torch
 
-from pipeline import engine
+from pipeline import deepspeed_json, engine, loss_scale
 from pipeline.meters import StepMeter
 from tests.models import constant_schedule, small_convnet
 
@@ -22,7 +22,7 @@ def ds_of(mode: str, batch: int = 4) -> dict:
     sgd = {"lr": 0.5, "momentum": 0.9, "nesterov": True, "weight_decay": 0.1}
     ds = {"train_batch_size": batch, "train_micro_batch_size_per_gpu": batch, "gradient_clipping": 0.0,
           "optimizer": {"type": "SGD", "params": sgd}, **MODES[mode]}  # fmt: skip
-    return engine.with_schedule(ds, SCHEDULE)
+    return deepspeed_json.with_schedule(ds, SCHEDULE)
 
 
 def images(dtype=torch.float32, channels_last=False) -> torch.Tensor:
@@ -107,7 +107,7 @@ def test_autocast_fp16_scales_the_loss_and_counts_skipped_steps(process_group):
     eng = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
     assert type(eng.optimizer) is torch.optim.SGD
     assert eng.module[0].weight.dtype == torch.float32
-    scale, meter = engine.LossScale(eng), StepMeter(4, SCHEDULE.steps_per_epoch, torch.device("cpu"))
+    scale, meter = loss_scale.LossScale(eng), StepMeter(4, SCHEDULE.steps_per_epoch, torch.device("cpu"))
     labels = torch.arange(4) % 3
     for step in range(1, 5):
         before = eng.module[0].weight.detach().clone()
@@ -130,7 +130,7 @@ def test_autocast_fp16_scales_the_loss_and_counts_skipped_steps(process_group):
     assert eng.skipped_steps == 0
     # Saved with a checkpoint and restored into a new engine: the scale and the count go on from there.
     saved = scale.state_dict()
-    again = engine.LossScale(engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE))
+    again = loss_scale.LossScale(engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE))
     again.load_state_dict(saved)
     assert again.skipped == 1
     assert again.scaler.get_scale() == 32768.0
@@ -140,8 +140,8 @@ def test_the_autocast_loss_scale_grows_after_the_window_and_halves_on_an_overflo
     """--loss-scale-window 2 (the GradScaler's growth interval; 2000 by default): the scale doubles after every
     2 clean steps, and an overflow halves it and starts the count again. A growth is not a skip."""
     eng = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
-    engine.set_growth_interval(eng, 2)
-    scale, meter = engine.LossScale(eng), StepMeter(4, SCHEDULE.steps_per_epoch, torch.device("cpu"))
+    loss_scale.set_growth_interval(eng, 2)
+    scale, meter = loss_scale.LossScale(eng), StepMeter(4, SCHEDULE.steps_per_epoch, torch.device("cpu"))
     labels = torch.arange(4) % 3
     for step in range(1, 6):
         logits = eng(images() * (float("inf") if step == 3 else 1.0))
@@ -154,30 +154,31 @@ def test_the_autocast_loss_scale_grows_after_the_window_and_halves_on_an_overflo
     scale.resolve(rows)
     assert [r["loss_scale"] for r in rows] == [65536.0, 131072.0, 65536.0, 65536.0, 131072.0]
     assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1]
-    # A resume brings back the checkpoint's window; set again, the new session's flag wins.
+    # A resume brings back the checkpoint's window; this session's --loss-scale-window, where given, wins.
     resumed = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
-    engine.LossScale(resumed).load_state_dict(scale.state_dict())
+    loss_scale.LossScale(resumed).load_state_dict(scale.state_dict())
     assert resumed.torch_autocast_z0_gradscaler.get_growth_interval() == 2
-    engine.set_growth_interval(resumed, 5)
-    assert resumed.torch_autocast_z0_gradscaler.get_growth_interval() == 5
+    flagged = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
+    loss_scale.LossScale(flagged, 5).load_state_dict(scale.state_dict())
+    assert flagged.torch_autocast_z0_gradscaler.get_growth_interval() == 5
     default = engine.build(small_convnet(), ds_of("autocast-fp16"), SCHEDULE)
-    engine.set_growth_interval(default, 0)
+    loss_scale.set_growth_interval(default, 0)
     assert default.torch_autocast_z0_gradscaler.get_growth_interval() == 2000
 
 
 def test_the_loss_scale_window_reaches_deepspeeds_fp16_and_is_refused_without_a_loss_scale():
     fp16 = {**ds_of("fp32"), "fp16": {"enabled": True, "loss_scale": 0, "loss_scale_window": 1000}}
-    fitted, _ = engine.configure(fp16, "f.json", 1, cuda=True, loss_scale_window=50)
+    fitted, _ = deepspeed_json.configure(fp16, "f.json", 1, cuda=True, loss_scale_window=50)
     assert fitted["fp16"]["loss_scale_window"] == 50
     assert fp16["fp16"]["loss_scale_window"] == 1000
-    assert engine.configure(fp16, "f.json", 1, cuda=True)[0]["fp16"]["loss_scale_window"] == 1000
+    assert deepspeed_json.configure(fp16, "f.json", 1, cuda=True)[0]["fp16"]["loss_scale_window"] == 1000
     # The autocast mode's window goes to its GradScaler (set_growth_interval), not into the configuration.
-    autocast = engine.configure(ds_of("autocast-fp16"), "a.json", 1, cuda=True, loss_scale_window=50)[0]
+    autocast = deepspeed_json.configure(ds_of("autocast-fp16"), "a.json", 1, cuda=True, loss_scale_window=50)[0]
     assert "fp16" not in autocast
-    assert engine.precision(autocast) == "autocast-fp16"
+    assert deepspeed_json.precision(autocast) == "autocast-fp16"
     for mode in ("bf16", "fp32", "autocast-bf16"):
         with pytest.raises(ValueError, match=f"--loss-scale-window 50: b.json trains in {mode}, which has no loss"):
-            engine.configure(ds_of(mode), "b.json", 1, cuda=True, loss_scale_window=50)
+            deepspeed_json.configure(ds_of(mode), "b.json", 1, cuda=True, loss_scale_window=50)
 
 
 def test_one_steps_gradients_leave_in_one_fused_all_reduce_per_dtype(process_group):

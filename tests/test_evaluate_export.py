@@ -67,7 +67,7 @@ def test_exported_logits_equal_the_engines(trained, tmp_path, process_group):
     s = Schedule(**saved["schedule"])
     model, _ = build_model("resnet18", saved["derived"]["num_classes"])
     eng = engine.build(model, saved["deepspeed"], s)
-    checkpoint.load(eng, checkpoint.complete(trained / "checkpoints")[-1])
+    checkpoint.load(eng, checkpoint.complete(trained / "checkpoints")[-1], {})
     exported = torchvision.models.get_model("resnet18", num_classes=saved["derived"]["num_classes"])
     exported.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -142,7 +142,7 @@ def test_evaluate_computes_in_the_runs_precision_and_repeats_its_top1(trained_bf
     eng = engine.build(
         build_model(card["arch"], card["num_classes"])[0], saved["deepspeed"], Schedule(**saved["schedule"])
     )
-    checkpoint.load(eng, path)
+    checkpoint.load(eng, path, {})
     eng.eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
     with torch.no_grad():

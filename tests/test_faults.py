@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint, engine
+from pipeline import checkpoint, deepspeed_json, engine, loss_scale
 from pipeline.faults import Guard, NumericFault
 from pipeline.launch import free_port, without_launcher
 from tests import procs
@@ -64,15 +64,15 @@ def test_overflow_skips_in_a_row_stop_a_real_engine(process_group):
     s = constant_schedule(0.1, total_steps=20, steps_per_epoch=5)
     ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
           "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}  # fmt: skip
-    eng = engine.build(torch.nn.Linear(4, 3), engine.with_schedule(ds, s), s)
+    eng = engine.build(torch.nn.Linear(4, 3), deepspeed_json.with_schedule(ds, s), s)
     guard, x = Guard("bf16", max_skipped_steps=3, min_loss_scale=1.0), torch.randn(2, 4, dtype=torch.bfloat16)
-    scale = engine.LossScale(eng)
+    scale = loss_scale.LossScale(eng)
     with pytest.raises(NumericFault, match=r"step 6: 3 optimizer steps in a row skipped for overflow \(loss scale 1\)"):
         for step in range(1, 9):
             eng.backward(eng(x).float().sum() * (float("inf") if step in (2, 4, 5, 6, 7) else 1.0))
             eng.step()
-            loss_scale, skipped = scale.now()
-            guard.check([{"step": eng.global_steps, "loss": 1.0, "loss_scale": loss_scale, "skipped_steps": skipped}])
+            now, skipped = scale.now()
+            guard.check([{"step": eng.global_steps, "loss": 1.0, "loss_scale": now, "skipped_steps": skipped}])
     # Skips at steps 2, 4, 5 and 6: the finite step 3 resets the count, which reaches 3 at step 6.
     assert (step, eng.global_steps, eng.skipped_steps) == (6, 6, 4)
 
@@ -154,14 +154,17 @@ def test_a_dead_or_silent_rank_ends_the_others(prepared, tmp_path, fault):
 
 @pytest.mark.slow
 def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
-    """kill -9 while a checkpoint folder exists without complete.json; --resume auto takes the one before."""
+    """kill -9 while a checkpoint folder exists without complete.json; --resume auto takes the one before. The run
+    has one more component that neither train.py nor checkpoint.py knows (tests/train_extra_state.py): the resumed
+    session gets back the state the killed one saved with that checkpoint."""
     out, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     args = ["--deepspeed_config", ds_file(tmp_path, 32, 16, "fp32"), "--data-dir", str(prepared), *SMALL,
             "--epochs", "2", "--warmup-epochs", "1", "--out-dir", str(out), "--wandb-mode", "disabled",
             "--save-every-steps", "1"]  # fmt: skip
-    command = [sys.executable, str(ROOT / "pipeline" / "train.py"), *args]
-    proc = procs.start(command, env=without_launcher(os.environ), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    command = [sys.executable, str(ROOT / "tests" / "train_extra_state.py"), *args]
+    env = {**without_launcher(os.environ), "EXTRA_STATE_OUT": str(tmp_path / "extra.json")}
+    proc = procs.start(command, env={**env, "SESSION": "killed"}, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
     deadline, caught = time.monotonic() + 300, None
     while caught is None:
         assert time.monotonic() < deadline, "no checkpoint write was caught in progress"
@@ -177,8 +180,11 @@ def test_kill_9_during_a_checkpoint_write_then_resume(prepared, tmp_path):
     assert newest.name < caught.name
     assert not (caught / checkpoint.COMPLETE).exists()
     step = json.loads((newest / checkpoint.COMPLETE).read_text())["step"]
-    stdout = ok(train_cli(*args, "--resume", "auto", "--max-steps", str(step + 2)))
+    resumed = procs.run([*command, "--resume", "auto", "--max-steps", str(step + 2)], capture_output=True, text=True,
+                        env={**env, "SESSION": "resumed"})  # fmt: skip
+    stdout = ok(resumed)
     assert f"resumed from {newest} at step {step}" in stdout
+    assert json.loads((tmp_path / "extra.json").read_text()) == {"session": "killed", "step": step}
     (done,) = [x for x in stdout.splitlines() if x.startswith("done: ")]
     assert f" after {step + 2} steps; " in done
     # The torn folder was rewritten by the resumed run or deleted once a later checkpoint was complete.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline import engine
+from pipeline import deepspeed_json, engine, loss_scale
 from tests.models import constant_schedule
 
 
@@ -20,12 +20,12 @@ def test_first_lars_step_is_the_clipped_trust_ratio_update(process_group, mode):
     sgd = {"lr": lr, "momentum": 0.9, "nesterov": True, "weight_decay": wd}
     ds = {"train_batch_size": 6, "train_micro_batch_size_per_gpu": 6, "optimizer": {"type": "SGD", "params": sgd},
           **mode}  # fmt: skip
-    ds, _ = engine.configure(ds, "test.json", 1, cuda=False, allow_cpu=True)
-    eng = engine.build(model, engine.with_schedule(ds, s), s, optimizer="lars", lars_trust=trust)
+    ds, _ = deepspeed_json.configure(ds, "test.json", 1, cuda=False, allow_cpu=True)
+    eng = engine.build(model, deepspeed_json.with_schedule(ds, s), s, optimizer="lars", lars_trust=trust)
     x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     loss = torch.nn.functional.cross_entropy(eng(x).float(), y)
     eng.backward(loss)
-    scale = engine.LossScale(eng).now()[0]
+    scale = loss_scale.LossScale(eng).now()[0]
     assert float(scale) == (2.0**16 if mode else 1.0)
     grads = {n: p.grad.detach().float() / float(scale) for n, p in eng.module.named_parameters()}
     eng.step()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import checkpoint, engine, train
+from pipeline import checkpoint, deepspeed_json, engine, loss_scale, train
 from pipeline.launch import free_port, without_launcher
 from pipeline.meters import StepMeter
 from pipeline.model import build_model
@@ -72,8 +72,8 @@ def test_first_steps_equal_torch_sgd_on_two_ranks_that_split_the_batch(two_ranks
 
 @pytest.mark.parametrize("mode", ["fp16", "bf16"])
 def test_batch_norm_gradients_are_all_reduced_in_fp32(two_ranks, mode):
-    """engine.configure all-reduces the wrappers' gradients in fp32: batch norm's fp32 gradients arrive as the exact
-    mean of the ranks'. DeepSpeed's default (the wrapper's 16-bit type) rounds them."""
+    """deepspeed_json.configure all-reduces the wrappers' gradients in fp32: batch norm's fp32 gradients arrive as
+    the exact mean of the ranks'. DeepSpeed's default (the wrapper's 16-bit type) rounds them."""
     exact = 2 + torch.arange(8, dtype=torch.float32) * 2**-20  # the mean of the ranks' 1 + k 2^-20 and 3 + k 2^-20
     fitted, default = two_ranks[f"all-reduce-{mode}-fitted"], two_ranks[f"all-reduce-{mode}-default"]
     assert set(fitted) == {"1.weight", "1.bias"}
@@ -103,7 +103,7 @@ def test_deepspeed_0_19_8_leaves_the_fp16_wrappers_loss_unscaled(process_group, 
     eng = engine.build(linear, ds, constant)
     assert type(eng.optimizer).__name__ == "FP16_UnfusedOptimizer"
     assert eng.optimizer.loss_scale_config.cur_scale == 256
-    assert not engine.deepspeed_scales_loss(eng), f"DeepSpeed {deepspeed.__version__} now scales the loss itself"
+    assert not loss_scale.deepspeed_scales_loss(eng), f"DeepSpeed {deepspeed.__version__} now scales the loss itself"
     eng.backward(eng(torch.ones(1, 4).half()).float().sum())
     eng.step()
     moved = before - oracle.fp32_weights(eng)["weight"]
@@ -122,16 +122,16 @@ def test_a_deepspeed_that_scales_the_loss_itself_is_not_scaled_twice(process_gro
     plain = DeepSpeedEngine.backward
 
     def backward_as_fixed_upstream(self, loss, retain_graph=False, scale_wrt_gas=True):
-        if engine.wrapper_scale(self) is not None:
+        if loss_scale.wrapper_scale(self) is not None:
             loss = loss.float() * self.optimizer.loss_scale_config.cur_scale
         return plain(self, loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
 
     monkeypatch.setattr(DeepSpeedEngine, "backward", backward_as_fixed_upstream)
     ds, _ = oracle.ds_config("fp16", world=1, accum=1)
     eng = engine.build(oracle.initial_model(), ds, oracle.SCHEDULE)
-    assert engine.deepspeed_scales_loss(eng)
+    assert loss_scale.deepspeed_scales_loss(eng)
     loss = torch.tensor(2.0)
-    assert engine.LossScale(eng).for_backward(loss) is loss
+    assert loss_scale.LossScale(eng).for_backward(loss) is loss
     assert_follows_the_oracle(oracle.engine_steps("fp16", rank=0, world=1, accum=2), "fp16", 1, 2)
 
 
@@ -141,8 +141,8 @@ def test_an_injected_inf_is_skipped_and_the_scale_grows_after_its_window(process
     halves the scale; after 2 clean steps the scale doubles; the schedule does not shift."""
     ds, _ = oracle.ds_config(mode, world=1, accum=1, window=2)
     eng = engine.build(oracle.initial_model(), ds, oracle.SCHEDULE)
-    engine.set_growth_interval(eng, 2)
-    scale = engine.LossScale(eng)
+    loss_scale.set_growth_interval(eng, 2)
+    scale = loss_scale.LossScale(eng)
     meter = StepMeter(oracle.BATCH, oracle.SCHEDULE.steps_per_epoch, eng.device)
     start = scale.now()[0]
     for step in range(5):
@@ -166,7 +166,7 @@ def test_an_injected_inf_is_skipped_and_the_scale_grows_after_its_window(process
 
 @pytest.mark.parametrize("clip, full, halved", [(0.0, 1.0, 0.5), (0.5, 0.25, 0.25), (1.5, 0.75, 0.5)])
 def test_growth_steps_update_full_size_where_deepspeed_0_19_8_halves_them(process_group, fp16_cpu, clip, full, halved):
-    """Pins the installed DeepSpeed's order, which engine.unscale_by_the_scale_of_backward corrects: its fp16
+    """Pins the installed DeepSpeed's order, which loss_scale.unscale_by_the_scale_of_backward corrects: its fp16
     wrapper doubles the loss scale before it unscales, so on each growth step the gradients are divided by twice the
     scale they were multiplied by. Here the weight's gradient is [1, 1, 1, 1] (norm 2) at every step and the update
     is lr x gradient x the clip factor (no momentum, no weight decay): clip 0.5 gives a quarter, clip 1.5 three
@@ -179,12 +179,12 @@ def test_growth_steps_update_full_size_where_deepspeed_0_19_8_halves_them(proces
         ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": clip,
               "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "loss_scale_window": 2},
               "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.0, "weight_decay": 0.0}}}  # fmt: skip
-        ds, _ = engine.configure(ds, "pin.json", 1, cuda=False, allow_cpu=True)
-        eng = engine.build(torch.nn.Linear(4, 1, bias=False), engine.with_schedule(ds, constant), constant)
+        ds, _ = deepspeed_json.configure(ds, "pin.json", 1, cuda=False, allow_cpu=True)
+        eng = engine.build(torch.nn.Linear(4, 1, bias=False), deepspeed_json.with_schedule(ds, constant), constant)
         if not fixed:
             # DeepSpeed's own methods again (the correction replaced them on the instance).
             del eng.optimizer.step, eng.optimizer.unscale_and_clip_grads
-        scale, wrapper = engine.LossScale(eng), eng.optimizer.loss_scale_config
+        scale, wrapper = loss_scale.LossScale(eng), eng.optimizer.loss_scale_config
         ratios, grew = [], []
         for _ in range(6):
             before, scale_before = oracle.fp32_weights(eng)["weight"], wrapper.cur_scale
@@ -244,8 +244,8 @@ def loss_curve(mode: str, steps: int = 30) -> list[float]:
     """The training loss of `steps` optimizer steps at a constant lr 0.1 over 4 fixed batches."""
     schedule = constant_schedule(0.1, steps, steps)
     ds, _ = oracle.ds_config(mode, world=1, accum=1)
-    eng = engine.build(oracle.initial_model(), engine.with_schedule(ds, schedule), schedule)
-    scale, meter = engine.LossScale(eng), StepMeter(oracle.BATCH, steps, eng.device)
+    eng = engine.build(oracle.initial_model(), deepspeed_json.with_schedule(ds, schedule), schedule)
+    scale, meter = loss_scale.LossScale(eng), StepMeter(oracle.BATCH, steps, eng.device)
     for step in range(steps):
         images, labels = oracle.data(step % 4)
         # Learnable: each class shifts the mean of one colour channel.

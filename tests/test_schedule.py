@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import engine, schedule
+from pipeline import deepspeed_json, engine, schedule
 from pipeline.scaling import CONFIGS, Recipe, ds_config
 from pipeline.schedule import RunSteps, fit, lr_at
 
@@ -261,7 +261,7 @@ def test_overflow_skip_does_not_shift_the_schedule(process_group, kind):
     s = small_schedule(kind)
     ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
           "optimizer": {"type": "SGD", "params": {"lr": 0.9, "momentum": 0.9, "nesterov": True}}}  # fmt: skip
-    eng = engine.build(torch.nn.Linear(4, 3), engine.with_schedule(ds, s), s)
+    eng = engine.build(torch.nn.Linear(4, 3), deepspeed_json.with_schedule(ds, s), s)
     x = torch.randn(2, 4, dtype=torch.bfloat16)
     for step in range(10):
         assert engine.lr(eng) == pytest.approx(lr_at(s, step)), f"step {step}"
@@ -276,8 +276,9 @@ def test_overflow_skip_does_not_shift_the_schedule(process_group, kind):
 def test_deepspeed_alone_would_shift_the_schedule(process_group):
     """The trap `follow` exists for: without it, one skipped step leaves DeepSpeed's lr a step behind."""
     s = small_schedule("deepspeed")
-    ds = engine.with_schedule({"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
-                               "optimizer": {"type": "SGD", "params": {"lr": 0.9}}}, s)  # fmt: skip
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "bf16": {"enabled": True},
+          "optimizer": {"type": "SGD", "params": {"lr": 0.9}}}  # fmt: skip
+    ds = deepspeed_json.with_schedule(ds, s)
     eng = engine.build(torch.nn.Linear(4, 3), ds, s)
     assert type(eng.lr_scheduler).__name__ == "WarmupDecayLR"
     x = torch.randn(2, 4, dtype=torch.bfloat16)
@@ -311,7 +312,7 @@ def test_the_engine_needs_no_momentum_correction(process_group, nesterov):
     s = schedule.Schedule("WarmupDecayLR", params, total_steps=12, steps_per_epoch=3, optimizer_lr=1.6)
     ds = {"train_batch_size": 1, "train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
           "optimizer": {"type": "SGD", "params": {"momentum": 0.9, "nesterov": nesterov}}}  # fmt: skip
-    eng = engine.build(Point(), engine.with_schedule(ds, s), s)
+    eng = engine.build(Point(), deepspeed_json.with_schedule(ds, s), s)
     target = torch.randn(5, generator=torch.Generator().manual_seed(0))
     corrected, plain = torch.zeros(5), torch.zeros(5)
     v_corr, v_plain, prev = torch.zeros(5), torch.zeros(5), 0.2

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint, cpu, engine, train
+from pipeline import checkpoint, cpu, deepspeed_json, train
 from pipeline.data.shards import IGNORE, shard_bounds
 from pipeline.schedule import Schedule, lr_at
 from tests import procs
@@ -55,7 +55,7 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     # On a CPU: NCHW batches and model, in cpu.json's precision for this processor (bf16 batches cast from DALI's
     # float32 where bf16 is native, float32 elsewhere), two batches prefetched.
     assert not saved["derived"]["channels_last"]
-    dtype = engine.DATA_DTYPES[cpu.default_precision()]
+    dtype = deepspeed_json.DATA_DTYPES[cpu.default_precision()]
     assert {k: saved["derived"]["data"][k] for k in ("layout", "dtype", "prefetch", "batch_size")} == {
         "layout": "NCHW", "dtype": dtype, "prefetch": 2, "batch_size": 32}  # fmt: skip
     assert saved["derived"]["precision"] == cpu.default_precision()

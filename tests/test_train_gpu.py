@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from pipeline import engine, train
+from pipeline import deepspeed_json, engine, loss_scale, train
 from pipeline.launch import without_launcher
 from pipeline.meters import StepMeter
 from tests import procs
@@ -71,17 +71,17 @@ def test_fused_sgd_steps_channels_last_weights(name):
 
     distributed.init()  # a one-process NCCL group (sets the rendezvous variables when no launcher did)
     ds = json.loads((ROOT / "ds_configs" / name).read_text())
-    ds, _ = engine.configure({**ds, "train_batch_size": 32}, name, 1, cuda=True)
+    ds, _ = deepspeed_json.configure({**ds, "train_batch_size": 32}, name, 1, cuda=True)
     s, ds, _ = schedule.fit("deepspeed", ds, name, schedule.RunSteps(32, 1000, 2, 1, 256, 0.1))
     model, _ = build_model("resnet50", 10)
     initial = model.conv1.weight.detach().clone()
     eng = engine.build(model, ds, s, channels_last=True)
     assert type(eng.lr_scheduler).__name__ == "WarmupDecayLR"
     assert ds["optimizer"]["params"]["fused"]
-    assert engine.LossScale(eng).now()[0] == 2.0**16
+    assert loss_scale.LossScale(eng).now()[0] == 2.0**16
     assert torch.equal(eng.module.conv1.weight.float().cpu(), initial.to(eng.module.conv1.weight.dtype).float())
     assert eng.module.bn1.weight.dtype == eng.module.bn1.running_mean.dtype == torch.float32
-    dtype = getattr(torch, engine.DATA_DTYPES[engine.precision(ds)])
+    dtype = getattr(torch, deepspeed_json.DATA_DTYPES[deepspeed_json.precision(ds)])
     x = torch.randn(32, 3, 64, 64, device=eng.device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (32,), device=eng.device)
     for _ in range(3):

@@ -89,10 +89,17 @@ def _decoder_options(gpu: bool, hw_load: float) -> dict:
     return dict(device="mixed", output_type=types.RGB, hw_decoder_load=hw_load, **_NVJPEG_PREALLOCATION)
 
 
-def _outputs(images, labels, label_base: int, gpu: bool) -> tuple:
-    """Images, 0-based labels on the images' device, and (on the GPU) the same labels on the host for range checks."""
+def output_names(gpu: bool) -> list[str]:
+    """What the graphs return, in order (the reader's DALIGenericIterator output map): images, 0-based labels on the
+    images' device, and (on the GPU) the same labels on the host for range checks."""
+    return ["images", "labels", "host_labels"] if gpu else ["images", "labels"]
+
+
+def _returned(images, labels, label_base: int, gpu: bool) -> tuple:
+    """A graph's outputs, in the order of output_names."""
     labels = labels - label_base
-    return (images, labels.gpu(), labels) if gpu else (images, labels)
+    outputs = {"images": images, "labels": labels.gpu() if gpu else labels, "host_labels": labels}
+    return tuple(outputs[name] for name in output_names(gpu))
 
 
 def _normalise(images, dtype, layout: str, crop: int | None = None, mirror=None):
@@ -117,7 +124,7 @@ def train_graph(files, indexes, shard_id, num_shards, shuffle_buffer, crop, dtyp
     )
     images = fn.resize(images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True)
     images = _normalise(images, dtype, layout, mirror=fn.random.coin_flip(probability=0.5))
-    return _outputs(images, labels, label_base, gpu)
+    return _returned(images, labels, label_base, gpu)
 
 
 @pipeline_def
@@ -127,4 +134,4 @@ def val_graph(files, indexes, shard_id, num_shards, resize, crop, dtype, layout,
     images = fn.decoders.image(jpegs, **_decoder_options(gpu, hw_load))
     images = fn.resize(images, resize_shorter=resize, interp_type=types.INTERP_LINEAR, antialias=True)
     images = _normalise(images, dtype, layout, crop=crop)
-    return _outputs(images, labels, label_base, gpu)
+    return _returned(images, labels, label_base, gpu)

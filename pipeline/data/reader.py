@@ -25,6 +25,7 @@ import torch
 from nvidia.dali import types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
+from pipeline import gpu
 from pipeline.data import augment
 from pipeline.data.shards import IGNORE, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
 from pipeline.format.check import check_shard
@@ -145,7 +146,7 @@ class ImageNetData:
         for split in self.shards.splits.values():
             if split.images < world_size:
                 raise DataError(f"{config.data_dir}: {split.images} {split.name} images for {world_size} ranks")
-        self.gpu = _use_gpu(config.device)
+        self.gpu = decode_device(config.device, torch.cuda.is_available())[0] == "gpu"
         self.device_id = (
             (device_id if device_id is not None else int(os.environ.get("LOCAL_RANK", 0))) if self.gpu else None
         )
@@ -212,10 +213,6 @@ class ImageNetData:
             hw_load=load,
         )
 
-    def _outputs(self) -> list[str]:
-        """Names of the pipeline outputs, as the graphs return them."""
-        return ["images", "labels", "host_labels"] if self.gpu else ["images", "labels"]
-
     def train_epoch(self, epoch: int) -> Iterator[Batch]:
         """Exactly `train_steps` training batches of epoch `epoch` (a fresh pipeline with the epoch's seed)."""
         split = self.shards.splits["train"]
@@ -234,7 +231,7 @@ class ImageNetData:
         pipe.build()
         with self._failures("train"):
             # No reader_name: the iterator never ends on its own, the step count does.
-            batches = DALIGenericIterator(pipe, self._outputs(), auto_reset=False)
+            batches = DALIGenericIterator(pipe, augment.output_names(self.gpu), auto_reset=False)
             for _, data in zip(range(self.train_steps), batches, strict=False):
                 yield self._batch(data[0], "train")
 
@@ -255,7 +252,7 @@ class ImageNetData:
             pipe.build()
             self._val_iter = DALIGenericIterator(
                 pipe,
-                self._outputs(),
+                augment.output_names(self.gpu),
                 reader_name="validation",
                 last_batch_policy=LastBatchPolicy.FILL,
                 auto_reset=True,
@@ -332,8 +329,14 @@ class ImageNetData:
         return f"{where}, outside {s.label_base}..{s.label_base + s.num_classes - 1} ({s.label_source}); {fix}"
 
 
-def _use_gpu(device: str) -> bool:
-    """Whether to decode on the GPU: `auto` picks it when CUDA is available."""
-    if device == "gpu" and not torch.cuda.is_available():
-        raise DataError("--data-device gpu: no CUDA device is visible; use --data-device auto or cpu")
-    return device == "gpu" or (device == "auto" and torch.cuda.is_available())
+def decode_device(requested: str, cuda: bool, allow_cpu: bool = False) -> tuple[str, str | None]:
+    """The one rule of where DALI decodes: "gpu" or "cpu" from --data-device (auto: the GPU where CUDA is usable),
+    and a note where that is not what was asked. gpu on a host where CUDA is not usable is refused in one line
+    (ValueError), unless `allow_cpu`: the CPU decodes then."""
+    if requested == "gpu" and not cuda:
+        if not allow_cpu:
+            raise ValueError(gpu.refusal("--data-device gpu"))
+        return "cpu", "--allow-cpu: --data-device gpu without a usable GPU; decoding on the CPU"
+    if requested == "auto":
+        return ("gpu" if cuda else "cpu"), None
+    return requested, None
