@@ -430,7 +430,7 @@ def train(run: Run) -> None:
         checkpoints, step, timeout = run.out / "checkpoints", run.engine.global_steps, run.opts.cluster.dist_timeout
         line = ending.lost_ranks(fault, sinks, run.roll, checkpoints, step, timeout)
         raise Stop(line, Status.RANKS_LOST, Speaker.SAID) from e
-    close(run, sinks, summary)
+    close(run.roll, sinks, summary, run.out)
 
 
 def epoch_loop(run: Run, sinks: Sinks) -> dict:
@@ -448,9 +448,10 @@ def epoch_loop(run: Run, sinks: Sinks) -> dict:
         batches = epoch_batches(run.data, epoch, skip * run.accum)
         stop = train_epoch(run.stepper, batches, meter, sinks, cadence, save=functools.partial(save, run))
         last = stop or epoch + 1 == opts.optim.epochs
-        top1, top5 = evaluate(run) if last or (epoch + 1) % opts.tracking.eval_every == 0 else (None, None)
+        validating = last or (epoch + 1) % opts.tracking.eval_every == 0
+        top1, top5 = evaluate(eng, run.data) if validating else (None, None)
         progress.validated(epoch, top1)
-        rows.append(epoch_row(run, epoch, meter, top1, top5))
+        rows.append(epoch_row(eng, run.world, run.micro, run.stepper.scale, epoch, meter, (top1, top5)))
         sinks.epoch(rows[-1], eng.global_steps)
         if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
             sinks.note(input_bound_line(run.data, run.cuda, rows[-1]))
@@ -552,13 +553,13 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, ignore_index=IGNORE)
 
 
-def evaluate(run: Run) -> tuple[float, float]:
+def evaluate(eng, data: ImageNetData) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) over the whole validation set, counted exactly across ranks, of the
     model the checkpoint saves (rank 0's batch-norm statistics on every rank)."""
-    run.engine.eval()
-    with distributed.rank0_buffers(run.engine.module):
-        top1, top5, _ = validate(run.engine, run.data.validation(), run.engine.device)
-    run.engine.train()
+    eng.eval()
+    with distributed.rank0_buffers(eng.module):
+        top1, top5, _ = validate(eng, data.validation(), eng.device)
+    eng.train()
     return top1, top5
 
 
@@ -577,24 +578,27 @@ def save(run: Run) -> None:
     checkpoint.save(run.engine, run.out / "checkpoints", run.components, card, run.opts.checkpoint.keep_checkpoints)
 
 
-def epoch_row(run: Run, epoch: int, meter: StepMeter, top1: float | None, top5: float | None) -> dict:
-    """The epoch's line of metrics.jsonl: losses, accuracy and waits averaged over ranks (a sync point)."""
+def epoch_row(
+    eng, world: int, micro: int, scale: loss_scale.LossScale, epoch: int, meter: StepMeter, accuracy: tuple
+) -> dict:
+    """The epoch's line of metrics.jsonl: losses, accuracy (top-1, top-5 or None) and waits averaged over the
+    `world` ranks, and images/s over all of them (`micro` images per rank per micro-step). A sync point."""
     seconds = meter.elapsed()
     totals = [meter.loss_sum.item(), meter.micro_steps, meter.waited]
-    loss_sum, micro, waited = distributed.all_sum(totals, run.engine.device)
+    loss_sum, micro, waited = distributed.all_sum(totals, eng.device)
     # Host-side peak of this rank's allocations this epoch (no device sync); None on a CPU.
-    peak = torch.cuda.max_memory_allocated() if run.cuda else None
+    peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else None
     return {
         "epoch": epoch,
         "train_loss": loss_sum / max(micro, 1),
-        "val_top1": top1,
-        "val_top5": top5,
-        "lr": engine.lr(run.engine),
-        "images_per_sec": meter.micro_steps * run.world * run.micro / seconds,
-        "data_wait_share": waited / run.world / seconds,
+        "val_top1": accuracy[0],
+        "val_top5": accuracy[1],
+        "lr": engine.lr(eng),
+        "images_per_sec": meter.micro_steps * world * micro / seconds,
+        "data_wait_share": waited / world / seconds,
         "peak_gpu_memory_bytes": peak,
-        "skipped_steps": run.stepper.scale.skipped,
-        "step": run.engine.global_steps,
+        "skipped_steps": scale.skipped,
+        "step": eng.global_steps,
     }
 
 
@@ -618,12 +622,12 @@ def input_bound_line(data: ImageNetData, cuda: bool, row: dict) -> str:
 # ---- close, and the ways a run ends early ----
 
 
-def close(run: Run, sinks: Sinks, summary: dict) -> None:
-    """Write the summary, close wandb and the process group, and say where everything is."""
-    run.roll.stop()
+def close(roll: distributed.RollCall, sinks: Sinks, summary: dict, out: Path) -> None:
+    """Stop the roll call, write the summary, close wandb and the process group, and say where everything is."""
+    roll.stop()
     sinks.summary(summary)
     sinks.close()
-    sinks.note(done_line(summary, run.out, sinks.wandb_dir))
+    sinks.note(done_line(summary, out, sinks.wandb_dir))
     distributed.close()
 
 

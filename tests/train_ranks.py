@@ -51,7 +51,7 @@ def main() -> int:
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump({"ranks": gathered, "summary": summary}, f)
-    train.close(run, sinks, summary)
+    train.close(run.roll, sinks, summary, run.out)
     return 0
 
 
