@@ -585,12 +585,12 @@ def epoch_row(
     `world` ranks, and images/s over all of them (`micro` images per rank per micro-step). A sync point."""
     seconds = meter.elapsed()
     totals = [meter.loss_sum.item(), meter.micro_steps, meter.waited]
-    loss_sum, micro, waited = distributed.all_sum(totals, eng.device)
+    loss_sum, micro_steps, waited = distributed.all_sum(totals, eng.device)
     # Host-side peak of this rank's allocations this epoch (no device sync); None on a CPU.
     peak = torch.cuda.max_memory_allocated() if eng.device.type == "cuda" else None
     return {
         "epoch": epoch,
-        "train_loss": loss_sum / max(micro, 1),
+        "train_loss": loss_sum / max(micro_steps, 1),
         "val_top1": accuracy[0],
         "val_top5": accuracy[1],
         "lr": engine.lr(eng),

@@ -11,10 +11,12 @@ import pytest
 import torch
 import yaml
 
-from pipeline import checkpoint, cpu, deepspeed_json, train
+from pipeline import checkpoint, cpu, deepspeed_json, engine, loss_scale, train
 from pipeline.data.shards import IGNORE, shard_bounds
+from pipeline.meters import StepMeter
 from pipeline.schedule import Schedule, lr_at
 from tests import procs
+from tests.models import constant_schedule
 from tests.runs import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
 from tests.shardsets import labelled_set
 from tests.wandb_files import logged
@@ -222,6 +224,22 @@ def test_bad_input_fails_before_any_heavy_work(prepared, capsys, args, message):
     assert err.startswith("error: ")
     assert message in err
     assert err.count("\n") == 1
+
+
+def test_the_epoch_row_counts_images_and_averages_the_loss(process_group, monkeypatch):
+    """epoch_row on a real engine: images/s is micro-steps x ranks x micro-batch / seconds, the loss the mean over
+    micro-steps (3 micro-steps of 16 images, losses 1, 2 and 3, in 2 seconds)."""
+    s = constant_schedule(0.1, total_steps=4, steps_per_epoch=4)
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_clipping": 0.0,
+          "optimizer": {"type": "SGD", "params": {"lr": 0.1}}}  # fmt: skip
+    eng = engine.build(torch.nn.Linear(4, 3), deepspeed_json.with_schedule(ds, s), s)
+    meter = StepMeter(16, 4, eng.device)
+    for loss in (1.0, 2.0, 3.0):
+        meter.micro_step(torch.tensor(loss), torch.zeros(16, 3), torch.zeros(16, dtype=torch.long))
+    monkeypatch.setattr(meter, "elapsed", lambda: 2.0)
+    row = train.epoch_row(eng, 1, 16, loss_scale.LossScale(eng), 0, meter, (None, None))
+    assert row["images_per_sec"] == 3 * 16 / 2
+    assert row["train_loss"] == 2.0
 
 
 def test_batch_that_does_not_split_over_the_ranks(prepared, capsys, monkeypatch):
