@@ -153,11 +153,8 @@ class InPrecision(nn.Module):
 
     def __init__(self, model: nn.Module, mode: str, device_type: str):
         super().__init__()
-        self.dtype, self.autocast, self.device_type = (
-            getattr(torch, DATA_DTYPES[mode]),
-            mode.startswith("auto"),
-            device_type,
-        )
+        self.dtype = getattr(torch, DATA_DTYPES[mode])
+        self.autocast, self.device_type = mode.startswith("autocast-"), device_type
         if mode in ("fp16", "bf16"):
             # The wrappers' 16-bit weights; norms keep their fp32 values (a round trip through 16 bits would not).
             for module in model.modules():

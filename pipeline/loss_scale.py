@@ -81,9 +81,9 @@ def _deepspeed_version() -> str:
 
 class LossScale:
     """The loss scale of an engine (a checkpoint component) and the optimizer steps skipped for overflow, read
-    without a host-device sync:
-    from DeepSpeed's fp16 wrapper as host numbers, from torch's GradScaler (autocast fp16) as device values that
-    `resolve` reads at the next flush. DeepSpeed does not count GradScaler skips: a drop of the scale is one.
+    without a host-device sync: from DeepSpeed's fp16 wrapper as host numbers, from torch's GradScaler (autocast
+    fp16) as device values that `resolve` reads at the next flush. DeepSpeed does not count GradScaler skips: a
+    drop of the scale is one.
 
     Trap: DeepSpeed's fp16 wrapper divides every gradient by its scale (2^16 at the start) in its step, but
     DeepSpeed 0.19.8's `engine.backward` never multiplies the loss by it without ZeRO, so every update would be

@@ -24,6 +24,8 @@ from pathlib import Path
 # ILSVRC2012 training images and the paper's epochs: the committed files count their steps in these. Runs fit the
 # counts to their own data and epochs.
 IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS = 1_281_167, 90
+# Goyal et al.: 5 epochs of gradual warmup in a 90-epoch run.
+WARMUP_EPOCHS = 5.0
 REFERENCE_BATCH, REFERENCE_LR = 256, 0.1
 # fp16/bf16: DeepSpeed's wrapper (16-bit weights, fp32 masters); autocast-*: fp32 weights under torch.autocast,
 # fp16 with torch's GradScaler (pipeline/deepspeed_json.py says what each keeps in which precision).
@@ -47,7 +49,7 @@ class Recipe:
     precision: str = "fp16"
     # Epochs of the schedule and of its warmup.
     epochs: int = RECIPE_EPOCHS
-    warmup_epochs: float = 5.0
+    warmup_epochs: float = WARMUP_EPOCHS
     # Training images per epoch.
     train_images: int = IMAGENET_TRAIN_IMAGES
     # SGD with Nesterov momentum; weight decay applies to conv and linear weights only (see model.py).

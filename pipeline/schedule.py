@@ -23,7 +23,7 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.scaling import IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, Recipe, warmup_decay_section
+from pipeline.scaling import IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, WARMUP_EPOCHS, Recipe, warmup_decay_section
 
 GOYAL = "goyal_steps"
 # DeepSpeed's schedulers a run accepts in its configuration, and the parameters of each that count optimizer steps
@@ -172,7 +172,7 @@ class RunSteps:
 
 def default_warmup_epochs(epochs: int) -> float:
     """goyal_steps' warmup for a run of `epochs`: 5 epochs at 90 or more, the same share of a shorter run."""
-    return 5.0 * min(1.0, epochs / RECIPE_EPOCHS)
+    return WARMUP_EPOCHS * min(1.0, epochs / RECIPE_EPOCHS)
 
 
 def fit(kind: str, ds: dict, path: str, run: RunSteps) -> tuple[Schedule, dict, list[str]]:
@@ -207,8 +207,9 @@ def from_configuration(ds: dict, path: str, run: RunSteps) -> tuple[Schedule, di
             f"{path}: scheduler type {kind!r}: use one of {', '.join(STEP_COUNTS)} (DeepSpeed's), or --schedule "
             "goyal_steps"
         )
-    params = {**_defaults(kind), **section.get("params", {})}
-    if "warmup_type" in _defaults(kind) and "warmup_type" not in section.get("params", {}):
+    defaults, given = _defaults(kind), section.get("params", {})
+    params = {**defaults, **given}
+    if "warmup_type" in defaults and "warmup_type" not in given:
         notes.append(f"{path}: {kind} without warmup_type warms up logarithmically (DeepSpeed's default), not linearly")
     if params.get("warmup_max_lr") == run.generated_for.peak_lr:
         params["warmup_max_lr"] = run.recipe.peak_lr

@@ -13,13 +13,13 @@ from pipeline.data.reader import (
 from pipeline.data.shards import IGNORE, DataError, ShardSet, open_shards, shard_bounds
 
 __all__ = [
-    "decode_device",
     "IGNORE",
     "DataConfig",
     "DataError",
     "DataOptions",
     "ImageNetData",
     "ShardSet",
+    "decode_device",
     "epoch_seed",
     "open_shards",
     "shard_bounds",
