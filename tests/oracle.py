@@ -128,18 +128,24 @@ def fp32_weights(eng) -> dict[str, torch.Tensor]:
     return {name: masters.get(p, p).detach().float().clone() for name, p in eng.module.named_parameters()}
 
 
+def plain_sgd(model: torch.nn.Module) -> torch.optim.SGD:
+    """The oracle's optimizer: torch SGD with Nesterov momentum, weight decay on weights (dim > 1) only; its lr is
+    set before every step."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    no_decay = [p for p in model.parameters() if p.dim() <= 1]
+    return torch.optim.SGD(
+        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=0.0,
+        momentum=MOMENTUM,
+        nesterov=True,
+    )
+
+
 def torch_sgd_steps(world: int, accum: int, steps: int = STEPS) -> dict[str, torch.Tensor]:
     """The oracle: plain torch SGD (Nesterov, no weight decay on batch norm and biases, the paper's lr per step) on
     the same micro-batches, their gradients averaged over all 8 images."""
     model = initial_model()
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    sgd = torch.optim.SGD(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=paper_lr(0),
-        momentum=MOMENTUM,
-        nesterov=True,
-    )
+    sgd = plain_sgd(model)
     micro = BATCH // world // accum
     for step in range(steps):
         images, labels = data(step)
@@ -224,14 +230,7 @@ def torch_sgd_long(skipped: list[int], clip: float = 0.0) -> tuple[dict[str, tor
     gradient norm clipped to `clip` (torch's clip_grad_norm_) where given; returns the weights and how many steps
     were clipped."""
     model = initial_model()
-    decay = [p for p in model.parameters() if p.dim() > 1]
-    no_decay = [p for p in model.parameters() if p.dim() <= 1]
-    sgd = torch.optim.SGD(
-        [{"params": decay, "weight_decay": WEIGHT_DECAY}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=0.0,
-        momentum=MOMENTUM,
-        nesterov=True,
-    )
+    sgd = plain_sgd(model)
     clipped = 0
     for step in range(LONG_STEPS):
         if step in skipped:
