@@ -102,17 +102,37 @@ class Hosts:
         for ns, address in zip(self.namespaces, self.names, strict=True):
             self.start_sshd(ns, address)
 
-    def start_sshd(self, ns: str, address: str) -> None:
-        """(Re)start a host's sshd, listening on its address only."""
-        pid_file = self.folder / f"sshd-{address}.pid"
-        pid_file.unlink(missing_ok=True)
-        _run("ip", "netns", "exec", ns, SSHD, "-f", str(self.folder / "sshd_config"), "-o",
-             f"ListenAddress={address}", "-o", f"PidFile={pid_file}")  # fmt: skip
-        deadline = time.monotonic() + 10
-        while not (pid_file.exists() and pid_file.read_text().strip()):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"sshd on test host {address} did not start")
-            time.sleep(0.05)
+    def start_sshd(self, ns: str, address: str, seconds: float = 60) -> None:
+        """(Re)start a host's sshd, listening on its address only. sshd binds after it daemonizes, so a port still held
+        by a process on its way out shows only as a missing pid file: start again until the deadline."""
+        pid_file, log = self.folder / f"sshd-{address}.pid", self.folder / f"sshd-{address}.log"
+        deadline = time.monotonic() + seconds
+        while True:
+            pid_file.unlink(missing_ok=True)
+            _run("ip", "netns", "exec", ns, SSHD, "-f", str(self.folder / "sshd_config"), "-o",
+                 f"ListenAddress={address}", "-o", f"PidFile={pid_file}", "-E", str(log))  # fmt: skip
+            attempt = time.monotonic() + 5
+            while time.monotonic() < min(attempt, deadline):
+                if pid_file.exists() and pid_file.read_text().strip():
+                    return
+                time.sleep(0.05)
+            if time.monotonic() >= deadline:
+                tail = log.read_text().strip().splitlines()[-3:] if log.exists() else []
+                raise RuntimeError(f"sshd on test host {address} did not start in {seconds:.0f} s: {tail}")
+
+    def sshd_running(self, host: int) -> bool:
+        pid_file = self.folder / f"sshd-{self.names[host]}.pid"
+        try:
+            return "sshd" in command_line(int(pid_file.read_text()))
+        except (OSError, ValueError):
+            return False
+
+    def ready(self) -> None:
+        """Every host up, as the next test expects, whatever the last one left: its link up, its sshd running."""
+        for host in range(len(self.names)):
+            self.link(host, up=True)
+            if not self.sshd_running(host):
+                self.start_sshd(self.namespaces[host], self.names[host])
 
     def env(self, variables: dict[str, str]) -> dict[str, str]:
         """The launching process's environment: the test `ssh` first on PATH, and `variables` (with the gloo
@@ -140,13 +160,19 @@ class Hosts:
         """Take a host's link down (its sockets stay open, and silent: a partition) or back up."""
         _run("ip", "link", "set", self.links[host], "up" if up else "down")
 
-    def kill(self, host: int) -> None:
-        """kill -9 every process on a host (its sshd too), then restart its sshd, as a rebooted node would."""
-        for pid in self.pids(host):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    def kill(self, host: int, seconds: float = 30) -> None:
+        """kill -9 every process on a host (its sshd too), until none is left (one may fork while the others die), then
+        restart its sshd, as a rebooted node would."""
+        deadline = time.monotonic() + seconds
+        while pids := self.pids(host):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"processes on test host {self.names[host]} outlived kill -9: {pids}")
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
         self.start_sshd(self.namespaces[host], self.names[host])
 
     def close(self) -> None:
@@ -236,6 +262,13 @@ class Slurm:
         log = open(self.folder / "daemons.log", "a")  # noqa: SIM115
         command = ["ip", "netns", "exec", self.hosts.namespaces[host], "slurmd", "-D", "-N", self.names[host]]
         self.daemons.append(subprocess.Popen(command, env=env, stdout=log, stderr=log))
+
+    def ready(self) -> None:
+        """Every node idle, as the next test expects: a slurmd started again on a host whose slurmd a test killed."""
+        for host in range(len(self.names)):
+            if not self.hosts.pids(host, running="slurmd"):
+                self.start_slurmd(host)
+        self.wait_idle()
 
     def wait_idle(self, seconds: float = 60) -> None:
         """Wait until every node is idle (up, running nothing)."""

@@ -28,7 +28,7 @@ HOST_ENV = {"GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def module_cluster(tmp_path_factory):
     """Two test hosts, with a SLURM cluster of them."""
     hosts = Hosts(tmp_path_factory.mktemp("hosts"))
     try:
@@ -39,6 +39,16 @@ def cluster(tmp_path_factory):
     yield hosts, slurm
     slurm.close()
     hosts.close()
+
+
+@pytest.fixture
+def cluster(module_cluster):
+    """The module's cluster, every host and node up again after whatever the last test did to it (a kill it did not
+    live to undo must not fail the tests after it)."""
+    hosts, slurm = module_cluster
+    hosts.ready()
+    slurm.ready()
+    return module_cluster
 
 
 def assert_one_job(report: Path, out: Path, images: int = 45, epochs: int = 2) -> None:

@@ -2,6 +2,8 @@
 namespaces with their own sshd, reached through pdsh), 2 ranks each, gloo on the CPU."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -24,11 +26,18 @@ DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")
 
 
 @pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
+def module_hosts(tmp_path_factory):
     """Two test hosts for this module's tests."""
     made = Hosts(tmp_path_factory.mktemp("hosts"))
     yield made
     made.close()
+
+
+@pytest.fixture
+def hosts(module_hosts):
+    """The module's hosts, each up with its sshd again after whatever the last test did to it."""
+    module_hosts.ready()
+    return module_hosts
 
 
 class ProcessListings:
@@ -274,3 +283,21 @@ def test_slots_that_do_not_divide_the_batch_fail_before_training_in_one_line(hos
     assert errors[0].startswith(f"{hosts.names[0]}: error: "), proc.stdout[-3000:] + proc.stderr
     assert "train_batch_size 12 is not a multiple of micro-batch 4 x 2 ranks" in errors[0]
     assert not (tmp_path / "run" / "steps.jsonl").exists()
+
+
+def test_a_host_a_test_left_killed_is_up_again_for_the_next(module_hosts):
+    """The fixture's ready(): a host whose processes were killed (sshd too) and its link taken down, as a test that
+    failed halfway would leave it, answers ssh again."""
+
+    def ssh_ok() -> bool:
+        env = module_hosts.env({})
+        proc = subprocess.run(["ssh", module_hosts.names[1], "true"], env=env, capture_output=True, timeout=30)
+        return proc.returncode == 0
+
+    assert ssh_ok()
+    for pid in module_hosts.pids(1, running="sshd"):
+        os.kill(pid, signal.SIGKILL)
+    module_hosts.link(1, up=False)
+    assert not ssh_ok()
+    module_hosts.ready()
+    assert ssh_ok()
