@@ -31,7 +31,7 @@ def dali_child(spec: dict) -> dict:
         val_resize=spec["crop"],
         dtype=deepspeed_json.DATA_DTYPES[spec["precision"]],
         layout="NHWC" if spec["channels_last"] else "NCHW",
-        num_threads=spec["data_threads"],
+        data_threads=spec["data_threads"],
     )
     data = ImageNetData(config, grad_accum=spec["accum"], splits=("train",))
     per_epoch = data.train_steps // spec["accum"]

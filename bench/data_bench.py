@@ -58,8 +58,8 @@ def dali_runner(shards: Path, args, gpu: bool):
     config = DataConfig(
         str(shards),
         batch_size=args.batch,
-        device="gpu" if gpu else "cpu",
-        num_threads=args.workers,
+        data_device="gpu" if gpu else "cpu",
+        data_threads=args.workers,
         dtype="float16" if gpu else "float32",
         layout="NHWC" if gpu else "NCHW",
     )

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
+import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import simple_parsing
 import yaml
 
+from pipeline import options
 from pipeline.checkpoint import CheckpointOptions
 from pipeline.data.reader import DataOptions
 from pipeline.distributed import ClusterOptions
@@ -79,65 +81,42 @@ def option_fields() -> list[dataclasses.Field]:
     return [f for kind in SECTIONS.values() for f in fields(kind)]
 
 
-def parser() -> argparse.ArgumentParser:
-    """Flags for every field; a flag not given leaves the YAML or default value alone."""
-    p = argparse.ArgumentParser(prog="pipeline/train.py", description="Train an ImageNet classifier with DeepSpeed.")
-    p.add_argument("--config", help="YAML file of run options (keys as the flags, - or _); flags override it")
+def parser() -> simple_parsing.ArgumentParser:
+    """Flags for every field of every section (pipeline.options.parser), and what DeepSpeed's launcher passes."""
+    p = options.parser("pipeline/train.py", "Train an ImageNet classifier with DeepSpeed.", SECTIONS)
+    p.add_argument(
+        "--config", metavar="YAML", help="YAML file of run options (keys as the flags, - or _); flags override it"
+    )
+    # DeepSpeed's launcher appends --local_rank=N to every rank's command line; `deepspeed.add_config_arguments`
+    # declares --deepspeed, which its examples pass.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed launcher compatibility")
-    helps = field_help()
-    for f in option_fields():
-        default = "" if f.default in (None, "") else f" (default: {f.default})"
-        text = helps.get(f.name, "") + default
-        if _kind(f) is bool:
-            # `--allow-cpu` alone means true; `--allow-cpu false` also parses.
-            p.add_argument(
-                flag_of(f), dest=f.name, type=_bool, nargs="?", const=True, default=argparse.SUPPRESS, help=text
-            )
-        else:
-            p.add_argument(flag_of(f), dest=f.name, type=_kind(f), default=argparse.SUPPRESS, help=text)
     return p
 
 
-def field_help() -> dict[str, str]:
-    """Each option's --help text: the comment above it in its section (fields declared together share one)."""
-    helps, pending, current = {}, [], ""
-    source = "\n".join(inspect.getsource(kind) for kind in SECTIONS.values())
-    for line in source.splitlines():
-        text = line.strip()
-        if text.startswith("#"):
-            pending.append(text.lstrip("# "))
-        elif ":" in text and text.split(":")[0].isidentifier() and not text.startswith(("def ", "class ")):
-            current, pending = (" ".join(pending), []) if pending else (current, pending)
-            helps[text.split(":")[0]] = current
-        else:
-            pending = []
-    return {k: v.replace("%", "%%") for k, v in helps.items()}
+def _value_type(f: dataclasses.Field, hints: dict) -> type:
+    """The type of a field's values: its annotation, or the one type of an `X | None`."""
+    kinds = [k for k in typing.get_args(hints[f.name]) if k is not type(None)] or [hints[f.name]]
+    if len(kinds) != 1 or kinds[0] not in (bool, int, float, str):
+        raise TypeError(f"run option {f.name}: {hints[f.name]} is not a bool, int, float or str (or one | None)")
+    return kinds[0]
 
 
-def _bool(text: str) -> bool:
-    """A boolean flag's value: true/false, yes/no, 1/0."""
-    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
-    return value
-
-
-def _kind(f: dataclasses.Field) -> type:
-    """The Python type of a field's values (annotations are strings here)."""
-    return {"int": int, "int | None": int, "float": float, "float | None": float, "bool": bool}.get(f.type, str)
+def value_types() -> dict[str, type]:
+    """Every option's value type, from the sections' annotations."""
+    return {f.name: _value_type(f, typing.get_type_hints(kind)) for kind in SECTIONS.values() for f in fields(kind)}
 
 
 def _from_yaml(path: str) -> dict:
-    """Options from a YAML file, with unknown keys refused."""
+    """Options from a YAML file by section, with unknown keys and values of the wrong type refused."""
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"--config {path}: cannot read it ({e})") from e
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of option: value")
-    known = {f.name for f in option_fields()}
-    # A key is a field's name or its flag's (data_threads or num_threads), with - or _.
+    kinds = value_types()
+    # A key is a field's name or its flag's, with - or _.
     alias = {flag_of(f).lstrip("-").replace("-", "_"): f.name for f in option_fields()}
 
     def name(key) -> str:
@@ -145,22 +124,28 @@ def _from_yaml(path: str) -> dict:
         return alias.get(key, key)
 
     options = _spread(values, name)
-    unknown = sorted(set(options) - known)
+    unknown = sorted(set(options) - set(kinds))
     if unknown:
-        raise ValueError(f"--config {path}: unknown option {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    for f in option_fields():
-        value, kind = options.get(f.name), _kind(f)
+        raise ValueError(f"--config {path}: unknown option {unknown[0]!r}; known: {', '.join(sorted(kinds))}")
+    for key, value in options.items():
+        kind = kinds[key]
         if value is not None and not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
-            raise ValueError(f"--config {path}: {f.name} {value!r} is not a {kind.__name__}")
+            raise ValueError(f"--config {path}: {key} {value!r} is not a {kind.__name__}")
     return options
 
 
 def load(argv: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then the flags; raises ValueError naming the bad value."""
-    args = vars(parser().parse_args(argv))
-    options = _from_yaml(args["config"]) if args.get("config") else {}
-    options.update({k: v for k, v in args.items() if k not in ("config", "local_rank", "deepspeed")})
-    return RunConfig.from_options(options)
+    """Defaults, then the YAML file, then the flags; raises ValueError naming the bad value (a section's validation,
+    run as the parser builds it)."""
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config")
+    path = first.parse_known_args(argv)[0].config
+    from_yaml = _from_yaml(path) if path else {}
+    owner = {f.name: section for section, kind in SECTIONS.items() for f in fields(kind)}
+    p = parser()
+    p.set_defaults(**{s: {k: v for k, v in from_yaml.items() if owner[k] == s} for s in SECTIONS})
+    parsed = p.parse_args(argv)
+    return RunConfig(**{section: getattr(parsed, section) for section in SECTIONS})
 
 
 def read_ds_config(path: str) -> dict:
@@ -172,12 +157,15 @@ def read_ds_config(path: str) -> dict:
 
 
 def flags_table() -> str:
-    """The markdown table of every flag, its default and its meaning, from the same field comments as --help."""
-    helps = {k: v.replace("%%", "%") for k, v in field_help().items()}
+    """The markdown table of every flag, its default and its meaning, from the parser --help prints."""
     rows = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in option_fields():
-        default = "required" if f.default == "" else "none" if f.default is None else f"`{f.default}`"
-        rows.append(f"| `{flag_of(f)}` | {default} | {helps.get(f.name, '')} |")
+    for action in parser().field_actions():
+        default = action.default
+        shown = "required" if default == "" else "none" if default is None else f"`{default}`"
+        meaning = " ".join(action.help.replace(" (default: %(default)s)", "").replace("%%", "%").split())
+        meaning = meaning.replace("|", "\\|")  # |w| inside a table cell
+        spellings = sorted(action.option_strings, key=lambda s: (len(s), s))  # simple-parsing's come from a set
+        rows.append(f"| {', '.join(f'`{s}`' for s in spellings)} | {shown} | {meaning} |")
     return "\n".join(rows) + "\n"
 
 

@@ -11,6 +11,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import simple_parsing
 import torch
 from torch import nn
 
@@ -255,8 +256,8 @@ COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhe
 class OptimOptions:
     """The model, the optimisation recipe and the precision and speed settings it runs with."""
 
-    # DeepSpeed configuration (ds_configs/*.json): batch, precision, optimizer.
-    deepspeed_config: str = ""
+    # DeepSpeed configuration (ds_configs/*.json): batch, precision, optimizer, schedule.
+    deepspeed_config: str = simple_parsing.field(default="", alias="--deepspeed_config")
     # Any torchvision classification model (torchvision.models.list_models()).
     arch: str = "resnet50"
     # Epochs to train; the schedule is laid out over exactly this many.
@@ -270,8 +271,9 @@ class OptimOptions:
     # Epochs of linear warmup (default: the configuration's warmup_num_steps, fitted to the run; goyal_steps: 5 of
     # 90 epochs, scaled to shorter --epochs, none at or below B=256).
     warmup_epochs: float | None = None
-    # The linear scaling rule's anchor: lr = reference_lr * B / reference_batch (0.1 at 256 in the paper).
+    # The linear scaling rule's anchor batch: lr = reference_lr * B / reference_batch (256 in the paper).
     reference_batch: int = REFERENCE_BATCH
+    # The linear scaling rule's lr at the anchor batch (0.1 in the paper).
     reference_lr: float = REFERENCE_LR
     # sgd (Nesterov, the paper's) or lars (layer-wise trust ratio on conv/linear weights, Nesterov; beyond 8k).
     optimizer: str = "sgd"

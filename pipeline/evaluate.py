@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             crop_size=card["crop_size"],
             val_resize=card["val_resize"],
             layout="NHWC" if cuda else "NCHW",
-            device=args.data_device,
-            num_threads=args.data_threads,
+            data_device=args.data_device,
+            data_threads=args.data_threads,
         )
         data = ImageNetData(config, rank, world, splits=("validation",), shards=shards)
         model = load_model(path, card, data.device, precision)

@@ -1,22 +1,58 @@
-"""What every section of the run options shares: fields whose flag is not their name, range checks, flag names.
-Each section lives with the component it configures (pipeline/data/reader.py, engine.py, checkpoint.py,
-tracking.py, distributed.py); pipeline/config.py composes them."""
+"""What every section of the run options shares: the command-line parser, flag names, range checks. Each section
+is a frozen dataclass living with the component it configures (pipeline/data/shards.py, data/reader.py, engine.py,
+checkpoint.py, tracking.py, distributed.py); pipeline/config.py composes them for training, and the data tools
+(python -m pipeline.data.shards, preview) take their flags from the same sections.
+
+A section's fields are its flags: `--` and the field's name with dashes (a field may add a spelling with
+`simple_parsing.field(alias=...)`), their help the comment above the field. simple-parsing reads both, so --help
+and the docs' flag table (python -m pipeline.config) come from the dataclasses themselves.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
+import simple_parsing
+from simple_parsing import ArgumentGenerationMode, ConflictResolution, DashVariant
 
-def flag_field(default, flag: str):
-    """A field whose command-line flag is not its name with dashes."""
-    return dataclasses.field(default=default, metadata={"flag": flag})
+
+class ArgumentParser(simple_parsing.ArgumentParser):
+    """simple-parsing's parser, whose help (and so the docs' flag table) shows the sections' flags before any parse:
+    simple-parsing adds them only when it parses or prints help."""
+
+    def format_help(self) -> str:
+        self._preprocessing()
+        return super().format_help()
+
+    def field_actions(self) -> list[argparse.Action]:
+        """The flags of the sections' fields, in section order (a field's destination is `<section>.<field>`)."""
+        self._preprocessing()
+        return [action for action in self._actions if "." in action.dest]
+
+
+def parser(prog: str, description: str, sections: dict[str, type]) -> ArgumentParser:
+    """Flags for every field of the `sections` (dataclasses, by the namespace attribute each is parsed into), all on
+    one level: `--crop-size`, not `--data.crop-size`. Parsing builds each section, so its validation runs there."""
+    p = ArgumentParser(
+        prog=prog,
+        description=description,
+        add_option_string_dash_variants=DashVariant.DASH,
+        argument_generation_mode=ArgumentGenerationMode.FLAT,
+        # Two sections with a field of the same name would be two flags of one name: refused, not prefixed.
+        conflict_resolution=ConflictResolution.NONE,
+        add_config_path_arg=False,
+    )
+    for dest, kind in sections.items():
+        p.add_arguments(kind, dest=dest)
+    return p
 
 
 def flag_of(f: dataclasses.Field) -> str:
-    """The command-line flag of an option field."""
-    if "flag" in f.metadata:
-        return f.metadata["flag"]
-    return "--deepspeed_config" if f.name == "deepspeed_config" else "--" + f.name.replace("_", "-")
+    """The command-line flag of an option field, as errors and the docs spell it: its alias where it has one
+    (--deepspeed_config, as DeepSpeed's documentation writes it), else its name with dashes."""
+    aliases = f.metadata.get("alias") or []
+    return aliases[0] if aliases else "--" + f.name.replace("_", "-")
 
 
 def flag(section, name: str) -> str:

@@ -313,9 +313,9 @@ class TrackingOptions:
     log_every: int = 20
     # wandb: online, offline or disabled (default: WANDB_MODE, else online with an API key and offline without).
     wandb_mode: str | None = None
-    # wandb project (default: WANDB_PROJECT, else imagenet-pipeline) and group (default: WANDB_RUN_GROUP, else
-    # "<arch> B=<batch>"); a flag wins over wandb's environment variables.
+    # wandb project (default: WANDB_PROJECT, else imagenet-pipeline); the flag wins over the variable.
     wandb_project: str | None = None
+    # wandb group (default: WANDB_RUN_GROUP, else "<arch> B=<batch>"); the flag wins over the variable.
     wandb_group: str | None = None
 
     def __post_init__(self):

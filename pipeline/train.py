@@ -134,7 +134,7 @@ def parse(argv: list[str] | None) -> tuple[config.RunConfig, dict, list[str]]:
             optim.loss_scale_window,
         )
         # Refused here, before any rank waits for another, where the GPU is asked for and not usable.
-        decode_device(opts.data.device, cuda, optim.allow_cpu)
+        decode_device(opts.data.data_device, cuda, optim.allow_cpu)
     except ValueError as e:
         raise Stop(str(e), Status.BAD_INPUT, Speaker.RANK_0) from e
     return opts, ds, notes
@@ -320,11 +320,11 @@ def build(
     deepspeed_json.check_combination(ds, optim.deepspeed_config, channels_last, optim.compile)
     precision = deepspeed_json.precision(ds)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    device, note = decode_device(opts.data.device, cuda, optim.allow_cpu)
+    device, note = decode_device(opts.data.data_device, cuda, optim.allow_cpu)
     notes = [*notes, *filter(None, [note])]
     layout = "NHWC" if channels_last else "NCHW"
     data_config = DataConfig.of(
-        opts.data, batch_size=micro, dtype=deepspeed_json.DATA_DTYPES[precision], layout=layout, device=device
+        opts.data, batch_size=micro, dtype=deepspeed_json.DATA_DTYPES[precision], layout=layout, data_device=device
     )
     data = ImageNetData(data_config, rank, world, grad_accum=accum, shards=shards)
     # The same initial weights on every rank and in every session with this seed.
@@ -609,7 +609,7 @@ def input_bound_line(data: ImageNetData, cuda: bool, row: dict) -> str:
     elif data.gpu:
         knob = (
             f"raise --data-threads (now {data.threads}), --hw-decoder-load or --data-prefetch "
-            f"(now {data.config.prefetch})"
+            f"(now {data.config.data_prefetch})"
         )
     else:
         knob = f"raise --data-threads (now {data.threads}) or decode on a GPU"

@@ -18,7 +18,7 @@ def main() -> None:
     """Read one training epoch and one validation pass with an all-reduce per step, like training does."""
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    config = DataConfig(sys.argv[1], batch_size=4, crop_size=32, val_resize=36, device="cpu", num_threads=1)
+    config = DataConfig(sys.argv[1], batch_size=4, crop_size=32, val_resize=36, data_device="cpu", data_threads=1)
     data = ImageNetData(config, rank=rank, world_size=world)
     seen = {"train": [], "validation": []}
     for split, batches in (("train", data.train_epoch(0)), ("validation", data.validation())):

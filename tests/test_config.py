@@ -45,7 +45,7 @@ def test_yaml_then_flags(tmp_path):
     # A YAML file may also write the sections out; flags still win.
     run_yaml.write_text("data:\n  data-dir: /data/in\n  crop_size: 192\n  data_prefetch: 4\noptim:\n  epochs: 30\n")
     run = config.load(["--config", str(run_yaml), "--deepspeed_config", "x.json", "--data-threads", "3"])
-    assert (run.data.crop_size, run.data.num_threads, run.data.prefetch, run.optim.epochs) == (192, 3, 4, 30)
+    assert (run.data.crop_size, run.data.data_threads, run.data.data_prefetch, run.optim.epochs) == (192, 3, 4, 30)
 
 
 @pytest.mark.parametrize(

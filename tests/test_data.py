@@ -41,7 +41,9 @@ def labelled(tmp_path_factory):
 
 def loader(folder, rank=0, world=1, **options) -> ImageNetData:
     """A CPU loader with small crops."""
-    settings = dict(batch_size=4, crop_size=CROP, val_resize=RESIZE, device="cpu", num_threads=2, shuffle_buffer=16)
+    settings = dict(
+        batch_size=4, crop_size=CROP, val_resize=RESIZE, data_device="cpu", data_threads=2, shuffle_buffer=16
+    )
     return ImageNetData(DataConfig(str(folder), **{**settings, **options}), rank=rank, world_size=world)
 
 
@@ -226,7 +228,7 @@ def test_a_label_outside_the_range_names_the_shard(tmp_path):
     [
         ("dtype", "int8", "dtype 'int8'"),
         ("layout", "CHWN", "layout 'CHWN'"),
-        ("device", "tpu", "--data-device tpu"),
+        ("data_device", "tpu", "--data-device tpu"),
         ("batch_size", 0, "batch_size 0"),
         ("val_resize", 100, "--val-resize 100"),
         ("hw_decoder_load", 2, "--hw-decoder-load 2"),

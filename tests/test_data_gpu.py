@@ -17,7 +17,7 @@ pytestmark = pytest.mark.gpu
 
 def gpu_loader(folder, rank=0, world=1, **options) -> ImageNetData:
     """A loader decoding with nvJPEG on GPU 0."""
-    settings = dict(batch_size=4, crop_size=32, val_resize=36, device="gpu", num_threads=2, shuffle_buffer=16)
+    settings = dict(batch_size=4, crop_size=32, val_resize=36, data_device="gpu", data_threads=2, shuffle_buffer=16)
     return ImageNetData(DataConfig(str(folder), **{**settings, **options}), rank=rank, world_size=world, device_id=0)
 
 
@@ -45,7 +45,7 @@ def test_gpu_validation_matches_the_cpu_pipeline(tmp_path):
     write_shards(tmp_path, "train", images, 1)
     options = dict(batch_size=3, crop_size=224, val_resize=256, num_classes=1)
     gpu = to_uint8(next(iter(gpu_loader(tmp_path, **options).validation())).images).astype(int)
-    cpu_config = DataConfig(str(tmp_path), device="cpu", **options)
+    cpu_config = DataConfig(str(tmp_path), data_device="cpu", **options)
     cpu = to_uint8(next(iter(ImageNetData(cpu_config).validation())).images).astype(int)
     # nvJPEG and libjpeg-turbo round their IDCTs differently; the geometry must be identical.
     assert np.abs(gpu - cpu).mean() < 1.5
@@ -63,7 +63,7 @@ def test_gpu_decoders_allocate_about_what_the_run_records(tmp_path):
     DeepLearningExamples' hints took."""
     folder = labelled_set(tmp_path, train=64)
     free_before = torch.cuda.mem_get_info(0)[0]
-    data = gpu_loader(folder, batch_size=32, crop_size=224, val_resize=256, num_threads=0)
+    data = gpu_loader(folder, batch_size=32, crop_size=224, val_resize=256, data_threads=0)
     next(iter(data.train_epoch(0)))
     next(iter(data.validation()))
     used = free_before - torch.cuda.mem_get_info(0)[0]

@@ -97,7 +97,7 @@ def test_evaluate_matches_the_export_and_is_the_same_on_two_ranks(trained, prepa
     card = json.loads((tmp_path / "model.json").read_text())
     model = torchvision.models.get_model(card["arch"], num_classes=card["num_classes"])
     model.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
-    data = ImageNetData(DataConfig(str(prepared), crop_size=32, val_resize=36, num_threads=1), splits=("validation",))
+    data = ImageNetData(DataConfig(str(prepared), crop_size=32, val_resize=36, data_threads=1), splits=("validation",))
     top1, top5, seen = validate(model.eval(), data.validation(), torch.device("cpu"))
     assert (top1, top5, seen) == (pytest.approx(result["top1"]), pytest.approx(result["top5"]), images)
     # Two ranks through the deepspeed launcher: every image counted once, the same accuracy.

@@ -111,7 +111,7 @@ def test_build_index_is_atomic_and_counts(tmp_path):
 READ_ONLY_CHILD = """
 import sys
 from pipeline.data import DataConfig, ImageNetData
-data = ImageNetData(DataConfig(sys.argv[1], batch_size=2, crop_size=16, val_resize=16, device="cpu",
+data = ImageNetData(DataConfig(sys.argv[1], batch_size=2, crop_size=16, val_resize=16, data_device="cpu",
                                num_classes=4, index_dir=sys.argv[2] if len(sys.argv) > 2 else None))
 print(sum(int((b.labels >= 0).sum()) for b in data.validation()), data.shards.splits["train"].indexes[0])
 """

@@ -5,7 +5,6 @@ python -m pipeline.data.preview --data-dir DIR --split {train,validation} --num 
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from pathlib import Path
@@ -14,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from pipeline.data import DataConfig, ImageNetData
+from pipeline import options
+from pipeline.data import DataConfig, DataOptions, ImageNetData
 from pipeline.data.augment import MEAN, STD
 from pipeline.data.shards import IGNORE, DataError
 from pipeline.format.layout import SPLITS
@@ -71,32 +71,16 @@ def write_preview(data: ImageNetData, split: str, num: int, out: str, npz: str |
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input ends with a one-line error and exit status 2."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.data.preview", description=__doc__.split("\n")[0])
-    p.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
-    p.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
-    p.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")
+    p = options.parser("python -m pipeline.data.preview", __doc__.split("\n")[0], {"data": DataOptions})
     p.add_argument("--split", choices=SPLITS, default="train")
     p.add_argument("--num", type=int, default=16, help="samples to show")
     p.add_argument("--out", required=True, help="picture to write (PNG)")
     p.add_argument("--save-npz", help="also save images (N,C,C,3 uint8) and labels (0-based) here")
-    p.add_argument("--crop-size", type=int, default=224)
-    p.add_argument("--val-resize", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-device", choices=("auto", "gpu", "cpu"), default="auto")
-    args = p.parse_args(argv)
     try:
+        args = p.parse_args(argv)
         if args.num < 1:
             raise DataError(f"--num {args.num}: must be at least 1")
-        config = DataConfig(
-            args.data_dir,
-            batch_size=min(args.num, 64),
-            crop_size=args.crop_size,
-            val_resize=args.val_resize,
-            device=args.data_device,
-            seed=args.seed,
-            num_classes=args.num_classes,
-            index_dir=args.index_dir,
-        )
+        config = DataConfig.of(args.data, batch_size=min(args.num, 64))
         shown = write_preview(ImageNetData(config, splits=(args.split,)), args.split, args.num, args.out, args.save_npz)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -27,13 +27,23 @@ from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
 from pipeline import gpu
 from pipeline.data import augment
-from pipeline.data.shards import IGNORE, DataError, ShardSet, find_bad_label, open_shards, shard_bounds
+from pipeline.data.shards import (
+    IGNORE,
+    DataError,
+    ShardOptions,
+    ShardSet,
+    find_bad_label,
+    open_shards,
+    shard_bounds,
+)
 from pipeline.format.check import check_shard
 from pipeline.format.layout import SPLITS
-from pipeline.options import at_least, flag_field
+from pipeline.options import at_least
 
 DTYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "bfloat16": types.FLOAT}
 LAYOUTS = {"NCHW": "CHW", "NHWC": "HWC"}
+# --data-device: auto (the GPU where CUDA is usable; decode_device), gpu or cpu.
+DECODE_DEVICES = ("auto", "gpu", "cpu")
 
 
 def _default_threads(gpu: bool) -> int:
@@ -43,42 +53,35 @@ def _default_threads(gpu: bool) -> int:
 
 
 @dataclass(frozen=True)
-class DataOptions:
-    """What to read and how to augment it (pipeline.data.DataConfig adds what the run derives: batch, dtype,
-    layout)."""
+class DataOptions(ShardOptions):
+    """What to read (ShardOptions) and how to augment it (pipeline.data.DataConfig adds what the run derives: batch,
+    dtype, layout)."""
 
-    # Folder of train-*/validation-* TFRecord shards (make prep-imagenet).
-    data_dir: str = ""
     # Side of the square training and validation crops.
     crop_size: int = 224
     # Validation: resize the shorter side to this, then center-crop `crop_size`.
     val_resize: int = 256
     # Where decoding runs: auto (the GPU when there is one), gpu or cpu.
-    device: str = flag_field("auto", "--data-device")
+    data_device: str = "auto"
     # DALI CPU threads per rank (0: this host's cores divided by its ranks, at most 4 when decoding on a GPU).
-    num_threads: int = flag_field(0, "--data-threads")
+    data_threads: int = 0
     # Base seed of data order, augmentation and the initial weights.
     seed: int = 0
-    # Class count of shards without manifest.json (their labels are 1-based, TF style; default 1000).
-    num_classes: int | None = None
-    # Where missing indexes go when the data folder is read-only (default: under ~/.cache).
-    index_dir: str | None = None
     # Share of JPEGs for the GPU's hardware JPEG decoder, 0..1 (default: chosen per GPU model in augment.py).
     hw_decoder_load: float | None = None
     # Batches DALI prepares ahead of the model (its prefetch queue depth).
-    prefetch: int = flag_field(2, "--data-prefetch")
+    data_prefetch: int = 2
     # Samples each rank's reader shuffles through (more mixes further, costs host memory).
     shuffle_buffer: int = 8192
 
     def __post_init__(self):
-        if not self.data_dir:
-            raise ValueError("--data-dir is required: the folder of train-*/validation-* shards")
-        at_least(self, ("crop_size", "prefetch", "shuffle_buffer"), 1)
-        at_least(self, ("seed", "num_threads"), 0)
+        super().__post_init__()
+        at_least(self, ("crop_size", "data_prefetch", "shuffle_buffer"), 1)
+        at_least(self, ("seed", "data_threads"), 0)
         if self.val_resize < self.crop_size:
             raise ValueError(f"--val-resize {self.val_resize} is smaller than --crop-size {self.crop_size}")
-        if self.device not in ("auto", "gpu", "cpu"):
-            raise ValueError(f"--data-device {self.device}: use auto, gpu or cpu")
+        if self.data_device not in DECODE_DEVICES:
+            raise ValueError(f"--data-device {self.data_device}: use auto, gpu or cpu")
         if self.hw_decoder_load is not None and not 0 <= self.hw_decoder_load <= 1:
             raise ValueError(f"--hw-decoder-load {self.hw_decoder_load}: must lie in [0, 1]")
 
@@ -146,7 +149,7 @@ class ImageNetData:
         for split in self.shards.splits.values():
             if split.images < world_size:
                 raise DataError(f"{config.data_dir}: {split.images} {split.name} images for {world_size} ranks")
-        self.gpu = decode_device(config.device, torch.cuda.is_available())[0] == "gpu"
+        self.gpu = decode_device(config.data_device, torch.cuda.is_available())[0] == "gpu"
         self.device_id = (
             (device_id if device_id is not None else int(os.environ.get("LOCAL_RANK", 0))) if self.gpu else None
         )
@@ -158,7 +161,7 @@ class ImageNetData:
     @property
     def threads(self) -> int:
         """DALI CPU threads of each of this rank's pipelines."""
-        return self.config.num_threads or _default_threads(self.gpu)
+        return self.config.data_threads or _default_threads(self.gpu)
 
     def decoder_memory(self) -> dict[str, int]:
         """What this rank's two GPU decoders (training, validation) allocate up front; nothing on a CPU."""
@@ -204,7 +207,7 @@ class ImageNetData:
             batch_size=c.batch_size,
             num_threads=self.threads,
             device_id=self.device_id,
-            prefetch_queue_depth=c.prefetch,
+            prefetch_queue_depth=c.data_prefetch,
             crop=c.crop_size,
             dtype=DTYPES[c.dtype],
             layout=LAYOUTS[c.layout],

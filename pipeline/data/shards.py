@@ -10,7 +10,6 @@ labels follow the TensorFlow convention (1-based, 1000 classes unless `--num-cla
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import functools
 import hashlib
@@ -21,6 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import options
 from pipeline.format import example, tfrecord
 from pipeline.format import manifest as manifests
 from pipeline.format.atomic import write_atomic
@@ -249,6 +249,22 @@ def open_shards(
     return ShardSet(root, opened, base, classes, _class_names(root, classes), source)
 
 
+@dataclass(frozen=True)
+class ShardOptions:
+    """Which shards: what every tool that reads them is told (python -m pipeline.data.shards, preview, training)."""
+
+    # Folder of train-*/validation-* TFRecord shards (make prep-imagenet).
+    data_dir: str = ""
+    # Class count of shards without manifest.json (their labels are 1-based, TF style; default 1000).
+    num_classes: int | None = None
+    # Where missing indexes go when the data folder is read-only (default: under ~/.cache).
+    index_dir: str | None = None
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ValueError("--data-dir is required: the folder of train-*/validation-* shards")
+
+
 def find_bad_label(split: Split, label_base: int, num_classes: int) -> str | None:
     """The first record of a split whose label is outside the range, as `shard: record at offset N has label L`.
 
@@ -265,14 +281,11 @@ def find_bad_label(split: Split, label_base: int, num_classes: int) -> str | Non
 
 def main(argv: list[str] | None = None) -> int:
     """Build the missing DALI indexes of a shard folder and count its records; bad input: one line, exit 2."""
-    p = argparse.ArgumentParser(prog="python -m pipeline.data.shards", description=main.__doc__.split(";")[0])
-    p.add_argument("--data-dir", required=True, help="folder of train-*/validation-* shards")
-    p.add_argument("--num-classes", type=int, help="class count of shards without manifest.json (default 1000)")
-    p.add_argument("--index-dir", help="where indexes go when the data folder is read-only (default ~/.cache)")
-    args = p.parse_args(argv)
+    p = options.parser("python -m pipeline.data.shards", main.__doc__.split(";")[0], {"shards": ShardOptions})
     try:
-        shards = open_shards(args.data_dir, SPLITS, args.num_classes, args.index_dir)
-    except DataError as e:
+        which = p.parse_args(argv).shards
+        shards = open_shards(which.data_dir, SPLITS, which.num_classes, which.index_dir)
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for split in shards.splits.values():
