@@ -25,12 +25,14 @@ $PY -m pip wheel -q --no-deps -w .gpu/1 "deepspeed==$DS_VERSION"
 # Missing from the image, or not sure to be there (the rehearsal's image holds only torch, torchvision, timm,
 # pytest and numpy, with what they need): DeepSpeed's hjson, pydantic, psutil, msgpack and einops; DALI's own needs
 # (six through astunparse); the CUDA 13 nvJPEG and nvImageCodec libraries DALI decodes with; crc32c and protobuf
-# for the shard format; pytest-timeout for the suite's time limits. Versions from requirements.lock where it has one.
+# for the shard format; simple-parsing (and docstring-parser) for the run options; pytest-timeout for the suite's
+# time limits. Versions from requirements.lock where it has one.
 lock() { grep -i "^$1==" requirements.lock; }
 $PY -m pip download -q --no-deps $PLATFORM -d .gpu/1 hjson pydantic==2.14.3 pydantic-core==2.50.4 \
     annotated-types typing-inspection "typing-extensions>=4.16" crc32c astunparse gast makefun nvtx optree \
     "libcst~=1.8" "nvidia-nvjpeg>=13,<14" "nvidia-nvimgcodec-cu13>=0.9,<0.10" "$(lock six)" "$(lock psutil)" \
-    "$(lock msgpack)" "$(lock einops)" "$(lock protobuf)" "$(lock pytest-timeout)"
+    "$(lock msgpack)" "$(lock einops)" "$(lock protobuf)" "$(lock pytest-timeout)" "$(lock simple-parsing)" \
+    "$(lock docstring_parser)"
 $PY -m pip download -q --no-deps $PLATFORM -d .gpu/wheels "nvidia-dali-cuda130==$DALI_VERSION"
 DALI=$(ls .gpu/wheels/nvidia_dali_cuda130-*.whl)
 # The DALI wheel (~200 MB) in parts: the first fills .gpu/1 up to 58 MB, the others take 58 MB each.
