@@ -141,6 +141,35 @@ def load(engine, path: Path, components: Components) -> list[str]:
     return [name for name in components if name not in saved]
 
 
+@dataclass
+class Checkpointer:
+    """A run's checkpoints: the engine, the folder they go to, the components they hold besides DeepSpeed's state
+    (registered once; a run may add more before it resumes), the model card, and how many are kept."""
+
+    engine: object
+    folder: Path
+    components: Components
+    card: dict
+    keep: int
+
+    def save(self) -> Path:
+        """Checkpoint now (a collective: every rank calls it at the same step)."""
+        return save(self.engine, self.folder, self.components, self.card, self.keep)
+
+    def resume(self, resume: str | None) -> list[str]:
+        """Continue from --resume's checkpoint, if any: DeepSpeed's state and every component's; returns a note for
+        each component the checkpoint holds nothing for (it starts afresh)."""
+        if not resume:
+            return []
+        path = find(resume, self.folder)
+        if path is None:
+            if dist.get_rank() == 0:
+                print(f"--resume auto: no complete checkpoint in {self.folder} yet; starting afresh")
+            return []
+        fresh = load(self.engine, path, self.components)
+        return [f"--resume {path}: it holds no {name} state; {name} starts afresh" for name in fresh]
+
+
 def resolve(path: str) -> Path:
     """A complete checkpoint: `path` itself, or the newest complete one of the run folder `path`."""
     folder = Path(path)

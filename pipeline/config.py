@@ -1,5 +1,6 @@
 """Run options: a YAML file (`--config`) overridden by the command line, validated before any heavy work. The
-sections live with their components (data, engine, checkpoint, tracking, distributed); this module composes them.
+sections live with their components (data/reader.py, deepspeed_json.py, engine.py, schedule.py, loss_scale.py,
+checkpoint.py, tracking.py, distributed.py); this module composes them.
 
 The resolved options are written to `<out_dir>/config.yaml`, so a run folder says how it was made.
 """
@@ -19,9 +20,12 @@ import yaml
 from pipeline import options
 from pipeline.checkpoint import CheckpointOptions
 from pipeline.data.reader import DataOptions
+from pipeline.deepspeed_json import DeepSpeedOptions
 from pipeline.distributed import ClusterOptions
-from pipeline.engine import OptimOptions
+from pipeline.engine import ModelOptions
+from pipeline.loss_scale import LossScaleOptions
 from pipeline.options import flag_of
+from pipeline.schedule import ScheduleOptions
 from pipeline.tracking import TrackingOptions
 
 
@@ -32,7 +36,10 @@ class RunConfig:
     under the section names)."""
 
     data: DataOptions
-    optim: OptimOptions
+    deepspeed: DeepSpeedOptions
+    model: ModelOptions = ModelOptions()
+    schedule: ScheduleOptions = ScheduleOptions()
+    loss_scale: LossScaleOptions = LossScaleOptions()
     checkpoint: CheckpointOptions = CheckpointOptions()
     tracking: TrackingOptions = TrackingOptions()
     cluster: ClusterOptions = ClusterOptions()
@@ -57,7 +64,10 @@ class RunConfig:
 
 SECTIONS = {
     "data": DataOptions,
-    "optim": OptimOptions,
+    "deepspeed": DeepSpeedOptions,
+    "model": ModelOptions,
+    "schedule": ScheduleOptions,
+    "loss_scale": LossScaleOptions,
     "checkpoint": CheckpointOptions,
     "tracking": TrackingOptions,
     "cluster": ClusterOptions,
@@ -90,7 +100,9 @@ def parser() -> simple_parsing.ArgumentParser:
     # DeepSpeed's launcher appends --local_rank=N to every rank's command line; `deepspeed.add_config_arguments`
     # declares --deepspeed, which its examples pass.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    p.add_argument("--deepspeed", action="store_true", help="accepted for DeepSpeed launcher compatibility")
+    p.add_argument(
+        "--deepspeed", dest="deepspeed_flag", action="store_true", help="accepted for DeepSpeed launcher compatibility"
+    )
     return p
 
 

@@ -15,7 +15,9 @@ Precision modes (`precision(ds)`), each with fp32 master weights and fp32 batch 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
+import simple_parsing
 import torch
 
 from pipeline import cpu, gpu
@@ -172,3 +174,19 @@ def with_schedule(ds: dict, schedule: Schedule) -> dict:
     lr = schedule.optimizer_lr or schedule.peak_lr
     ds.setdefault("optimizer", {}).setdefault("params", {})["lr"] = lr
     return ds
+
+
+@dataclass(frozen=True)
+class DeepSpeedOptions:
+    """The DeepSpeed configuration a run starts from, and whether a GPU one may run on a CPU host."""
+
+    # DeepSpeed configuration (ds_configs/*.json): batch, precision, optimizer, schedule.
+    deepspeed_config: str = simple_parsing.field(default="", alias="--deepspeed_config")
+    # Run a GPU configuration (fp16, --data-device gpu) on a host where CUDA is not usable: the fp16 wrapper trains
+    # in bf16 where DeepSpeed's accelerator refuses fp16, decoding runs on the CPU. Without it such a run stops
+    # before any work, saying why CUDA is not usable.
+    allow_cpu: bool = False
+
+    def __post_init__(self):
+        if not self.deepspeed_config:
+            raise ValueError("--deepspeed_config is required: one of ds_configs/*.json (cpu.json on a CPU host)")

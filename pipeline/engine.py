@@ -11,7 +11,6 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import simple_parsing
 import torch
 from torch import nn
 
@@ -19,8 +18,6 @@ from pipeline import schedule as schedules
 from pipeline.deepspeed_json import DATA_DTYPES
 from pipeline.loss_scale import unscale_by_the_scale_of_backward, wrapper_scale
 from pipeline.model import param_groups
-from pipeline.options import at_least
-from pipeline.scaling import REFERENCE_BATCH, REFERENCE_LR
 from pipeline.schedule import Schedule
 
 
@@ -253,70 +250,32 @@ COMPILE_MODES = ("none", "default", "max-autotune-no-cudagraphs", "reduce-overhe
 
 
 @dataclass(frozen=True)
-class OptimOptions:
-    """The model, the optimisation recipe and the precision and speed settings it runs with."""
+class ModelOptions:
+    """The model, its optimizer and loss, and the speed settings the engine is built with."""
 
-    # DeepSpeed configuration (ds_configs/*.json): batch, precision, optimizer, schedule.
-    deepspeed_config: str = simple_parsing.field(default="", alias="--deepspeed_config")
     # Any torchvision classification model (torchvision.models.list_models()).
     arch: str = "resnet50"
-    # Epochs to train; the schedule is laid out over exactly this many.
-    epochs: int = 90
-    # Label smoothing of the training loss (0.1 beyond 8k in Jia et al.; 0 in Goyal et al.).
-    label_smoothing: float = 0.0
-    # deepspeed: the DeepSpeed configuration's scheduler, built by DeepSpeed, its step counts fitted to the data and
-    # --epochs (ds_configs/: WarmupDecayLR, linear warmup from 0, then linearly to 0 at the end); goyal_steps: the
-    # paper's (warmup from 0.1, x0.1 at epochs 30/60/80 of 90, scaled to --epochs).
-    schedule: str = "deepspeed"
-    # Epochs of linear warmup (default: the configuration's warmup_num_steps, fitted to the run; goyal_steps: 5 of
-    # 90 epochs, scaled to shorter --epochs, none at or below B=256).
-    warmup_epochs: float | None = None
-    # The linear scaling rule's anchor batch: lr = reference_lr * B / reference_batch (256 in the paper).
-    reference_batch: int = REFERENCE_BATCH
-    # The linear scaling rule's lr at the anchor batch (0.1 in the paper).
-    reference_lr: float = REFERENCE_LR
     # sgd (Nesterov, the paper's) or lars (layer-wise trust ratio on conv/linear weights, Nesterov; beyond 8k).
     optimizer: str = "sgd"
     # LARS: a layer's lr is min(lr, lars_trust * |w| / (|g| + wd |w|)) (LARC's clipped form, as in NVIDIA apex).
     lars_trust: float = 0.02
-    # Stop after this many optimizer steps in all (0: run every epoch); the schedule is unchanged.
-    max_steps: int = 0
-    # Stop after this many optimizer steps in a row skipped for overflow (0: never; fp16 also stops when
-    # an overflow happens at the minimum loss scale).
-    max_skipped_steps: int = 25
-    # fp16's dynamic loss scale doubles after this many optimizer steps without an overflow (0: the
-    # configuration's: fp16.loss_scale_window for DeepSpeed's wrapper, GradScaler's 2000 for autocast fp16).
-    loss_scale_window: int = 0
+    # Label smoothing of the training loss (0.1 beyond 8k in Jia et al.; 0 in Goyal et al.).
+    label_smoothing: float = 0.0
     # Batch-norm statistics over the whole global batch (torch's SyncBatchNorm) instead of each rank's own
     # micro-batch, as Goyal et al. keep them; costs an all-reduce per BN layer in the forward and backward passes.
     sync_bn: bool = False
-    # Run a GPU configuration (fp16, --data-device gpu) on a host where CUDA is not usable: the fp16 wrapper trains
-    # in bf16 where DeepSpeed's accelerator refuses fp16, decoding runs on the CPU. Without it such a run stops
-    # before any work, saying why CUDA is not usable.
-    allow_cpu: bool = False
     # Image and activation memory: auto (channels-last, NHWC, on GPUs; NCHW on CPUs), channels_last or contiguous.
     memory_format: str = "auto"
     # torch.compile the model through the engine: none, or a torch.compile mode (reduce-overhead: CUDA graphs).
     compile: str = "none"
 
     def __post_init__(self):
-        if not self.deepspeed_config:
-            raise ValueError("--deepspeed_config is required: one of ds_configs/*.json (cpu.json on a CPU host)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"--optimizer {self.optimizer}: use one of {', '.join(OPTIMIZERS)}")
-        if self.reference_batch < 1 or self.reference_lr <= 0 or self.lars_trust <= 0:
-            raise ValueError(
-                f"--reference-batch {self.reference_batch}, --reference-lr {self.reference_lr}, --lars-trust "
-                f"{self.lars_trust}: all must be positive"
-            )
-        schedules.check_kind(self.schedule)
-        if self.epochs < 1:
-            raise ValueError(f"--epochs {self.epochs}: must be at least 1")
-        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
+        if self.lars_trust <= 0:
+            raise ValueError(f"--lars-trust {self.lars_trust}: must be positive")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 1)")
-        at_least(self, ("max_steps", "max_skipped_steps", "loss_scale_window"), 0)
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"--memory-format {self.memory_format}: use one of {', '.join(MEMORY_FORMATS)}")
         if self.compile not in COMPILE_MODES:

@@ -4,7 +4,11 @@ without a host-device sync (`LossScale`, a checkpoint component)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from pipeline.options import at_least
 
 
 def unscale_by_the_scale_of_backward(wrapper) -> None:
@@ -144,3 +148,18 @@ class LossScale:
             self.scaler.load_state_dict(state["grad_scaler"])
             self.scaler_skipped, self.last = state["skipped"], state["last"]
         set_growth_interval(self.engine, self.window)
+
+
+@dataclass(frozen=True)
+class LossScaleOptions:
+    """fp16's dynamic loss scale, and when its overflows stop the run."""
+
+    # fp16's dynamic loss scale doubles after this many optimizer steps without an overflow (0: the
+    # configuration's: fp16.loss_scale_window for DeepSpeed's wrapper, GradScaler's 2000 for autocast fp16).
+    loss_scale_window: int = 0
+    # Stop after this many optimizer steps in a row skipped for overflow (0: never; fp16 also stops when
+    # an overflow happens at the minimum loss scale).
+    max_skipped_steps: int = 25
+
+    def __post_init__(self):
+        at_least(self, ("loss_scale_window", "max_skipped_steps"), 0)

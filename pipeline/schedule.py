@@ -23,7 +23,16 @@ import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.scaling import IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, WARMUP_EPOCHS, Recipe, warmup_decay_section
+from pipeline.options import at_least
+from pipeline.scaling import (
+    IMAGENET_TRAIN_IMAGES,
+    RECIPE_EPOCHS,
+    REFERENCE_BATCH,
+    REFERENCE_LR,
+    WARMUP_EPOCHS,
+    Recipe,
+    warmup_decay_section,
+)
 
 GOYAL = "goyal_steps"
 # DeepSpeed's schedulers a run accepts in its configuration, and the parameters of each that count optimizer steps
@@ -394,3 +403,40 @@ def _plot_steps(s: Schedule, points: int = 2000) -> list[int]:
     corners = {0, s.warmup_steps, s.total_steps, *counts, *s.milestones, *(m - 1 for m in s.milestones)}
     spread = range(0, s.total_steps + 1, max(1, s.total_steps // points))
     return sorted({*spread, *(c for c in corners if 0 <= c <= s.total_steps)})
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    """How long the run trains and its learning-rate schedule (the kinds: KINDS)."""
+
+    # Epochs to train; the schedule is laid out over exactly this many.
+    epochs: int = 90
+    # deepspeed: the DeepSpeed configuration's scheduler, built by DeepSpeed, its step counts fitted to the data and
+    # --epochs (ds_configs/: WarmupDecayLR, linear warmup from 0, then linearly to 0 at the end); goyal_steps: the
+    # paper's (warmup from 0.1, x0.1 at epochs 30/60/80 of 90, scaled to --epochs).
+    schedule: str = "deepspeed"
+    # Epochs of linear warmup (default: the configuration's warmup_num_steps, fitted to the run; goyal_steps: 5 of
+    # 90 epochs, scaled to shorter --epochs, none at or below B=256).
+    warmup_epochs: float | None = None
+    # The linear scaling rule's anchor batch: lr = reference_lr * B / reference_batch (256 in the paper).
+    reference_batch: int = REFERENCE_BATCH
+    # The linear scaling rule's lr at the anchor batch (0.1 in the paper).
+    reference_lr: float = REFERENCE_LR
+    # Stop after this many optimizer steps in all (0: run every epoch); the schedule is unchanged.
+    max_steps: int = 0
+
+    def __post_init__(self):
+        check_kind(self.schedule)
+        if self.epochs < 1:
+            raise ValueError(f"--epochs {self.epochs}: must be at least 1")
+        if self.warmup_epochs is not None and not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must lie in [0, --epochs {self.epochs})")
+        if self.reference_batch < 1 or self.reference_lr <= 0:
+            raise ValueError(
+                f"--reference-batch {self.reference_batch}, --reference-lr {self.reference_lr}: both must be positive"
+            )
+        at_least(self, ("max_steps",), 0)
+
+    def steps(self, batch: int, train_images: int) -> RunSteps:
+        """The run's step counts with global batch `batch` over `train_images` images."""
+        return RunSteps(batch, train_images, self.epochs, self.warmup_epochs, self.reference_batch, self.reference_lr)

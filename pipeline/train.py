@@ -122,19 +122,18 @@ def parse(argv: list[str] | None) -> tuple[config.RunConfig, dict, list[str]]:
         raise Stop(str(e), Status.BAD_INPUT, Speaker.TASK_0) from e
     try:
         opts = config.load(argv)
-        optim = opts.optim
-        check_arch(optim.arch)
+        check_arch(opts.model.arch)
         cuda = torch.cuda.is_available()
         ds, notes = deepspeed_json.configure(
-            config.read_ds_config(optim.deepspeed_config),
-            optim.deepspeed_config,
+            config.read_ds_config(opts.deepspeed.deepspeed_config),
+            opts.deepspeed.deepspeed_config,
             int(os.environ["WORLD_SIZE"]),
             cuda,
-            optim.allow_cpu,
-            optim.loss_scale_window,
+            opts.deepspeed.allow_cpu,
+            opts.loss_scale.loss_scale_window,
         )
         # Refused here, before any rank waits for another, where the GPU is asked for and not usable.
-        decode_device(opts.data.data_device, cuda, optim.allow_cpu)
+        decode_device(opts.data.data_device, cuda, opts.deepspeed.allow_cpu)
     except ValueError as e:
         raise Stop(str(e), Status.BAD_INPUT, Speaker.RANK_0) from e
     return opts, ds, notes
@@ -146,8 +145,11 @@ def parse(argv: list[str] | None) -> tuple[config.RunConfig, dict, list[str]]:
 @dataclass
 class Progress:
     """Where training stands, a checkpoint component: the data position (the epoch and the optimizer steps done in
-    it), the best validation top-1 so far and its epoch, and the training time of every session so far."""
+    it, from the engine's step count as it is saved), the best validation top-1 so far and its epoch, and the
+    training time of every session so far. `epoch` and `step_in_epoch` are where this session starts."""
 
+    global_steps: Callable[[], int]
+    steps_per_epoch: int
     epoch: int = 0
     step_in_epoch: int = 0
     best_top1: float | None = None
@@ -155,15 +157,18 @@ class Progress:
     train_seconds: float = 0.0
 
     def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        epoch, step_in_epoch = divmod(self.global_steps(), self.steps_per_epoch)
+        return {
+            "epoch": epoch,
+            "step_in_epoch": step_in_epoch,
+            "best_top1": self.best_top1,
+            "best_epoch": self.best_epoch,
+            "train_seconds": self.train_seconds,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, state.get(f.name, getattr(self, f.name)))
-
-    def reached(self, global_steps: int, steps_per_epoch: int) -> None:
-        """Set the data position from the optimizer steps taken (every epoch has `steps_per_epoch`)."""
-        self.epoch, self.step_in_epoch = divmod(global_steps, steps_per_epoch)
+        for name in ("epoch", "step_in_epoch", "best_top1", "best_epoch", "train_seconds"):
+            setattr(self, name, state.get(name, getattr(self, name)))
 
     def validated(self, epoch: int, top1: float | None) -> None:
         """Record an epoch's validation top-1 (None: not validated)."""
@@ -213,8 +218,13 @@ class Run:
     stepper: Stepper
     roll: distributed.RollCall
     progress: Progress
-    # Everything a resume restores besides DeepSpeed's own state, by name (checkpoint.Components).
-    components: checkpoint.Components
+    # Its checkpoints, and everything a resume restores besides DeepSpeed's own state (checkpointer.components).
+    checkpointer: checkpoint.Checkpointer
+    cadence: Cadence
+
+    @property
+    def components(self) -> checkpoint.Components:
+        return self.checkpointer.components
 
     @property
     def out(self) -> Path:
@@ -264,7 +274,9 @@ def assemble(opts: config.RunConfig, ds: dict, notes: list[str], prepare: Callab
         # A node's own view of the data (shared storage not mounted there).
         raise Stop(str(e), Status.BAD_INPUT, Speaker.EACH_NODE) from e
     try:
-        lr_schedule, ds, fitted = fit_schedule(opts.optim, ds, shards.splits["train"].images)
+        lr_schedule, ds, fitted = fit_schedule(
+            opts.schedule, ds, opts.deepspeed.deepspeed_config, shards.splits["train"].images
+        )
     except ValueError as e:
         raise Stop(str(e), Status.BAD_INPUT, Speaker.RANK_0) from e
     try:
@@ -285,18 +297,13 @@ def assemble(opts: config.RunConfig, ds: dict, notes: list[str], prepare: Callab
     return run
 
 
-def fit_schedule(optim: engine.OptimOptions, ds: dict, train_images: int) -> tuple[schedule.Schedule, dict, list[str]]:
+def fit_schedule(
+    options: schedule.ScheduleOptions, ds: dict, ds_path: str, train_images: int
+) -> tuple[schedule.Schedule, dict, list[str]]:
     """The run's lr schedule fitted to its data and epochs, the configuration that builds it, and what fitting
     changed (pipeline/schedule.py)."""
-    steps = schedule.RunSteps(
-        ds["train_batch_size"],
-        train_images,
-        optim.epochs,
-        optim.warmup_epochs,
-        optim.reference_batch,
-        optim.reference_lr,
-    )
-    return schedule.fit(optim.schedule, ds, optim.deepspeed_config, steps)
+    steps = options.steps(ds["train_batch_size"], train_images)
+    return schedule.fit(options.schedule, ds, ds_path, steps)
 
 
 def build(
@@ -309,18 +316,18 @@ def build(
     lr_schedule: schedule.Schedule,
 ) -> Run:
     """The components: data on this rank's slice, the model and its engine with the run's schedule."""
-    optim = opts.optim
+    model_options, scale_options = opts.model, opts.loss_scale
     cuda = torch.cuda.is_available()
     # NHWC from DALI through every convolution: the layout Tensor Cores read without transposes.
-    channels_last = uses_channels_last(optim.memory_format, cuda)
+    channels_last = uses_channels_last(model_options.memory_format, cuda)
     if cuda:
         # Fixed input shapes: cuDNN times its algorithms once and keeps the fastest (numerics: the chosen
         # convolution algorithms, and so the last bits of the results, may differ from run to run).
         torch.backends.cudnn.benchmark = True
-    deepspeed_json.check_combination(ds, optim.deepspeed_config, channels_last, optim.compile)
+    deepspeed_json.check_combination(ds, opts.deepspeed.deepspeed_config, channels_last, model_options.compile)
     precision = deepspeed_json.precision(ds)
     micro, accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
-    device, note = decode_device(opts.data.data_device, cuda, optim.allow_cpu)
+    device, note = decode_device(opts.data.data_device, cuda, opts.deepspeed.allow_cpu)
     notes = [*notes, *filter(None, [note])]
     layout = "NHWC" if channels_last else "NCHW"
     data_config = DataConfig.of(
@@ -329,23 +336,29 @@ def build(
     data = ImageNetData(data_config, rank, world, grad_accum=accum, shards=shards)
     # The same initial weights on every rank and in every session with this seed.
     torch.manual_seed(opts.data.seed)
-    model, zeroed = build_model(optim.arch, data.num_classes)
-    if optim.sync_bn:
+    model, zeroed = build_model(model_options.arch, data.num_classes)
+    if model_options.sync_bn:
         model = sync_batch_norm(model, cuda)
     eng = engine.build(
-        model, ds, lr_schedule, optim.optimizer, optim.lars_trust, optim.compile, channels_last=channels_last
+        model,
+        ds,
+        lr_schedule,
+        model_options.optimizer,
+        model_options.lars_trust,
+        model_options.compile,
+        channels_last=channels_last,
     )
-    loss_scale.set_growth_interval(eng, optim.loss_scale_window)
+    loss_scale.set_growth_interval(eng, scale_options.loss_scale_window)
     # The probe, here and once: does this DeepSpeed multiply the fp16 wrapper's loss by its scale itself? (a backward
     # pass and an all-reduce on every rank)
     deepspeed_scales = loss_scale.wrapper_scale(eng) is not None and loss_scale.deepspeed_scales_loss(eng)
     stepper = Stepper(
         engine=eng,
-        scale=loss_scale.LossScale(eng, optim.loss_scale_window, deepspeed_scales),
-        criterion=functools.partial(cross_entropy, label_smoothing=optim.label_smoothing),
-        guard=Guard(precision, optim.max_skipped_steps, ds.get("fp16", {}).get("min_loss_scale", 1.0)),
+        scale=loss_scale.LossScale(eng, scale_options.loss_scale_window, deepspeed_scales),
+        criterion=functools.partial(cross_entropy, label_smoothing=model_options.label_smoothing),
+        guard=Guard(precision, scale_options.max_skipped_steps, ds.get("fp16", {}).get("min_loss_scale", 1.0)),
     )
-    progress = Progress()
+    progress = Progress(lambda: eng.global_steps, lr_schedule.steps_per_epoch)
     components = {
         # First: a checkpoint of another schedule is refused before anything else is restored.
         "schedule": schedule.Followed(eng, lr_schedule),
@@ -353,6 +366,16 @@ def build(
         "loss_scale": stepper.scale,
         "guard": stepper.guard,
     }
+    card = checkpoint.model_card(
+        model_options.arch,
+        data.num_classes,
+        data.shards.class_names,
+        opts.data.crop_size,
+        opts.data.val_resize,
+        precision,
+        micro,
+    )
+    keep = opts.checkpoint.keep_checkpoints
     # DeepSpeed formed its own groups: they give up on a silent peer after --dist-timeout too.
     distributed.apply_timeout(opts.cluster.dist_timeout)
     # Heartbeats, so that a rank whose collective fails can say which ranks were lost.
@@ -372,21 +395,14 @@ def build(
         stepper,
         roll,
         progress,
-        components,
+        checkpoint.Checkpointer(eng, Path(opts.checkpoint.out_dir) / "checkpoints", components, card, keep),
+        Cadence.of(opts, lr_schedule.steps_per_epoch),
     )
 
 
 def resume(run: Run) -> None:
     """Continue from --resume's checkpoint, if any: DeepSpeed's state and every component's."""
-    if not run.opts.checkpoint.resume:
-        return
-    path = checkpoint.find(run.opts.checkpoint.resume, run.out / "checkpoints")
-    if path is None:
-        if run.rank == 0:
-            print(f"--resume auto: no complete checkpoint in {run.out / 'checkpoints'} yet; starting afresh")
-        return
-    fresh = checkpoint.load(run.engine, path, run.components)
-    run.notes += [f"--resume {path}: it holds no {name} state; {name} starts afresh" for name in fresh]
+    run.notes += run.checkpointer.resume(run.opts.checkpoint.resume)
     # A checkpoint of another memory layout (or DeepSpeed's loading) can leave momentum laid out unlike its weight.
     engine.match_state_layout(run.engine.optimizer)
 
@@ -415,7 +431,7 @@ def train(run: Run) -> None:
     fault = ending.FaultLine(sinks)
     ending.stop_on_signal(fault, run.rank, run.world, run.out / "checkpoints", lambda: run.engine.global_steps)
     try:
-        summary = epoch_loop(run, sinks)
+        summary = epoch_loop(run.stepper, run.data, run.progress, run.checkpointer, run.cadence, sinks)
     except (NumericFault, DataError) as e:
         sinks.summary({"fault": str(e)})
         sinks.close()
@@ -433,32 +449,37 @@ def train(run: Run) -> None:
     close(run.roll, sinks, summary, run.out)
 
 
-def epoch_loop(run: Run, sinks: Sinks) -> dict:
-    """Train, validate, record and checkpoint each epoch; returns the summary line."""
-    opts, progress, eng, rows = run.opts, run.progress, run.engine, []
+def epoch_loop(
+    stepper: Stepper,
+    data: ImageNetData,
+    progress: Progress,
+    checkpointer: checkpoint.Checkpointer,
+    cadence: Cadence,
+    sinks: Sinks,
+) -> dict:
+    """Train, validate, record and checkpoint each epoch from where `progress` starts; returns the summary line."""
+    eng, rows, cuda = stepper.engine, [], stepper.engine.device.type == "cuda"
     began, (first, done) = time.perf_counter(), (progress.epoch, progress.step_in_epoch)
-    cadence = Cadence(opts.tracking.log_every, opts.checkpoint.save_every_steps, opts.optim.max_steps)
-    for epoch in range(first, opts.optim.epochs):
+    world, micro = data.world_size, data.config.batch_size
+    for epoch in range(first, cadence.epochs):
         skip = done if epoch == first else 0
-        if run.cuda:
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
-        meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, eng.device)
-        last_step = min(opts.optim.epochs * run.schedule.steps_per_epoch, opts.optim.max_steps or math.inf)
-        sinks.progress(run.schedule.steps_per_epoch, epoch, initial=skip, run_total=last_step)
-        batches = epoch_batches(run.data, epoch, skip * run.accum)
-        stop = train_epoch(run.stepper, batches, meter, sinks, cadence, save=functools.partial(save, run))
-        last = stop or epoch + 1 == opts.optim.epochs
-        validating = last or (epoch + 1) % opts.tracking.eval_every == 0
-        top1, top5 = evaluate(eng, run.data) if validating else (None, None)
+        meter = StepMeter(world * micro, cadence.steps_per_epoch, eng.device)
+        sinks.progress(cadence.steps_per_epoch, epoch, initial=skip, run_total=cadence.last_step)
+        batches = epoch_batches(data, epoch, skip * data.grad_accum)
+        stop = train_epoch(stepper, batches, meter, sinks, cadence, save=checkpointer.save)
+        last = stop or epoch + 1 == cadence.epochs
+        top1, top5 = evaluate(eng, data) if cadence.validates(epoch, last) else (None, None)
         progress.validated(epoch, top1)
-        rows.append(epoch_row(eng, run.world, run.micro, run.stepper.scale, epoch, meter, (top1, top5)))
+        rows.append(epoch_row(eng, world, micro, stepper.scale, epoch, meter, (top1, top5)))
         sinks.epoch(rows[-1], eng.global_steps)
         if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
-            sinks.note(input_bound_line(run.data, run.cuda, rows[-1]))
+            sinks.note(input_bound_line(data, cuda, rows[-1]))
         progress.train_seconds += time.perf_counter() - began
         began = time.perf_counter()
-        if last or (epoch + 1) % opts.checkpoint.save_every_epochs == 0:
-            save(run)
+        if cadence.saves(epoch, last):
+            checkpointer.save()
         if stop:
             break
     speed = sum(r["images_per_sec"] for r in rows) / len(rows) if rows else None
@@ -468,7 +489,7 @@ def epoch_loop(run: Run, sinks: Sinks) -> dict:
         "best_epoch": progress.best_epoch,
         "last_top1": rows[-1]["val_top1"] if rows else None,
         "steps": eng.global_steps,
-        "skipped_steps": run.stepper.scale.skipped,
+        "skipped_steps": stepper.scale.skipped,
         "images_per_sec": speed,
         "train_wall_s": round(progress.train_seconds, 1),
     }
@@ -485,11 +506,41 @@ def epoch_batches(data: ImageNetData, epoch: int, done: int) -> Iterator:
 
 @dataclass(frozen=True)
 class Cadence:
-    """When the loop records and checkpoints inside an epoch, and where it stops (0: never)."""
+    """When the loop records, validates and checkpoints, and where it stops (0: never)."""
 
+    epochs: int
+    steps_per_epoch: int
     log_every: int
+    eval_every: int
     save_every: int
+    save_every_epochs: int
     max_steps: int
+
+    @classmethod
+    def of(cls, opts: config.RunConfig, steps_per_epoch: int) -> Cadence:
+        tracking, saving = opts.tracking, opts.checkpoint
+        return cls(
+            opts.schedule.epochs,
+            steps_per_epoch,
+            tracking.log_every,
+            tracking.eval_every,
+            saving.save_every_steps,
+            saving.save_every_epochs,
+            opts.schedule.max_steps,
+        )
+
+    @property
+    def last_step(self) -> float:
+        """The step the run ends at: its last epoch's, or --max-steps."""
+        return min(self.epochs * self.steps_per_epoch, self.max_steps or math.inf)
+
+    def validates(self, epoch: int, last: bool) -> bool:
+        """Validate after this epoch: every --eval-every epochs, and always after the last."""
+        return last or (epoch + 1) % self.eval_every == 0
+
+    def saves(self, epoch: int, last: bool) -> bool:
+        """Checkpoint after this epoch: every --save-every-epochs epochs, and always after the last."""
+        return last or (epoch + 1) % self.save_every_epochs == 0
 
 
 def train_epoch(
@@ -561,21 +612,6 @@ def evaluate(eng, data: ImageNetData) -> tuple[float, float]:
         top1, top5, _ = validate(eng, data.validation(), eng.device)
     eng.train()
     return top1, top5
-
-
-def save(run: Run) -> None:
-    """Checkpoint every component, with the data position to continue from and the model card."""
-    run.progress.reached(run.engine.global_steps, run.schedule.steps_per_epoch)
-    card = checkpoint.model_card(
-        run.opts.optim.arch,
-        run.data.num_classes,
-        run.data.shards.class_names,
-        run.opts.data.crop_size,
-        run.opts.data.val_resize,
-        run.precision,
-        run.micro,
-    )
-    checkpoint.save(run.engine, run.out / "checkpoints", run.components, card, run.opts.checkpoint.keep_checkpoints)
 
 
 def epoch_row(
@@ -650,9 +686,9 @@ def open_run_sinks(run: Run) -> Sinks:
 
 def run_keys(run: Run) -> dict:
     """The flat keys a dashboard compares runs by (wandb's config, beside the full sections)."""
-    optim = run.opts.optim
+    model, steps = run.opts.model, run.opts.schedule
     return {
-        "arch": optim.arch,
+        "arch": model.arch,
         "global_batch": run.ds["train_batch_size"],
         "micro_batch": run.micro,
         "grad_accum": run.accum,
@@ -660,14 +696,14 @@ def run_keys(run: Run) -> dict:
         "precision": run.precision,
         "device": "GPU" if run.cuda else "CPU",
         "peak_lr": run.schedule.peak_lr,
-        "epochs": optim.epochs,
+        "epochs": steps.epochs,
         "warmup_epochs": run.schedule.warmup_steps / run.schedule.steps_per_epoch,
         "schedule_kind": run.schedule.kind,
-        "optimizer": optim.optimizer,
-        "label_smoothing": optim.label_smoothing,
+        "optimizer": model.optimizer,
+        "label_smoothing": model.label_smoothing,
         "crop_size": run.opts.data.crop_size,
         "channels_last": run.channels_last,
-        "compile": optim.compile,
+        "compile": model.compile,
     }
 
 

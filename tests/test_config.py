@@ -17,11 +17,11 @@ REQUIRED = ["--data-dir", "d", "--deepspeed_config", "c.json"]
 
 
 def test_a_bool_option_parses_as_one(tmp_path):
-    assert config.load(REQUIRED).optim.allow_cpu is False
-    assert config.load([*REQUIRED, "--allow-cpu"]).optim.allow_cpu is True
-    assert config.load([*REQUIRED, "--allow-cpu", "false"]).optim.allow_cpu is False
+    assert config.load(REQUIRED).deepspeed.allow_cpu is False
+    assert config.load([*REQUIRED, "--allow-cpu"]).deepspeed.allow_cpu is True
+    assert config.load([*REQUIRED, "--allow-cpu", "false"]).deepspeed.allow_cpu is False
     (tmp_path / "run.yaml").write_text("allow-cpu: true\n")
-    assert config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")]).optim.allow_cpu is True
+    assert config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")]).deepspeed.allow_cpu is True
     (tmp_path / "run.yaml").write_text("allow-cpu: maybe\n")
     with pytest.raises(ValueError, match="allow_cpu 'maybe' is not a bool"):
         config.load([*REQUIRED, "--config", str(tmp_path / "run.yaml")])
@@ -31,21 +31,23 @@ def test_yaml_then_flags(tmp_path):
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text("data-dir: /data/in\narch: resnet18\nepochs: 30\nwarmup_epochs: 2\nlabel_smoothing: 0.1\n")
     run = config.load(["--config", str(run_yaml), "--deepspeed_config", "x.json", "--epochs", "40", "--local_rank=3"])
-    o = run.optim
-    assert (run.data.data_dir, o.arch, o.epochs, o.warmup_epochs, o.label_smoothing) == (
+    m, s = run.model, run.schedule
+    assert (run.data.data_dir, m.arch, s.epochs, s.warmup_epochs, m.label_smoothing) == (
         "/data/in", "resnet18", 40, 2.0, 0.1)  # fmt: skip
-    assert o.schedule == "deepspeed"
+    assert s.schedule == "deepspeed"
+    assert run.deepspeed.deepspeed_config == "x.json"
     assert run.data.crop_size == 224
     assert run.checkpoint.resume is None
     run.dump(tmp_path / "config.yaml", schedule={"peak_lr": 3.2})
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert list(saved["run"]) == ["data", "optim", "checkpoint", "tracking", "cluster"]
+    assert list(saved["run"]) == [
+        "data", "deepspeed", "model", "schedule", "loss_scale", "checkpoint", "tracking", "cluster"]  # fmt: skip
     assert config.RunConfig.from_options(saved["run"]) == run
     assert saved["schedule"] == {"peak_lr": 3.2}
     # A YAML file may also write the sections out; flags still win.
-    run_yaml.write_text("data:\n  data-dir: /data/in\n  crop_size: 192\n  data_prefetch: 4\noptim:\n  epochs: 30\n")
+    run_yaml.write_text("data:\n  data-dir: /data/in\n  crop_size: 192\n  data_prefetch: 4\nschedule:\n  epochs: 30\n")
     run = config.load(["--config", str(run_yaml), "--deepspeed_config", "x.json", "--data-threads", "3"])
-    assert (run.data.crop_size, run.data.data_threads, run.data.data_prefetch, run.optim.epochs) == (192, 3, 4, 30)
+    assert (run.data.crop_size, run.data.data_threads, run.data.data_prefetch, run.schedule.epochs) == (192, 3, 4, 30)
 
 
 @pytest.mark.parametrize(

@@ -67,7 +67,7 @@ def test_a_tiny_study_end_to_end(prepared, tmp_path):
         assert params["peak_lr"] == pytest.approx(r["lr"])
         assert params["base_lr"] == pytest.approx(summary["base_lr"])
         assert params["warmup_steps"] == round(r["warmup_epochs"] * per_epoch)
-        assert saved["run"]["optim"]["optimizer"] == r["optimizer"]
+        assert saved["run"]["model"]["optimizer"] == r["optimizer"]
         assert saved["run"]["tracking"]["wandb_group"] == "scaling-study-study"
         # In wandb each run is named after its variant, in the study's group.
         assert logged(out / "runs" / r["name"])["run"] | {"tags": None, "id": None} == {

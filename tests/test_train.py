@@ -50,7 +50,7 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     assert str(out / "wandb") in stdout
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["run"]["optim"]["arch"] == "resnet18"
+    assert saved["run"]["model"]["arch"] == "resnet18"
     assert saved["derived"]["train_images"] == images
     assert saved["schedule"]["total_steps"] == 3 * per_epoch
     assert saved["deepspeed"]["gradient_accumulation_steps"] == 2
@@ -307,7 +307,7 @@ def test_eval_every_2_validates_every_second_epoch_and_the_last(yaml_run):
 def test_label_smoothing_is_the_loss_the_run_trains_with(yaml_run):
     """The run trains on cross-entropy with the configured smoothing: (1 - e) CE + e x the mean over classes of
     -log p, padding labels left out."""
-    smoothing = yaml.safe_load((yaml_run[0] / "config.yaml").read_text())["run"]["optim"]["label_smoothing"]
+    smoothing = yaml.safe_load((yaml_run[0] / "config.yaml").read_text())["run"]["model"]["label_smoothing"]
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 4, 2, IGNORE, 1, 3])
     logp = torch.log_softmax(logits, 1)[labels != IGNORE]

@@ -36,7 +36,7 @@ def main() -> int:
 
     run.data.train_epoch = recording
     sinks = train.open_run_sinks(run)
-    summary = train.epoch_loop(run, sinks)
+    summary = train.epoch_loop(run.stepper, run.data, run.progress, run.checkpointer, run.cadence, sinks)
     module = run.engine.module
     mine = {
         # Which host (network namespace) the rank ran on, and a variable the launching host set.
