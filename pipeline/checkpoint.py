@@ -68,10 +68,19 @@ Components = dict[str, Stateful]
 
 
 def model_card(
-    arch: str, num_classes: int, classes: list[str], crop_size: int, val_resize: int, precision: str, batch_size: int
+    arch: str,
+    num_classes: int,
+    classes: list[str],
+    crop_size: int,
+    val_resize: int,
+    precision: str,
+    batch_size: int,
+    blurpool: bool = False,
+    flip: bool = False,
 ) -> dict:
-    """What a checkpoint's weights need to be used without their run: the model, its classes, its input, and what
-    validation computed in with its batch per rank (pipeline.evaluate repeats both)."""
+    """What a checkpoint's weights need to be used without their run: the model (blurred strided convolutions with
+    `blurpool`), its classes, its input (the validation crop and resize, `flip`: with mirror images too), and what
+    validation computed in with its batch per rank (pipeline.evaluate repeats them)."""
     return {
         "arch": arch,
         "num_classes": num_classes,
@@ -80,6 +89,8 @@ def model_card(
         "val_resize": val_resize,
         "precision": precision,
         "batch_size": batch_size,
+        "blurpool": blurpool,
+        "val_flip": flip,
     }
 
 
@@ -196,11 +207,19 @@ def card(path: Path) -> dict:
     return {**state["model"], "step": state["step"]}
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's weights from a checkpoint: torchvision's keys, floating tensors in fp32, plain NCHW memory.
-    DeepSpeed's file is unpickled (torch.load with weights_only=False): a checkpoint is trusted code."""
+def weights(path: Path, ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model's weights from a checkpoint (with `ema`: their average, pipeline.ema): torchvision's keys (and
+    BlurPoolConv2d's `.conv` where the card says blurpool), floating tensors in fp32, plain NCHW memory. DeepSpeed's
+    file is unpickled (torch.load with weights_only=False): a checkpoint is trusted code."""
     states = torch.load(path / MODEL_STATES, map_location="cpu", weights_only=False)
-    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in states["module"].items()}
+    if ema:
+        average = states.get("components", {}).get("ema")
+        if average is None:
+            raise ValueError(f"--ema: {path} holds no average of the weights (its run had no --ema-decay)")
+        module = average["module"]
+    else:
+        module = states["module"]
+    return {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in module.items()}
 
 
 @dataclass(frozen=True)

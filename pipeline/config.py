@@ -1,6 +1,6 @@
 """Run options: a YAML file (`--config`) overridden by the command line, validated before any heavy work. The
 sections live with their components (data/reader.py, deepspeed_json.py, engine.py, schedule.py, loss_scale.py,
-checkpoint.py, tracking.py, distributed.py); this module composes them.
+ema.py, checkpoint.py, tracking.py, distributed.py); this module composes them.
 
 The resolved options are written to `<out_dir>/config.yaml`, so a run folder says how it was made.
 """
@@ -22,6 +22,7 @@ from pipeline.checkpoint import CheckpointOptions
 from pipeline.data.reader import DataOptions
 from pipeline.deepspeed_json import DeepSpeedOptions
 from pipeline.distributed import ClusterOptions
+from pipeline.ema import EmaOptions
 from pipeline.engine import ModelOptions
 from pipeline.loss_scale import LossScaleOptions
 from pipeline.options import flag_of
@@ -40,6 +41,7 @@ class RunConfig:
     model: ModelOptions = ModelOptions()
     schedule: ScheduleOptions = ScheduleOptions()
     loss_scale: LossScaleOptions = LossScaleOptions()
+    ema: EmaOptions = EmaOptions()
     checkpoint: CheckpointOptions = CheckpointOptions()
     tracking: TrackingOptions = TrackingOptions()
     cluster: ClusterOptions = ClusterOptions()
@@ -68,6 +70,7 @@ SECTIONS = {
     "model": ModelOptions,
     "schedule": ScheduleOptions,
     "loss_scale": LossScaleOptions,
+    "ema": EmaOptions,
     "checkpoint": CheckpointOptions,
     "tracking": TrackingOptions,
     "cluster": ClusterOptions,

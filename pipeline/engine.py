@@ -264,6 +264,8 @@ class ModelOptions:
     # Batch-norm statistics over the whole global batch (torch's SyncBatchNorm) instead of each rank's own
     # micro-batch, as Goyal et al. keep them; costs an all-reduce per BN layer in the forward and backward passes.
     sync_bn: bool = False
+    # Blur before every strided convolution with at least 16 input channels (timm's BlurPool2d; FFCV's recipes).
+    blurpool: bool = False
     # Image and activation memory: auto (channels-last, NHWC, on GPUs; NCHW on CPUs), channels_last or contiguous.
     memory_format: str = "auto"
     # torch.compile the model through the engine: none, or a torch.compile mode (reduce-overhead: CUDA graphs).

@@ -19,12 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-import torchvision
 
 from pipeline import checkpoint, deepspeed_json, distributed, engine, launch
 from pipeline.data import DataConfig, ImageNetData
+from pipeline.data.reader import DECODE_DEVICES
 from pipeline.data.shards import DataError, open_shards
 from pipeline.meters import validate
+from pipeline.model import build_model
 
 TRUSTED = "it is unpickled, so evaluate only checkpoints you trust (pipeline.export writes a file that is not)"
 
@@ -46,18 +47,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="what the model computes in (default: the precision the run validated in; fp32 for checkpoints that "
         "do not record it)",
     )
-    p.add_argument("--data-device", choices=("auto", "gpu", "cpu"), default="auto", help="where DALI decodes")
+    p.add_argument("--ema", action="store_true", help="evaluate the average of the weights (runs with --ema-decay)")
+    p.add_argument(
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        help="also the mirror images, logits summed (default: as the run validated, --val-flip)",
+    )
+    p.add_argument("--data-device", choices=DECODE_DEVICES, default="auto", help="where DALI decodes")
     p.add_argument("--data-threads", type=int, default=0, help="DALI CPU threads per rank (0: cores / ranks)")
     p.add_argument("--dist-timeout", type=int, default=600, help="seconds a rank waits for a peer in a collective")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     return p.parse_args(argv)
 
 
-def load_model(path: Path, card: dict, device: torch.device, precision: str) -> torch.nn.Module:
-    """The checkpoint's torchvision model computing in `precision` (engine.InPrecision), in eval mode on `device`
-    (channels-last on a GPU)."""
-    model = torchvision.models.get_model(card["arch"], weights=None, num_classes=card["num_classes"])
-    model.load_state_dict(checkpoint.weights(path))
+def load_model(path: Path, card: dict, device: torch.device, precision: str, ema: bool = False) -> torch.nn.Module:
+    """The checkpoint's torchvision model (with BlurPool where the card says so; `ema`: the average of its weights)
+    computing in `precision` (engine.InPrecision), in eval mode on `device` (channels-last on a GPU)."""
+    model, _ = build_model(card["arch"], card["num_classes"], blurpool=card.get("blurpool", False))
+    model.load_state_dict(checkpoint.weights(path, ema))
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     return engine.InPrecision(model, precision, device.type).eval()
@@ -117,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             data_threads=args.data_threads,
         )
         data = ImageNetData(config, rank, world, splits=("validation",), shards=shards)
-        model = load_model(path, card, data.device, precision)
-        top1, top5, seen = validate(model, data.validation(), data.device)
+        model = load_model(path, card, data.device, precision, args.ema)
+        flip = card.get("val_flip", False) if args.flip is None else args.flip
+        top1, top5, seen = validate(model, data.validation(), data.device, flip)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -131,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
             "images": seen,
             "arch": card["arch"],
             "step": card["step"],
+            "weights": "average (--ema)" if args.ema else "trained",
+            "flip": flip,
             "precision": precision,
             "precision_from": precision_from,
             "checkpoint": str(path),

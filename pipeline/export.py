@@ -3,7 +3,8 @@
     python -m pipeline.export RUN_DIR|CHECKPOINT --out model.pt            (torch.load(..., weights_only=True))
     python -m pipeline.export RUN_DIR|CHECKPOINT --out model.safetensors   (safetensors)
 
-`torchvision.models.get_model(arch, num_classes=N).load_state_dict(...)` takes the weights as they are.
+`torchvision.models.get_model(arch, num_classes=N).load_state_dict(...)` takes the weights as they are (a run with
+--blurpool: `pipeline.model.build_model(arch, N, blurpool=True)[0]`; `--ema` exports the average of the weights).
 Beside them, `<out>.json` holds the model (arch, classes: the wnids of labels.txt in label order) and the
 preprocessing the model was trained and validated with. DeepSpeed's checkpoint is unpickled to read the
 weights, so export only checkpoints you trust; the exported file is then safe to hand on.
@@ -29,11 +30,19 @@ def preprocessing(card: dict) -> dict:
         "resize_shorter_side": card["val_resize"],
         "interpolation": "bilinear, antialiased",
         "center_crop": card["crop_size"],
+        "flip_test_time_augmentation": card.get("val_flip", False),
         "scale": "pixel / 255",
         "mean": [round(m / 255, 6) for m in augment.MEAN],
         "std": [round(s / 255, 6) for s in augment.STD],
         "layout": "NCHW float32",
     }
+
+
+def model_of(card: dict) -> str:
+    """The Python expression that builds the exported weights' model."""
+    if card.get("blurpool"):
+        return f"pipeline.model.build_model({card['arch']!r}, {card['num_classes']}, blurpool=True)[0]"
+    return f"torchvision.models.get_model({card['arch']!r}, num_classes={card['num_classes']})"
 
 
 def save_weights(weights: dict[str, torch.Tensor], out: Path) -> None:
@@ -46,13 +55,14 @@ def save_weights(weights: dict[str, torch.Tensor], out: Path) -> None:
         torch.save(weights, out)
 
 
-def export(source: str, out: Path) -> dict:
-    """Write the weights to `out` and the model card with preprocessing to `out` with .json; returns the card."""
+def export(source: str, out: Path, ema: bool = False) -> dict:
+    """Write the weights (`ema`: their average) to `out` and the model card with preprocessing to `out` with .json;
+    returns the card."""
     if out.suffix == ".json":
         raise ValueError(f"--out {out}: the model card goes to <out>.json; name the weights model.pt or .safetensors")
     path = checkpoint.resolve(source)
     card = checkpoint.card(path)
-    weights = checkpoint.weights(path)
+    weights = checkpoint.weights(path, ema)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_weights(weights, out)
     reader = "safetensors.torch.load_file" if out.suffix == ".safetensors" else "torch.load"
@@ -60,8 +70,9 @@ def export(source: str, out: Path) -> dict:
         "arch": card["arch"],
         "num_classes": card["num_classes"],
         "weights": out.name,
-        "load": f"torchvision.models.get_model({card['arch']!r}, num_classes={card['num_classes']}).load_state_dict("
-        f"{reader}(path{'' if out.suffix == '.safetensors' else ', weights_only=True'}))",
+        "load": f"{model_of(card)}.load_state_dict({reader}(path"
+        f"{'' if out.suffix == '.safetensors' else ', weights_only=True'}))",
+        "weights_are": "the average of the weights (--ema)" if ema else "the trained weights",
         "preprocessing": preprocessing(card),
         "classes": card["classes"],
         "checkpoint": str(path),
@@ -80,10 +91,11 @@ def main(argv: list[str] | None = None) -> int:
         "it is unpickled, so export only checkpoints you trust",
     )
     p.add_argument("--out", required=True, help="model.pt (torch, plain tensors) or model.safetensors")
+    p.add_argument("--ema", action="store_true", help="the average of the weights (runs with --ema-decay)")
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
-        described = export(args.source, out)
+        described = export(args.source, out, args.ema)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -21,12 +21,17 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model, batches: Iterable, device: torch.device) -> tuple[float, float, int]:
+def validate(model, batches: Iterable, device: torch.device, flip: bool = False) -> tuple[float, float, int]:
     """Top-1 and top-5 accuracy (percent) of `model` over `batches`, and the images counted, summed exactly over
-    all ranks (padding labels are not counted). Note: a host-device sync point, once, at the end."""
+    all ranks (padding labels are not counted). `flip`: test-time augmentation, the logits of each image and of its
+    mirror image summed (FFCV's). Note: a host-device sync point, once, at the end."""
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels in batches:
-        counts += accuracy_counts(model(images.to(device)), labels.to(device))
+        images = images.to(device)
+        logits = model(images)
+        if flip:
+            logits = logits.float() + model(images.flip(3)).float()
+        counts += accuracy_counts(logits, labels.to(device))
     seen, top1, top5 = distributed.all_sum(counts.tolist(), device)
     return 100 * top1 / seen, 100 * top5 / seen, int(seen)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torchvision
+from timm.layers import BlurPool2d
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -37,12 +38,52 @@ def uses_channels_last(memory_format: str, cuda: bool) -> bool:
     return memory_format == "channels_last" or (memory_format == "auto" and cuda)
 
 
-def build_model(arch: str, num_classes: int, channels_last: bool = False) -> tuple[nn.Module, int]:
-    """A freshly initialised `arch` for `num_classes` classes, and the number of residual BNs zeroed. Channels-last
-    is for plain PyTorch; a DeepSpeed engine's model is converted after initialize (engine.to_channels_last)."""
+class BlurPoolConv2d(nn.Module):
+    """A strided convolution that sees its input low-pass filtered first (Zhang 2019, "Making convolutional networks
+    shift-invariant again"; FFCV's ResNet-50 recipes): timm's BlurPool2d (a 3x3 binomial filter, reflect padding) at
+    stride 1, then the convolution with its own stride."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.blur = BlurPool2d(conv.in_channels, filt_size=3, stride=1)
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blur.filt.dtype != x.dtype:
+            # DeepSpeed's 16-bit wrappers cast the parameters, not this non-persistent buffer; its binomial
+            # coefficients (k/16) are exact in every float type.
+            self.blur.filt.data = self.blur.filt.data.to(x.dtype)
+        return self.conv(self.blur(x))
+
+
+# FFCV's rule: blur before every strided convolution with at least this many input channels (not the stem's RGB).
+BLURPOOL_MIN_CHANNELS = 16
+
+
+def add_blurpool(model: nn.Module) -> int:
+    """Put a blur before every strided convolution with at least BLURPOOL_MIN_CHANNELS input channels, in place;
+    returns how many. Weight keys of those convolutions gain `.conv` (the model card says blurpool)."""
+    added = 0
+    for name, child in model.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= BLURPOOL_MIN_CHANNELS:
+            setattr(model, name, BlurPoolConv2d(child))
+            added += 1
+        else:
+            added += add_blurpool(child)
+    return added
+
+
+def build_model(
+    arch: str, num_classes: int, channels_last: bool = False, blurpool: bool = False
+) -> tuple[nn.Module, int]:
+    """A freshly initialised `arch` for `num_classes` classes (with `blurpool`, blurred strided convolutions), and the
+    number of residual BNs zeroed. Channels-last is for plain PyTorch; a DeepSpeed engine's model is converted after
+    initialize (engine.to_channels_last)."""
     check_arch(arch)
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     zeroed = zero_init_residual(model)
+    if blurpool:
+        add_blurpool(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, zeroed

@@ -309,6 +309,8 @@ class TrackingOptions:
 
     # Validate every this many epochs (and always after the last).
     eval_every: int = 1
+    # Validate each image and its mirror image, their logits summed (test-time augmentation, as FFCV's recipes).
+    val_flip: bool = False
     # Steps between progress and wandb updates (each one is a host-device sync).
     log_every: int = 20
     # wandb: online, offline or disabled (default: WANDB_MODE, else online with an API key and offline without).

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum, IntEnum
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,7 @@ from pipeline import (
     config,
     deepspeed_json,
     distributed,
+    ema,
     ending,
     engine,
     launch,
@@ -176,6 +178,19 @@ class Progress:
             self.best_top1, self.best_epoch = top1, epoch
 
 
+class Lever(Protocol):
+    """A checkpoint component that acts on the loop (pipeline.ema.Ema): after every optimizer step, and when the run
+    validates (the keys it adds to the epoch's row). The loop calls every lever alike: no branch per lever."""
+
+    def after_step(self, engine) -> None: ...
+
+    def validated(self, data: ImageNetData, device: torch.device, flip: bool) -> dict: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
 @dataclass
 class Stepper:
     """What takes an optimizer step and checks it: the engine, the loss, the loss scale, and the fault guard."""
@@ -184,12 +199,18 @@ class Stepper:
     scale: loss_scale.LossScale
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     guard: Guard
+    # Components that act on the loop (an average of the weights): after every optimizer step, and at validation.
+    levers: list[Lever] = dataclasses.field(default_factory=list)
 
     def step(
         self, images: torch.Tensor, labels: torch.Tensor, meter: StepMeter, mark: Callable[[str], None] = None
     ) -> bool:
-        """One micro-batch (train_step); whether an optimizer step closed."""
-        return train_step(self.engine, self.scale, self.criterion, images, labels, meter, mark or no_mark)
+        """One micro-batch (train_step), then the levers if an optimizer step closed; whether one did."""
+        closed = train_step(self.engine, self.scale, self.criterion, images, labels, meter, mark or no_mark)
+        if closed:
+            for lever in self.levers:
+                lever.after_step(self.engine)
+        return closed
 
     def record(self, meter: StepMeter, sinks: Sinks) -> None:
         """Read the meter's rows since the last record (a sync point), log them, then stop on a numeric fault
@@ -336,7 +357,7 @@ def build(
     data = ImageNetData(data_config, rank, world, grad_accum=accum, shards=shards)
     # The same initial weights on every rank and in every session with this seed.
     torch.manual_seed(opts.data.seed)
-    model, zeroed = build_model(model_options.arch, data.num_classes)
+    model, zeroed = build_model(model_options.arch, data.num_classes, blurpool=model_options.blurpool)
     if model_options.sync_bn:
         model = sync_batch_norm(model, cuda)
     eng = engine.build(
@@ -366,14 +387,21 @@ def build(
         "loss_scale": stepper.scale,
         "guard": stepper.guard,
     }
+    if data.config.ramp is not None:
+        components["resolution_ramp"] = data.config.ramp
+    if opts.ema.ema_decay:
+        stepper.levers.append(ema.Ema(eng.module, opts.ema.ema_decay, opts.ema.ema_every, precision))
+        components["ema"] = stepper.levers[-1]
     card = checkpoint.model_card(
         model_options.arch,
         data.num_classes,
         data.shards.class_names,
-        opts.data.crop_size,
+        data.config.val_crop,
         opts.data.val_resize,
         precision,
         micro,
+        blurpool=model_options.blurpool,
+        flip=opts.tracking.val_flip,
     )
     keep = opts.checkpoint.keep_checkpoints
     # DeepSpeed formed its own groups: they give up on a silent peer after --dist-timeout too.
@@ -470,9 +498,16 @@ def epoch_loop(
         batches = epoch_batches(data, epoch, skip * data.grad_accum)
         stop = train_epoch(stepper, batches, meter, sinks, cadence, save=checkpointer.save)
         last = stop or epoch + 1 == cadence.epochs
-        top1, top5 = evaluate(eng, data) if cadence.validates(epoch, last) else (None, None)
+        validating, extra = cadence.validates(epoch, last), {}
+        top1, top5 = evaluate(eng, data, cadence.val_flip) if validating else (None, None)
+        for lever in stepper.levers if validating else []:
+            extra.update(lever.validated(data, eng.device, cadence.val_flip))
         progress.validated(epoch, top1)
-        rows.append(epoch_row(eng, world, micro, stepper.scale, epoch, meter, (top1, top5)))
+        row = epoch_row(eng, world, micro, stepper.scale, epoch, meter, (top1, top5))
+        # The sizes each figure was measured at: the training crops of the epoch (img/s per size), the validation's.
+        sides = data.crop_sides(epoch)
+        row.update(train_crop=sides[0] if len(sides) == 1 else sides, val_crop=data.config.val_crop, **extra)
+        rows.append(row)
         sinks.epoch(rows[-1], eng.global_steps)
         if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
             sinks.note(input_bound_line(data, cuda, rows[-1]))
@@ -515,6 +550,8 @@ class Cadence:
     save_every: int
     save_every_epochs: int
     max_steps: int
+    # Validation with its mirror images (test-time augmentation).
+    val_flip: bool = False
 
     @classmethod
     def of(cls, opts: config.RunConfig, steps_per_epoch: int) -> Cadence:
@@ -527,6 +564,7 @@ class Cadence:
             saving.save_every_steps,
             saving.save_every_epochs,
             opts.schedule.max_steps,
+            tracking.val_flip,
         )
 
     @property
@@ -604,12 +642,12 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: f
     return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing, ignore_index=IGNORE)
 
 
-def evaluate(eng, data: ImageNetData) -> tuple[float, float]:
+def evaluate(eng, data: ImageNetData, flip: bool = False) -> tuple[float, float]:
     """Top-1 and top-5 accuracy (percent) over the whole validation set, counted exactly across ranks, of the
-    model the checkpoint saves (rank 0's batch-norm statistics on every rank)."""
+    model the checkpoint saves (rank 0's batch-norm statistics on every rank); `flip`: with mirror images too."""
     eng.eval()
     with distributed.rank0_buffers(eng.module):
-        top1, top5, _ = validate(eng, data.validation(), eng.device)
+        top1, top5, _ = validate(eng, data.validation(), eng.device, flip)
     eng.train()
     return top1, top5
 

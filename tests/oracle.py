@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import checkpoint, deepspeed_json, engine, loss_scale, schedule, train
@@ -244,3 +245,13 @@ def torch_sgd_long(skipped: list[int], clip: float = 0.0) -> tuple[dict[str, tor
             group["lr"] = long_lr(step)
         sgd.step()
     return {name: p.detach().clone() for name, p in model.named_parameters()}, clipped
+
+
+def ffcv_resolution(epoch: float, start_epoch: float, end_epoch: float, low: int, high: int, step: int) -> int:
+    """libffcv/ffcv-imagenet's get_resolution, as its train_imagenet.py writes it (the oracle)."""
+    if epoch <= start_epoch:
+        return low
+    if epoch >= end_epoch:
+        return high
+    interp = np.interp([epoch], [start_epoch, end_epoch], [low, high])
+    return int(np.round(interp[0] / step)) * step

@@ -41,7 +41,7 @@ def test_yaml_then_flags(tmp_path):
     run.dump(tmp_path / "config.yaml", schedule={"peak_lr": 3.2})
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert list(saved["run"]) == [
-        "data", "deepspeed", "model", "schedule", "loss_scale", "checkpoint", "tracking", "cluster"]  # fmt: skip
+        "data", "deepspeed", "model", "schedule", "loss_scale", "ema", "checkpoint", "tracking", "cluster"]  # fmt: skip
     assert config.RunConfig.from_options(saved["run"]) == run
     assert saved["schedule"] == {"peak_lr": 3.2}
     # A YAML file may also write the sections out; flags still win.
@@ -217,3 +217,33 @@ def test_the_docs_flag_table_is_the_codes():
     start, end = "<!-- flags: python -m pipeline.config -->\n", "<!-- end flags -->"
     assert doc[doc.index(start) + len(start) : doc.index(end)] == config.flags_table()
     assert config.flags_table().count("\n| `--") == len(config.option_fields())
+
+
+def test_blurpool_blurs_before_every_strided_convolution_and_keeps_the_shapes():
+    from pipeline.model import BlurPoolConv2d
+
+    plain, _ = build_model("resnet18", 10)
+    blurred, zeroed = build_model("resnet18", 10, blurpool=True)
+    assert zeroed == 8
+    wrapped = [m for m in blurred.modules() if isinstance(m, BlurPoolConv2d)]
+    # ResNet-18: the first 3x3 and the shortcut's 1x1 of the first block of stages 2-4; not the RGB stem.
+    assert len(wrapped) == 6
+    assert all(max(w.conv.stride) == 2 and w.conv.in_channels >= 16 for w in wrapped)
+    assert not isinstance(blurred.conv1, BlurPoolConv2d)
+    x = torch.randn(2, 3, 64, 64)
+    assert blurred(x).shape == plain(x).shape
+    # Blur first, then the convolution with its own stride: the [1 2 1]x[1 2 1]/16 filter on each channel,
+    # reflect-padded, at stride 1 (the oracle written out here).
+    w = wrapped[0]
+    inp = torch.randn(1, w.conv.in_channels, 16, 16)
+    kernel = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (kernel[:, None] * kernel[None, :] / 16).expand(w.conv.in_channels, 1, 3, 3)
+    blur = torch.nn.functional.conv2d(
+        torch.nn.functional.pad(inp, (1, 1, 1, 1), mode="reflect"), kernel, groups=w.conv.in_channels
+    )
+    assert torch.allclose(w(inp), w.conv(blur), atol=1e-5)
+    assert not torch.allclose(w(inp), w.conv(inp), atol=1e-3)
+    # The weights keep torchvision's names, the wrapped convolutions' under .conv; no buffer is added.
+    keys = set(blurred.state_dict())
+    assert "layer2.0.conv1.conv.weight" in keys and "layer2.0.downsample.0.conv.weight" in keys
+    assert len(keys) == len(plain.state_dict())

@@ -18,6 +18,7 @@ from pipeline.data import DataConfig, ImageNetData, epoch_seed, train_steps_per_
 from pipeline.data.preview import to_uint8
 from pipeline.data.shards import IGNORE, DataError
 from tests import procs
+from tests.oracle import ffcv_resolution
 from tests.pictures import colour_of, gradients, jpeg, reference_val, smooth
 from tests.runs import run_module
 from tests.shardsets import labelled_set, read_shard, shards_of, write_manifest, write_shards
@@ -336,3 +337,43 @@ def test_an_image_that_does_not_decode_is_a_one_line_error_with_the_way_to_find_
     found = run_module("data_prep.verify", str(tmp_path), "--full")
     assert found.returncode == 1
     assert "validation-00001-of-00002: record at offset" in found.stdout
+
+
+def test_the_resolution_ramp_is_ffcvs():
+    from pipeline.data.augment import ResolutionRamp
+
+    # FFCV's rn50_16_epochs.yaml: 160 to 192 over epochs 11 to 13; rn50_88_epochs.yaml: 65 to 76.
+    for start, end in ((11, 13), (65, 76)):
+        ramp = ResolutionRamp(160, 192, start, end)
+        assert [ramp.size(e * 10 + 3, 10) for e in range(90)] == [
+            ffcv_resolution(e, start, end, 160, 192, 32) for e in range(90)
+        ]
+    by_step = ResolutionRamp(16, 32, 0.5, 1.5, rounding=4, by="step")
+    assert [by_step.size(s, 6) for s in range(12)] == [ffcv_resolution(s / 6, 0.5, 1.5, 16, 32, 4) for s in range(12)]
+    assert len({by_step.size(s, 6) for s in range(12)}) > 3
+    with pytest.raises(ValueError, match="its resolution ramp .* is not this run's"):
+        by_step.load_state_dict(ResolutionRamp(16, 32, 0.5, 2.0, rounding=4, by="step").state_dict())
+    by_step.load_state_dict(by_step.state_dict())
+
+
+def test_each_batch_has_the_side_the_ramp_gives_its_step_despite_prefetching(labelled):
+    """A by-step ramp read through DALI's external source, 3 batches prefetched, 2 micro-batches per optimizer step:
+    every batch of two epochs is as large as the ramp says for its step (an independent count of steps)."""
+    config = DataConfig(str(labelled), batch_size=4, crop_size=32, val_resize=36, data_device="cpu", data_threads=2,
+                        shuffle_buffer=16, data_prefetch=3, ramp_start_size=16, ramp_start_epoch=0.5,
+                        ramp_end_epoch=1.5, ramp_rounding=4, ramp_by="step")  # fmt: skip
+    data = ImageNetData(config, grad_accum=2)
+    micro_per_epoch = 2 * -(-45 // 8)
+    assert data.train_steps == micro_per_epoch
+    seen, expected = [], []
+    for epoch in range(2):
+        for i, batch in enumerate(data.train_epoch(epoch)):
+            assert batch.images.shape[2] == batch.images.shape[3]
+            seen.append(batch.images.shape[2])
+            step = (epoch * micro_per_epoch + i) // 2
+            expected.append(ffcv_resolution(step / (micro_per_epoch // 2), 0.5, 1.5, 16, 32, 4))
+    assert seen == expected
+    assert len(set(seen)) > 3
+    assert data.crop_sides(0) == sorted(set(expected[:micro_per_epoch]))
+    # Without a ramp every batch has the crop size (the graph as it always was).
+    assert {b.images.shape[2] for b in loader(labelled).train_epoch(0)} == {CROP}

@@ -15,7 +15,7 @@ from pipeline import checkpoint, cpu, deepspeed_json, engine, loss_scale, train
 from pipeline.data.shards import IGNORE, shard_bounds
 from pipeline.meters import StepMeter
 from pipeline.schedule import Schedule, lr_at
-from tests import procs
+from tests import oracle, procs
 from tests.models import constant_schedule
 from tests.runs import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
 from tests.shardsets import labelled_set
@@ -169,7 +169,8 @@ def test_resume_gives_the_same_weights_as_a_straight_run(prepared, tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
-    """Ranks see disjoint slices of each epoch and end with identical weights (BN statistics stay per rank)."""
+    """Ranks see disjoint slices of each epoch and end with identical weights (BN statistics stay per rank) and an
+    identical average of the weights (--ema-decay: it reads rank 0's statistics)."""
     data = labelled_set(tmp_path / "data", train=45, val=21)
     report = tmp_path / "ranks.json"
     ds = ds_file(tmp_path, 16, 4, "fp32")
@@ -179,7 +180,8 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
     proc = procs.run(
         [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "tests" / "train_ranks.py"),
          "--deepspeed_config", ds, "--data-dir", str(data), *SMALL, "--epochs", "2",
-         "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled"],
+         "--warmup-epochs", "1", "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled", "--ema-decay", "0.8",
+         "--ema-every", "2"],
         capture_output=True, text=True, timeout=600, env={**os.environ, "RANKS_REPORT": str(report)},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -196,6 +198,7 @@ def test_two_ranks_through_the_deepspeed_launcher(tmp_path):
         assert slices[0] | slices[1] == set(range(45))
     assert ranks[0]["params"] == ranks[1]["params"]
     assert ranks[0]["bn_means"] != ranks[1]["bn_means"]
+    assert ranks[0]["ema"] == ranks[1]["ema"] is not None
 
 
 @pytest.mark.parametrize(
@@ -294,6 +297,52 @@ def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
     assert schedule["params"]["total_num_steps"] == 3 * per_epoch
     assert "cpu.json: WarmupDecayLR fitted to this run" in stdout
     assert f"({schedule['params']['warmup_num_steps']} warmup steps: " in stdout
+
+
+@pytest.mark.slow
+def test_a_resume_in_the_middle_of_the_resolution_ramp_with_every_lever_on_continues_as_the_straight_run(
+    prepared, tmp_path
+):
+    """Progressive resizing by step (24 to 32 px over epochs 0.5 to 1.5), BlurPool, an average of the weights,
+    validation at its own crop with mirror images: stopped one step into the second epoch (in the middle of the
+    ramp) and resumed, the run trains every step at the straight run's size and loss, and ends with its weights and
+    average."""
+    ds = ds_file(tmp_path, 64, 32, "fp32")
+    levers = ["--ramp-start-size", "24", "--ramp-start-epoch", "0.5", "--ramp-end-epoch", "1.5", "--ramp-rounding",
+              "4", "--ramp-by", "step", "--blurpool", "--ema-decay", "0.9", "--val-flip", "--val-crop-size", "36",
+              "--val-resize", "40"]  # fmt: skip
+    common = ["--deepspeed_config", ds, "--data-dir", str(prepared), *SMALL, "--epochs", "2", "--warmup-epochs", "1",
+              *levers, "--wandb-mode", "disabled"]  # fmt: skip
+    images = json.loads((prepared / "manifest.json").read_text())["splits"]["train"]["images"]
+    per_epoch = math.ceil(images / 64)
+    ok(train_cli(*common, "--out-dir", str(tmp_path / "straight")))
+    ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--max-steps", str(per_epoch + 1)))
+    second = ok(train_cli(*common, "--out-dir", str(tmp_path / "split"), "--resume", "auto"))
+    assert "resumed from" in second
+    runs = [tmp_path / "straight", tmp_path / "split"]
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (run / "steps.jsonl").read_text().splitlines())}
+              for run in runs]  # fmt: skip
+    assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, 2 * per_epoch + 1))
+    assert all(losses[1][step] == pytest.approx(loss, rel=1e-5) for step, loss in losses[0].items())
+    rows = [metrics(run)[0] for run in runs]
+    # Each epoch's sizes: FFCV's rule at its steps' epoch positions (the oracle), in both runs.
+    sides = [sorted({oracle.ffcv_resolution(s / per_epoch, 0.5, 1.5, 24, 32, 4) for s in range(e * per_epoch,
+             (e + 1) * per_epoch)}) for e in (0, 1)]  # fmt: skip
+    assert len(sides[1]) > 1
+    assert [r["train_crop"] for r in rows[0]] == [s[0] if len(s) == 1 else s for s in sides]
+    assert rows[1][-1]["train_crop"] == rows[0][-1]["train_crop"]
+    assert rows[0][-1]["val_crop"] == 36
+    assert rows[0][-1]["val_top1_ema"] == pytest.approx(rows[1][-1]["val_top1_ema"])
+    assert rows[0][-1]["val_top1"] == pytest.approx(rows[1][-1]["val_top1"])
+    states = [torch.load(run / "checkpoints" / checkpoint.tag(2 * per_epoch) / checkpoint.MODEL_STATES,
+                         weights_only=False) for run in runs]  # fmt: skip
+    for key in ("module", "ema"):
+        a, b = (s["module"] if key == "module" else s["components"]["ema"]["module"] for s in states)
+        assert a.keys() == b.keys() and any(".conv.weight" in k for k in a)
+        for name in a:
+            assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), (key, name)
+    card = checkpoint.card(checkpoint.complete(runs[0] / "checkpoints")[-1])
+    assert (card["crop_size"], card["val_resize"], card["blurpool"], card["val_flip"]) == (36, 40, True, True)
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ def digest(tensors) -> str:
 
 
 def main() -> int:
-    """Assemble, train, then gather every rank's labels seen per epoch, parameters and batch-norm statistics."""
+    """Assemble, train, then gather every rank's labels seen per epoch, parameters, batch-norm statistics and
+    average of the weights."""
     out, argv = os.environ["RANKS_REPORT"], sys.argv[1:]
     run = train.assemble(*train.parse(argv))
     seen, read = {}, run.data.train_epoch
@@ -45,6 +46,8 @@ def main() -> int:
         "seen": seen,
         "params": digest(module.parameters()),
         "bn_means": digest(m.running_mean for m in module.modules() if hasattr(m, "running_mean")),
+        # The average of the weights and buffers (--ema-decay), if the run keeps one.
+        "ema": digest(run.components["ema"].average.module.state_dict().values()) if "ema" in run.components else None,
     }
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, mine)

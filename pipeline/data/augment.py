@@ -9,6 +9,10 @@ the shorter side, center crop, normalise. Labels leave the graph 0-based.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali import tfrecord as tfrec
 
@@ -111,9 +115,58 @@ def _normalise(images, dtype, layout: str, crop: int | None = None, mirror=None)
     )
 
 
+@dataclass(frozen=True)
+class ResolutionRamp:
+    """Progressive resizing (FFCV's ResNet recipes): the training crop's side is `start_size` up to `start_epoch`,
+    `end_size` from `end_epoch` on, and in between the linear interpolation rounded to the nearest multiple of
+    `rounding`. `by`: "epoch" reads the ramp at each epoch's number (FFCV), "step" at the step's epoch position
+    (step / steps per epoch). A pure function of the optimizer step: a resume continues it exactly. A checkpoint
+    component that refuses a checkpoint of another ramp."""
+
+    start_size: int
+    end_size: int
+    start_epoch: float
+    end_epoch: float
+    rounding: int = 32
+    by: str = "epoch"
+
+    def size(self, step: int, steps_per_epoch: int) -> int:
+        """The crop side of optimizer step `step` (0-based)."""
+        epoch = step // steps_per_epoch if self.by == "epoch" else step / steps_per_epoch
+        if epoch <= self.start_epoch:
+            return self.start_size
+        if epoch >= self.end_epoch:
+            return self.end_size
+        side = np.interp(epoch, [self.start_epoch, self.end_epoch], [self.start_size, self.end_size])
+        return int(np.round(side / self.rounding)) * self.rounding
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        if state != self.state_dict():
+            raise ValueError(
+                f"its resolution ramp {state} is not this run's {self.state_dict()}; resume with the ramp flags "
+                "it was saved with"
+            )
+
+
+def sizes_source(side: Callable[[int], int], batch_size: int) -> Callable:
+    """An external_source callback: each iteration's crop side (`side(iteration)`), one per sample. DALI passes the
+    iteration index of the batch it prepares, so prefetching ahead never shifts a size to another batch."""
+
+    def source(info) -> np.ndarray:
+        return np.full(batch_size, side(info.iteration), dtype=np.float32)
+
+    return source
+
+
 @pipeline_def
-def train_graph(files, indexes, shard_id, num_shards, shuffle_buffer, crop, dtype, layout, label_base, gpu, hw_load):
-    """Random-resized crop (decoding only the crop), resize to `crop`, random flip, normalise."""
+def train_graph(
+    files, indexes, shard_id, num_shards, shuffle_buffer, crop, dtype, layout, label_base, gpu, hw_load, sides=None
+):
+    """Random-resized crop (decoding only the crop), resize to `crop` (or, with `sides`, to each iteration's side:
+    an argument input fed by an external source), random flip, normalise."""
     jpegs, labels = _read(files, indexes, shard_id, num_shards, "train", shuffle_buffer)
     images = fn.decoders.image_random_crop(
         jpegs,
@@ -122,6 +175,8 @@ def train_graph(files, indexes, shard_id, num_shards, shuffle_buffer, crop, dtyp
         num_attempts=100,
         **_decoder_options(gpu, hw_load),
     )
+    if sides is not None:
+        crop = fn.external_source(source=sides, batch=True, batch_info=True, dtype=types.FLOAT)
     images = fn.resize(images, resize_x=crop, resize_y=crop, interp_type=types.INTERP_LINEAR, antialias=True)
     images = _normalise(images, dtype, layout, mirror=fn.random.coin_flip(probability=0.5))
     return _returned(images, labels, label_base, gpu)
