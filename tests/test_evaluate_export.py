@@ -169,6 +169,8 @@ def test_what_is_not_a_checkpoint_is_one_line(tmp_path, trained, capsys):
     assert err.count("\n") == 1
     assert export.main([str(trained), "--out", str(tmp_path / "model.json")]) == 2
     assert "the model card goes to <out>.json" in capsys.readouterr().err
+    assert export.main([str(trained), "--ema", "--out", str(tmp_path / "model.pt")]) == 2
+    assert "holds no average of the weights (its run had no --ema-decay)" in capsys.readouterr().err
     # The help of --resume and of pipeline.evaluate says that a checkpoint is trusted code.
     assert "A checkpoint is trusted code" in " ".join(config.parser().format_help().split())
     with pytest.raises(SystemExit):

@@ -17,7 +17,7 @@ from pipeline.meters import StepMeter
 from pipeline.schedule import Schedule, lr_at
 from tests import oracle, procs
 from tests.models import constant_schedule
-from tests.runs import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
+from tests.runs import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, run_module, train_cli, weights
 from tests.shardsets import labelled_set
 from tests.wandb_files import logged
 
@@ -343,6 +343,15 @@ def test_a_resume_in_the_middle_of_the_resolution_ramp_with_every_lever_on_conti
             assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), (key, name)
     card = checkpoint.card(checkpoint.complete(runs[0] / "checkpoints")[-1])
     assert (card["crop_size"], card["val_resize"], card["blurpool"], card["val_flip"]) == (36, 40, True, True)
+    # evaluate --ema repeats the average's top-1 (its crop, mirror images and BlurPool model from the card), and
+    # export --ema writes the average.
+    result = tmp_path / "ema.json"
+    run_module("pipeline.evaluate", "--checkpoint", str(runs[0]), "--data-dir", str(prepared), "--ema", "--out",
+               str(result), "--data-threads", "1", check=True)  # fmt: skip
+    assert json.loads(result.read_text())["top1"] == pytest.approx(rows[0][-1]["val_top1_ema"], rel=1e-9)
+    run_module("pipeline.export", str(runs[0]), "--ema", "--out", str(tmp_path / "ema.pt"), check=True)
+    exported = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert all(torch.equal(exported[k], v.float()) for k, v in states[0]["components"]["ema"]["module"].items())
 
 
 @pytest.mark.slow
