@@ -2,12 +2,17 @@
 
     python -m pipeline.plan --gpus 8,64,256,1024 [--batch-size B] [--images-per-sec 2470]
                             [--bandwidth-gbps 100] [--overlap 0] [--markdown]
+    python -m pipeline.plan --recipe recipes/rn50-16.yaml --gpus 8 [--images-per-sec-at 160:3400,192:2600]
 
 Per optimizer step and GPU: compute = accumulation x micro-batch / (the single-GPU images/s), and a ring
 all-reduce of the gradients (fp16, ResNet-50's 25.6M parameters by default) that moves 2 (N-1)/N of them
 through each GPU's link at --bandwidth-gbps, plus a per-hop latency. The backward pass is two thirds of a
 micro-step's compute; --overlap of the all-reduce hides behind it, never more than the backward pass lasts.
 Epoch time = steps per epoch x step time. Every figure is an input: enter your own measured ones.
+
+With --recipe (recipes/*.yaml): its batch (its DeepSpeed configuration's), epochs and warmup, and each epoch at its
+training crop's side (progressive resizing): a side's images/s is --images-per-sec-at's figure for it, else the
+224 px figure (--images-per-sec) scaled by the pixels, (224 / side)^2.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Plan:
-    """The recipe and the projected times at one GPU count."""
+    """The recipe and the projected times at one GPU count (step times at the last epoch's crop side)."""
 
     gpus: int
     recipe: Recipe
@@ -54,16 +59,18 @@ class Plan:
     compute_s: float
     allreduce_s: float
     exposed_s: float
+    # Each epoch's seconds (every epoch at step_s without progressive resizing).
+    epochs_s: tuple[float, ...] = ()
 
     @property
     def epoch_s(self) -> float:
-        """Seconds per epoch."""
+        """Seconds per epoch at the last epoch's crop side."""
         return self.recipe.steps_per_epoch * self.step_s
 
     @property
     def total_s(self) -> float:
         """Seconds for the recipe's epochs."""
-        return self.recipe.epochs * self.epoch_s
+        return sum(self.epochs_s) if self.epochs_s else self.recipe.epochs * self.epoch_s
 
 
 def allreduce_seconds(gpus: int, c: Cluster) -> float:
@@ -74,18 +81,64 @@ def allreduce_seconds(gpus: int, c: Cluster) -> float:
     return moved / (c.bandwidth_gbps * 1e9) + 2 * (gpus - 1) * c.hop_latency_s
 
 
-def project(gpus: int, batch_size: int | None, micro: int, c: Cluster, epochs: int = 90) -> Plan:
-    """The recipe for `gpus` (B = micro x gpus unless given) and its step and epoch times under the model `c`."""
+def project(
+    gpus: int,
+    batch_size: int | None,
+    micro: int,
+    c: Cluster,
+    epochs: int = 90,
+    warmup_epochs: float = 5.0,
+    sides: list[float] | None = None,
+) -> Plan:
+    """The recipe for `gpus` (B = micro x gpus unless given) and its step and epoch times under the model `c`;
+    `sides`: each epoch's images/s where progressive resizing changes it (default: c.images_per_sec throughout)."""
     batch = batch_size or micro * gpus
     if batch % (micro * gpus):
         raise ValueError(f"--batch-size {batch}: not a multiple of micro-batch {micro} x {gpus} GPUs")
-    recipe = Recipe(batch, micro, epochs=epochs, warmup_epochs=5.0, train_images=IMAGENET_TRAIN_IMAGES)
+    recipe = Recipe(batch, micro, epochs=epochs, warmup_epochs=warmup_epochs, train_images=IMAGENET_TRAIN_IMAGES)
     accumulation = batch // (micro * gpus)
-    compute = accumulation * micro / c.images_per_sec
     allreduce = allreduce_seconds(gpus, c)
-    # Only the last micro-step's backward pass overlaps the all-reduce (DeepSpeed reduces at the boundary).
-    hidden = min(c.overlap * allreduce, 2 / 3 * micro / c.images_per_sec)
-    return Plan(gpus, recipe, accumulation, compute + allreduce - hidden, compute, allreduce, allreduce - hidden)
+
+    def step_seconds(images_per_sec: float) -> tuple[float, float, float]:
+        compute = accumulation * micro / images_per_sec
+        # Only the last micro-step's backward pass overlaps the all-reduce (DeepSpeed reduces at the boundary).
+        hidden = min(c.overlap * allreduce, 2 / 3 * micro / images_per_sec)
+        return compute + allreduce - hidden, compute, hidden
+
+    rates = sides or [c.images_per_sec] * epochs
+    epochs_s = tuple(recipe.steps_per_epoch * step_seconds(rate)[0] for rate in rates)
+    step, compute, hidden = step_seconds(rates[-1])
+    return Plan(gpus, recipe, accumulation, step, compute, allreduce, allreduce - hidden, epochs_s)
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    """What a recipes/*.yaml file sets for the plan: the batch of its DeepSpeed configuration, its epochs and
+    warmup, and each epoch's training crop side."""
+
+    path: str
+    batch_size: int
+    micro_batch: int
+    epochs: int
+    warmup_epochs: float
+    sides: list[int]
+
+    @classmethod
+    def read(cls, path: str) -> RecipeFile:
+        from pipeline import config
+
+        run = config.load(["--config", path, "--data-dir", "<any>"])
+        ds = config.read_ds_config(run.deepspeed.deepspeed_config)
+        epochs, ramp = run.schedule.epochs, run.data.ramp
+        # The ramp read at each epoch's number (FFCV's), one step per epoch.
+        sides = [ramp.size(e, 1) if ramp else run.data.crop_size for e in range(epochs)]
+        warmup = run.schedule.warmup_epochs if run.schedule.warmup_epochs is not None else 5.0
+        return cls(path, ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], epochs, warmup, sides)
+
+
+def rate_at(side: int, c: Cluster, measured: dict[int, float]) -> float:
+    """One GPU's images/s at a crop side: measured, else the 224 px figure scaled by the pixels."""
+    return measured.get(side, c.images_per_sec * (224 / side) ** 2)
 
 
 def _duration(seconds: float) -> str:
@@ -101,7 +154,7 @@ def plan_table(plans: list[Plan], c: Cluster) -> str:
     """The plans as a markdown table, with Goyal et al.'s hour beside them."""
     lines = [
         "| GPUs | B | accumulation | peak lr | warmup steps | steps/epoch | compute/step | all-reduce/step "
-        "(exposed) | epoch | 90 epochs |",
+        f"(exposed) | epoch | {plans[0].recipe.epochs} epochs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in plans:
@@ -157,7 +210,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="share of the all-reduce run during the backward pass (0..1)",
     )
     p.add_argument("--params", type=int, default=RESNET50_PARAMS, help="gradient numbers (default: ResNet-50)")
+    p.add_argument(
+        "--recipe",
+        help="a run configuration (recipes/*.yaml): its batch, epochs, warmup and crop sides replace --batch-size, "
+        "--micro-batch and --epochs",
+    )
+    p.add_argument(
+        "--images-per-sec-at",
+        default="",
+        help="measured images/s of one GPU per crop side, e.g. 160:3400,192:2600 (others: --images-per-sec at "
+        "224 px scaled by the pixels)",
+    )
     return p.parse_args(argv)
+
+
+def measured_rates(text: str) -> dict[int, float]:
+    """--images-per-sec-at's "side:images_per_sec,..." as {side: rate}."""
+    rates = {}
+    for item in filter(None, text.split(",")):
+        side, _, rate = item.partition(":")
+        try:
+            rates[int(side)] = float(rate)
+        except ValueError:
+            raise ValueError(
+                f"--images-per-sec-at {text}: write side:images_per_sec pairs, e.g. 160:3400,192:2600"
+            ) from None
+        if rates[int(side)] <= 0:
+            raise ValueError(f"--images-per-sec-at {text}: images/s must be positive")
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,7 +247,16 @@ def main(argv: list[str] | None = None) -> int:
         if not (0 <= a.overlap <= 1) or a.images_per_sec <= 0 or a.bandwidth_gbps <= 0:
             raise ValueError("--overlap must lie in [0, 1]; --images-per-sec and --bandwidth-gbps must be positive")
         c = Cluster(a.images_per_sec, a.bandwidth_gbps, a.hop_latency_us / 1e6, a.overlap, a.params)
-        plans = [project(int(g), a.batch_size, a.micro_batch, c, a.epochs) for g in a.gpus.split(",")]
+        measured = measured_rates(a.images_per_sec_at)
+        if a.recipe:
+            r = RecipeFile.read(a.recipe)
+            rates = [rate_at(side, c, measured) for side in r.sides]
+            plans = [project(int(g), r.batch_size, r.micro_batch, c, r.epochs, r.warmup_epochs, rates)
+                     for g in a.gpus.split(",")]  # fmt: skip
+            sides = ", ".join(f"{side} px: {rate_at(side, c, measured):,.0f} img/s" for side in sorted(set(r.sides)))
+            print(f"{a.recipe}: B={r.batch_size}, {r.epochs} epochs, {r.warmup_epochs:g} warmup; per GPU {sides}")
+        else:
+            plans = [project(int(g), a.batch_size, a.micro_batch, c, a.epochs) for g in a.gpus.split(",")]
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
