@@ -1,12 +1,14 @@
 """Write an ImageNet-layout folder of real JPEG files with a learnable task, for the demo and tests.
 
     python -m data_prep.synthetic --out DIR [--classes 10] [--train-per-class 100] [--val-per-class 20]
-        [--min-side 96] [--max-side 192] [--val-layout {folders,flat}] [--quirks] [--seed 0]
+        [--min-side 96] [--max-side 192] [--val-layout {folders,flat}] [--quirks] [--fine] [--seed 0]
 
 Each class has its own hue and shape (disc, square, triangle, stripes), drawn at a random place and
 scale over a noisy, shaded background, so classes differ visibly and survive random-resized crops.
 Sizes and aspect ratios vary like photos. `--quirks` adds ImageNet's known oddities and broken
 files (CMYK and YCCK JPEGs, PNG named .JPEG, alpha PNG, grayscale, progressive, empty, truncated, non-image).
+`--fine` is a harder mode where resolution matters (bench/time_to_accuracy.py): the hue is random, and classes of
+one shape differ only in a fine texture that a small crop loses.
 """
 
 from __future__ import annotations
@@ -53,6 +55,35 @@ def render(
     fg = tuple(int(c * 255) for c in colorsys.hsv_to_rgb(hue, 0.9, rng.uniform(0.15, 0.4)))
     _draw_shape(ImageDraw.Draw(image), SHAPES[k % len(SHAPES)], w, h, fg, rng)
     return image
+
+
+# --fine: the textures that tell classes of one shape apart, (period in pixels, angle in degrees). The periods are
+# those of the full picture (96 to 192 px): a crop resized to 32-64 px keeps only the coarsest, so a model sees
+# more of the classes at a larger crop (what progressive resizing and testing at a larger size trade on).
+TEXTURES = ((3, 0), (3, 90), (5, 45), (5, 135), (8, 0), (8, 90), (13, 45), (13, 135))
+
+
+def render_fine(
+    k: int, rng: np.random.Generator, min_side: int, max_side: int, noise: float, aspects: tuple[float, ...] = ASPECTS
+) -> Image.Image:
+    """One RGB picture of class k in the harder mode: a random hue (no class signal), the class shape (k mod 4)
+    filled with the class texture (k div 4: a grating of TEXTURES' period and angle) over a noisy background."""
+    aspect = aspects[rng.integers(len(aspects))]
+    short = int(rng.integers(min_side, max_side + 1))
+    w, h = (round(short * aspect), short) if aspect >= 1 else (short, round(short / aspect))
+    hue = rng.uniform()
+    base = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.3, 0.7), rng.uniform(0.6, 0.9))) * 255
+    pixels = np.broadcast_to(base, (h, w, 3)) + rng.normal(0, noise, (h, w, 3))
+    period, angle = TEXTURES[(k // len(SHAPES)) % len(TEXTURES)]
+    y, x = np.mgrid[0:h, 0:w]
+    phase = (x * np.cos(np.radians(angle)) + y * np.sin(np.radians(angle))) * 2 * np.pi / period
+    grating = (np.sin(phase + rng.uniform(0, 2 * np.pi)) > 0)[:, :, None]
+    dark, light = base * 0.25, np.minimum(base * 1.1 + 40, 255)
+    mask = Image.new("L", (w, h), 0)
+    _draw_shape(ImageDraw.Draw(mask), SHAPES[k % len(SHAPES)], w, h, 255, rng)
+    inside = (np.asarray(mask) > 0)[:, :, None]
+    pixels = np.where(inside, np.where(grating, light, dark), pixels)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, w: int, h: int, fill: tuple, rng: np.random.Generator) -> None:
@@ -129,14 +160,19 @@ def generate(
     noise: float = 12.0,
     aspects: tuple[float, ...] = ASPECTS,
     quality: tuple[int, int] = (80, 95),
+    fine: bool = False,
 ) -> Path:
-    """Write the folder and return its path (JPEG quality drawn per image from the inclusive range)."""
+    """Write the folder and return its path (JPEG quality drawn per image from the inclusive range; `fine`: the
+    harder mode, render_fine)."""
     root = Path(out)
     lo, hi = quality
     val_files: list[tuple[str, bytes]] = []  # (wnid, JPEG bytes) in validation order
     for k in range(classes):
         rng = np.random.default_rng([seed, k])
-        picture = partial(render, k, classes, rng, min_side, max_side, noise, aspects)
+        if fine:
+            picture = partial(render_fine, k, rng, min_side, max_side, noise, aspects)
+        else:
+            picture = partial(render, k, classes, rng, min_side, max_side, noise, aspects)
         train_dir = root / "train" / wnid(k)
         train_dir.mkdir(parents=True, exist_ok=True)
         for i in range(train_per_class):
@@ -186,6 +222,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="add CMYK, YCCK, PNG-as-JPEG, alpha, grayscale, progressive, empty, truncated, non-image files",
     )
+    p.add_argument(
+        "--fine",
+        action="store_true",
+        help="harder classes: a random hue, the class told by its shape and a fine texture a small crop loses "
+        f"(up to {len(SHAPES) * len(TEXTURES)} classes)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--noise", type=float, default=12.0, help="pixel noise std, which sets JPEG size (detail)")
     return p.parse_args(argv)
@@ -196,6 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not 1 <= args.min_side <= args.max_side:
         print(f"error: --min-side {args.min_side} / --max-side {args.max_side}: need 1 <= min <= max", file=sys.stderr)
+        return 2
+    if args.fine and args.classes > len(SHAPES) * len(TEXTURES):
+        print(f"error: --classes {args.classes}: --fine has {len(SHAPES) * len(TEXTURES)} at most", file=sys.stderr)
         return 2
     if args.classes < 1 or args.train_per_class < 1 or args.val_per_class < 1:
         print("error: --classes, --train-per-class and --val-per-class must be at least 1", file=sys.stderr)

@@ -251,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.recipe:
             r = RecipeFile.read(a.recipe)
             rates = [rate_at(side, c, measured) for side in r.sides]
-            plans = [project(int(g), r.batch_size, r.micro_batch, c, r.epochs, r.warmup_epochs, rates)
-                     for g in a.gpus.split(",")]  # fmt: skip
+            gpus = [int(g) for g in a.gpus.split(",")]
+            plans = [project(g, r.batch_size, r.micro_batch, c, r.epochs, r.warmup_epochs, rates) for g in gpus]
             sides = ", ".join(f"{side} px: {rate_at(side, c, measured):,.0f} img/s" for side in sorted(set(r.sides)))
             print(f"{a.recipe}: B={r.batch_size}, {r.epochs} epochs, {r.warmup_epochs:g} warmup; per GPU {sides}")
         else:

@@ -507,12 +507,14 @@ def epoch_loop(
         # The sizes each figure was measured at: the training crops of the epoch (img/s per size), the validation's.
         sides = data.crop_sides(epoch)
         row.update(train_crop=sides[0] if len(sides) == 1 else sides, val_crop=data.config.val_crop, **extra)
+        progress.train_seconds += time.perf_counter() - began
+        began = time.perf_counter()
+        # Training and validation time of the run so far, every session's (time to accuracy reads it).
+        row["train_wall_s"] = round(progress.train_seconds, 2)
         rows.append(row)
         sinks.epoch(rows[-1], eng.global_steps)
         if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
             sinks.note(input_bound_line(data, cuda, rows[-1]))
-        progress.train_seconds += time.perf_counter() - began
-        began = time.perf_counter()
         if cadence.saves(epoch, last):
             checkpointer.save()
         if stop:

@@ -58,8 +58,8 @@ def test_one_process_training_learns_and_records_everything(prepared, tmp_path):
     # float32 where bf16 is native, float32 elsewhere), two batches prefetched.
     assert not saved["derived"]["channels_last"]
     dtype = deepspeed_json.DATA_DTYPES[cpu.default_precision()]
-    assert {k: saved["derived"]["data"][k] for k in ("layout", "dtype", "prefetch", "batch_size")} == {
-        "layout": "NCHW", "dtype": dtype, "prefetch": 2, "batch_size": 32}  # fmt: skip
+    assert {k: saved["derived"]["data"][k] for k in ("layout", "dtype", "data_prefetch", "batch_size")} == {
+        "layout": "NCHW", "dtype": dtype, "data_prefetch": 2, "batch_size": 32}  # fmt: skip
     assert saved["derived"]["precision"] == cpu.default_precision()
     # The whole schedule, drawn: lr.png in the run folder.
     assert (out / "lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -116,8 +116,8 @@ def test_speed_options_and_an_edited_scheduler_reach_the_run(prepared, tmp_path)
     assert rows[1]["lr"] > 0
     derived = yaml.safe_load((out / "config.yaml").read_text())["derived"]
     assert derived["channels_last"]
-    assert {k: derived["data"][k] for k in ("layout", "prefetch", "hw_decoder_load")} == {
-        "layout": "NHWC", "prefetch": 3, "hw_decoder_load": 0.5}  # fmt: skip
+    assert {k: derived["data"][k] for k in ("layout", "data_prefetch", "hw_decoder_load")} == {
+        "layout": "NHWC", "data_prefetch": 3, "hw_decoder_load": 0.5}  # fmt: skip
     conv = weights(out, 2)["conv1.weight"]
     assert conv.is_contiguous(memory_format=torch.channels_last)
     assert not conv.is_contiguous()
