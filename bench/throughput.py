@@ -73,6 +73,21 @@ LEVERS = {
         "end_to_end",
         {"per GPU model": {}, "0 (nvJPEG CUDA only)": {"hw_decoder_load": 0.0}, "0.9": {"hw_decoder_load": 0.9}},
     ),
+    # The time-to-accuracy levers' cost (docs/recipes.md): the training crop of progressive resizing, BlurPool, and
+    # the average of the weights (updated every step, and every 4th).
+    "crop_size": (
+        "synthetic",
+        {
+            "224": {"crop_size": 224, "val_resize": 256},
+            "192": {"crop_size": 192, "val_resize": 219},
+            "160": {"crop_size": 160, "val_resize": 183},
+        },
+    ),
+    "blurpool": ("synthetic", {"off": {}, "on": {"blurpool": True}}),
+    "ema": (
+        "synthetic",
+        {"off": {}, "every step": {"ema_decay": 0.9999}, "every 4 steps": {"ema_decay": 0.9999, "ema_every": 4}},
+    ),
     "compile": (
         "synthetic",
         {

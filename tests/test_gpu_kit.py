@@ -41,7 +41,7 @@ def test_the_session_refuses_at_once_without_the_carried_wheels_or_with_a_bad_ph
     assert "error: .gpu/1 was not carried (bash bench/gpu/pack.sh here" in proc.stdout
     proc = run_session(tmp_path, "--skip", "bringup,benchmark")
     assert proc.returncode == 2
-    assert "error: --skip benchmark: phases are bringup, dali, deepspeed, throughput, extra" in proc.stdout
+    assert "error: --skip benchmark: phases are bringup, dali, deepspeed, throughput, levers, extra" in proc.stdout
     proc = run_session(tmp_path, "--fast")
     assert proc.returncode == 2
     assert "usage: bash bench/gpu/session.sh [--skip PHASE,...]" in proc.stdout
@@ -63,19 +63,19 @@ def test_a_phase_that_outlasts_its_box_is_stopped_and_the_session_goes_on(tmp_pa
     assert re.fullmatch(r"dali dali-tests exit 124 in \d+s", lines[0]), lines
     assert re.search(r"\[dali-tests\] stopped at its box \(\d+s\)", proc.stdout)
     skipped = ["deepspeed deepspeed-tests", "deepspeed demo-data", "deepspeed numerics", "throughput demo-data",
-               "throughput ", "extra -mb16", "extra -memory-format", "extra -compile"]  # fmt: skip
+               "throughput ", "levers -levers", "extra -mb16", "extra -memory-format", "extra -compile"]  # fmt: skip
     assert lines[1:] == [f"{step} skipped" for step in skipped]
 
 
 @pytest.mark.slow
 def test_the_session_runs_its_phases_and_returns_every_result(prepared, tmp_path):
-    """bench/gpu/session.sh at a CPU's setting, every phase but the last: the imports, the gpu tests (skipped
+    """bench/gpu/session.sh at a CPU's setting, every phase but the last two: the imports, the gpu tests (skipped
     without a GPU: collected, and passing), the numerics, and the throughput harness's four measurements with the
     step's phases and a profile, each result packed into $OUT/results.tar as it is written."""
     demo = tmp_path / "demo"
     demo.mkdir()
     (demo / "shards").symlink_to(prepared)
-    proc = run_session(tmp_path, "--skip", "extra", demo=demo)
+    proc = run_session(tmp_path, "--skip", "levers,extra", demo=demo)
     assert proc.returncode == 0, proc.stdout[-3000:]
     results = tmp_path / "results"
     (session,) = results.glob("*-session.txt")

@@ -63,3 +63,30 @@ def test_cli_flat_layout_writes_kaggle_csv(tmp_path):
     assert sorted(p.name for p in (tmp_path / "s" / "val").iterdir()) == [
         f"ILSVRC2012_val_0000000{i}.JPEG" for i in range(1, 5)
     ]
+
+
+def orientation(path) -> float:
+    """Share of an image's gradient energy across its columns: near 1 for vertical stripes, near 0 for horizontal."""
+    a = np.asarray(Image.open(path).convert("L"), dtype=float)
+    gx, gy = np.abs(np.diff(a, axis=1)).mean(), np.abs(np.diff(a, axis=0)).mean()
+    return gx / (gx + gy)
+
+
+def test_the_fine_mode_tells_classes_by_texture_not_hue(tmp_path):
+    """--fine: the hue says nothing of the class (a mean-hue guess is near chance), while two classes of one shape
+    differ in their texture's orientation (classes 0 and 4: gratings at 0 and 90 degrees)."""
+    classes = 8
+    root = generate(str(tmp_path / "f"), classes=classes, train_per_class=1, val_per_class=6, min_side=128,
+                    max_side=160, fine=True)  # fmt: skip
+    hues = {k: [mean_hue(p) for p in (root / "val" / wnid(k)).iterdir()] for k in range(classes)}
+    centres = {k: np.mean(h) for k, h in hues.items()}
+    guessed = sum(
+        int(min(centres, key=lambda c: abs((centres[c] - h + 0.5) % 1.0 - 0.5)) == k)
+        for k, hs in hues.items()
+        for h in hs
+    )
+    assert guessed / (6 * classes) < 0.5
+    vertical = [orientation(p) for p in (root / "val" / wnid(0)).iterdir()]
+    horizontal = [orientation(p) for p in (root / "val" / wnid(4)).iterdir()]
+    assert min(vertical) > 0.6 > 0.4 > max(horizontal)
+    assert run_module("data_prep.synthetic", "--out", str(tmp_path / "g"), "--fine", "--classes", "33").returncode == 2

@@ -18,6 +18,8 @@
 #                    autocast fp16 compared on top-1, loss-scale skips and growths, and batch-norm statistics
 #   throughput 240   ResNet-50 at 224 px in both fp16 modes (bs256, bs256-autocast) at micro-batch 128: the DALI
 #                    pipeline alone, synthetic input, end to end, and plain PyTorch AMP, with the step's phases
+#   levers     120   the time-to-accuracy levers' cost, synthetic input at micro-batch 128 in the faster fp16 mode:
+#                    img/s at 224, 192 and 160 px, BlurPool off and on, the EMA off, every step and every 4th
 #   extra      rest  whatever budget remains: micro-batch 256, then channels-last off, then --compile, in the fp16
 #                    mode that was faster end to end
 #
@@ -41,7 +43,7 @@ while [ $# -gt 0 ]; do
     *) echo "error: $1: usage: bash bench/gpu/session.sh [--skip PHASE,...] [--budget SECONDS]"; exit 2 ;;
     esac
 done
-PHASES="bringup dali deepspeed throughput extra"
+PHASES="bringup dali deepspeed throughput levers extra"
 for phase in ${SKIP//,/ }; do
     case " $PHASES " in *" $phase "*) ;; *) echo "error: --skip $phase: phases are ${PHASES// /, }"; exit 2 ;; esac
 done
@@ -162,6 +164,11 @@ if phase throughput 240; then
     for ds in "${CONFIGS[@]}"; do
         throughput "" "$ds" --micro-batches "$FIRST" --levers none --profile
     done
+fi
+
+if phase levers 120; then
+    best=$($PYTHON bench/gpu/faster.py "$RESULTS" "${CONFIGS[@]}")
+    throughput -levers "$best" --micro-batches none --lever-micro-batch "$FIRST" --levers crop_size,blurpool,ema
 fi
 
 if phase extra $((BUDGET)); then
