@@ -151,10 +151,13 @@ def train(a: argparse.Namespace, shards: Path, name: str, flags: list[str], seed
         "1",
         *flags,
     ]
-    if not (out / "metrics.jsonl").exists() or '"summary"' not in (out / "metrics.jsonl").read_text():
+    # A finished run of the same command is reused (a run cut short, or of other flags, runs again).
+    done = out / "command.json"
+    if not done.exists() or json.loads(done.read_text()) != command[1:]:
         subprocess.run(["rm", "-rf", str(out)], check=True)
         print(f"{name}, seed {seed}: {shlex.join(command)}", flush=True)
         subprocess.run(command, check=True, cwd=ROOT, env=without_launcher(os.environ), stdout=subprocess.DEVNULL)
+        done.write_text(json.dumps(command[1:]))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "epoch" in r]
 
