@@ -13,7 +13,7 @@ WORKERS ?= $(shell nproc)
 DEMO_DIR ?= data/demo
 
 .PHONY: install lock test test-fast test-hosts test-gpu gpu-rehearsal lint demo demo-data scaling-study bench bench-prep \
-	bench-data bench-throughput bench-cpu-precision prep-imagenet clean
+	bench-data bench-throughput bench-cpu-precision bench-time-to-accuracy prep-imagenet clean
 
 install: $(STAMP)
 
@@ -86,7 +86,7 @@ scaling-study: demo-data
 	$(PY) -m pipeline.scaling_study --data-dir $(DEMO_DIR)/shards --base-batch 32 --batch-sizes 32,256,1024 \
 		--epochs 16 --warmup-epochs 2 --crop-size 64 --val-resize 73 --lars --out $(STUDY_DIR)
 
-bench: bench-prep bench-data bench-throughput bench-cpu-precision
+bench: bench-prep bench-data bench-throughput bench-cpu-precision bench-time-to-accuracy
 
 # How much slower 16-bit kernels run than fp32 on this CPU (what ds_configs/cpu.json's "bf16": "auto" rests on).
 bench-cpu-precision: install
@@ -103,6 +103,11 @@ bench-data: install
 # speed levers (ResNet-50 fp16 at 32/128/256 on a GPU; a small ResNet-18 setting on a CPU, in cpu.json's precision).
 bench-throughput: install
 	$(PY) bench/throughput.py
+
+# Time to accuracy on a CPU proxy: the paper-style baseline against FFCV's levers, and each lever alone
+# (docs/recipes.md; about 17 minutes on 2 cores).
+bench-time-to-accuracy: install
+	$(PY) bench/time_to_accuracy.py
 
 prep-imagenet: install
 	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/)"; exit 2; }
