@@ -12,12 +12,13 @@ import torch
 import yaml
 
 from pipeline import checkpoint, cpu, deepspeed_json, engine, loss_scale, train
+from pipeline.data import DataConfig, ImageNetData
 from pipeline.data.shards import IGNORE, shard_bounds
-from pipeline.meters import StepMeter
+from pipeline.meters import StepMeter, validate
 from pipeline.schedule import Schedule, lr_at
 from tests import oracle, procs
 from tests.models import constant_schedule
-from tests.runs import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, run_module, train_cli, weights
+from tests.runs import CPU_ONLY, ROOT, SMALL, ds_file, metrics, ok, train_cli, weights
 from tests.shardsets import labelled_set
 from tests.wandb_files import logged
 
@@ -301,7 +302,7 @@ def test_a_config_yaml_runs_through_train_py_with_flags_winning(yaml_run):
 
 @pytest.mark.slow
 def test_a_resume_in_the_middle_of_the_resolution_ramp_with_every_lever_on_continues_as_the_straight_run(
-    prepared, tmp_path
+    prepared, tmp_path, process_group
 ):
     """Progressive resizing by step (24 to 32 px over epochs 0.5 to 1.5), BlurPool, an average of the weights,
     validation at its own crop with mirror images: stopped one step into the second epoch (in the middle of the
@@ -343,13 +344,17 @@ def test_a_resume_in_the_middle_of_the_resolution_ramp_with_every_lever_on_conti
             assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-5, atol=1e-6), (key, name)
     card = checkpoint.card(checkpoint.complete(runs[0] / "checkpoints")[-1])
     assert (card["crop_size"], card["val_resize"], card["blurpool"], card["val_flip"]) == (36, 40, True, True)
-    # evaluate --ema repeats the average's top-1 (its crop, mirror images and BlurPool model from the card), and
-    # export --ema writes the average.
-    result = tmp_path / "ema.json"
-    run_module("pipeline.evaluate", "--checkpoint", str(runs[0]), "--data-dir", str(prepared), "--ema", "--out",
-               str(result), "--data-threads", "1", check=True)  # fmt: skip
-    assert json.loads(result.read_text())["top1"] == pytest.approx(rows[0][-1]["val_top1_ema"], rel=1e-9)
-    run_module("pipeline.export", str(runs[0]), "--ema", "--out", str(tmp_path / "ema.pt"), check=True)
+    # evaluate's model of the average (BlurPool from the card, --ema's weights) validated as the card says (its
+    # crop, resize and mirror images) repeats the run's average top-1; export --ema writes that average.
+    from pipeline import evaluate, export
+
+    path = checkpoint.complete(runs[0] / "checkpoints")[-1]
+    model = evaluate.load_model(path, card, torch.device("cpu"), "fp32", ema=True)
+    config = DataConfig(str(prepared), batch_size=32, crop_size=card["crop_size"], val_resize=card["val_resize"],
+                        data_threads=1)  # fmt: skip
+    top1, _, _ = validate(model, ImageNetData(config, splits=("validation",)).validation(), torch.device("cpu"), True)
+    assert top1 == pytest.approx(rows[0][-1]["val_top1_ema"], rel=1e-9)
+    assert export.main([str(runs[0]), "--ema", "--out", str(tmp_path / "ema.pt")]) == 0
     exported = torch.load(tmp_path / "ema.pt", weights_only=True)
     assert all(torch.equal(exported[k], v.float()) for k, v in states[0]["components"]["ema"]["module"].items())
 
