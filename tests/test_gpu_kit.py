@@ -50,14 +50,15 @@ def test_the_session_refuses_at_once_without_the_carried_wheels_or_with_a_bad_ph
 @pytest.mark.slow
 def test_a_phase_that_outlasts_its_box_is_stopped_and_the_session_goes_on(tmp_path):
     """A hang costs its box, not the call: the DALI tests hang (a python whose pytest sleeps), they are stopped when
-    the budget of 12 s ends, the phases after them are skipped, and the session ends in time with what it has."""
+    the budget of 20 s ends, the phases after them are skipped, and the session ends in time with what it has.
+    (The budget leaves the session's start, an import of torch, time to spare on a slow machine.)"""
     python = tmp_path / "python"
     python.write_text(f'#!/bin/sh\ncase "$*" in *"-m pytest"*) exec sleep 300;; esac\nexec {sys.executable} "$@"\n')
     python.chmod(0o755)
     began = time.monotonic()
-    proc = run_session(tmp_path, "--skip", "bringup", "--budget", "12", python=python)
+    proc = run_session(tmp_path, "--skip", "bringup", "--budget", "20", python=python)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert time.monotonic() - began < 40
+    assert time.monotonic() - began < 50
     (session,) = (tmp_path / "results").glob("*-session.txt")
     lines = session.read_text().splitlines()[1:]
     assert re.fullmatch(r"dali dali-tests exit 124 in \d+s", lines[0]), lines
