@@ -1,4 +1,5 @@
-"""The average of the weights (pipeline.ema) on a real DeepSpeed engine, against the formula written out."""
+"""Two levers of the time-to-accuracy recipes without a run: the average of the weights (pipeline.ema) on a real
+DeepSpeed engine against the formula written out, and validation with mirror images against the logits summed."""
 
 import pytest
 import torch
@@ -53,3 +54,23 @@ def test_ema_options_are_checked():
         EmaOptions(ema_decay=1.0)
     with pytest.raises(ValueError, match="--ema-every 0: must be at least 1"):
         EmaOptions(ema_every=0)
+
+
+def test_validation_with_mirror_images_sums_both_logits(process_group):
+    """validate(flip=True): each image's logits plus its mirror image's (FFCV's lr_tta), counted over the ranks;
+    the oracle adds them by hand. A model that sees only the left half of an image tells the two apart."""
+    from pipeline.meters import accuracy_counts, validate
+
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3 * 8 * 4)
+
+    def left_half(x: torch.Tensor) -> torch.Tensor:
+        return x[:, :, :, :4].reshape(len(x), -1) @ weight.T
+
+    images, labels = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    batches = [(images[:8], labels[:8]), (images[8:], labels[8:])]
+    for flip in (False, True):
+        logits = left_half(images) + (left_half(images.flip(3)) if flip else 0)
+        seen, top1, top5 = accuracy_counts(logits, labels).tolist()
+        assert validate(left_half, batches, torch.device("cpu"), flip) == (100 * top1 / seen, 100 * top5 / seen, 16)
+    assert validate(left_half, batches, torch.device("cpu"), True) != validate(left_half, batches, torch.device("cpu"))
