@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,12 +42,15 @@ from bench.report import device_name, device_slug  # noqa: E402
 from pipeline.launch import without_launcher  # noqa: E402
 
 CROP, VAL_RESIZE = 64, 73
+# ds_configs/cpu.json's global batch.
+BATCH = 64
 
 
-def levers(budget_epochs: int) -> dict[str, list[str]]:
+def levers(a: argparse.Namespace) -> dict[str, list[str]]:
     """Each lever's flags at the proxy's scale (FFCV's proportions)."""
-    start, end = round(11 / 16 * budget_epochs), round(13 / 16 * budget_epochs)
-    steps_per_epoch_guess = 19  # 1200 images at B = 64: an average with a half-life of about one epoch
+    start, end = round(11 / 16 * a.budget_epochs), round(13 / 16 * a.budget_epochs)
+    # An average with a half-life of about one epoch of optimizer steps at cpu.json's B = 64.
+    steps_per_epoch = math.ceil(a.classes * a.train_per_class / BATCH)
     return {
         "label smoothing 0.1": ["--label-smoothing", "0.1"],
         "BlurPool": ["--blurpool"],
@@ -60,14 +65,14 @@ def levers(budget_epochs: int) -> dict[str, list[str]]:
             "8",
         ],
         "validation at 80 of 92, flip": ["--val-crop-size", "80", "--val-resize", "92", "--val-flip"],
-        "EMA (half-life 1 epoch)": ["--ema-decay", f"{0.5 ** (1 / steps_per_epoch_guess):.4f}"],
+        "EMA (half-life 1 epoch)": ["--ema-decay", f"{0.5 ** (1 / steps_per_epoch):.4f}"],
     }
 
 
 def runs(a: argparse.Namespace) -> dict[str, list[str]]:
     """Every run's flags beyond the common ones."""
     short = ["--epochs", str(a.budget_epochs), "--warmup-epochs", "1"]
-    lever = levers(a.budget_epochs)
+    lever = levers(a)
     ffcv = [flag for name, flags in lever.items() if not name.startswith("EMA") for flag in flags]
     return {
         "baseline": ["--epochs", str(a.epochs), "--schedule", "goyal_steps", "--warmup-epochs", "1"],
@@ -154,7 +159,7 @@ def train(a: argparse.Namespace, shards: Path, name: str, flags: list[str], seed
     # A finished run of the same command is reused (a run cut short, or of other flags, runs again).
     done = out / "command.json"
     if not done.exists() or json.loads(done.read_text()) != command[1:]:
-        subprocess.run(["rm", "-rf", str(out)], check=True)
+        shutil.rmtree(out, ignore_errors=True)
         print(f"{name}, seed {seed}: {shlex.join(command)}", flush=True)
         subprocess.run(command, check=True, cwd=ROOT, env=without_launcher(os.environ), stdout=subprocess.DEVNULL)
         done.write_text(json.dumps(command[1:]))

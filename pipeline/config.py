@@ -50,14 +50,10 @@ class RunConfig:
     def from_options(cls, options: dict) -> RunConfig:
         """Sections from flat `name: value` options (or section mappings), each section validated once."""
         flat = _spread(options)
-        owner = {f.name: section for section, kind in SECTIONS.items() for f in fields(kind)}
-        unknown = sorted(set(flat) - set(owner))
+        unknown = sorted(set(flat) - {f.name for f in option_fields()})
         if unknown:
             raise ValueError(f"run options: unknown option {unknown[0]!r}")
-        parts = {section: {} for section in SECTIONS}
-        for key, value in flat.items():
-            parts[owner[key]][key] = value
-        return cls(**{section: SECTIONS[section](**values) for section, values in parts.items()})
+        return cls(**{section: SECTIONS[section](**values) for section, values in by_section(flat).items()})
 
     def dump(self, path: Path, **extra) -> None:
         """Write the options, by section (and extra sections such as the derived schedule), as YAML."""
@@ -92,6 +88,15 @@ def _spread(options: dict, name=lambda key: key) -> dict:
 def option_fields() -> list[dataclasses.Field]:
     """Every option of every section, in section order."""
     return [f for kind in SECTIONS.values() for f in fields(kind)]
+
+
+def by_section(flat: dict) -> dict[str, dict]:
+    """Known flat `name: value` options grouped by the section each belongs to (every section, maybe empty)."""
+    owner = {f.name: section for section, kind in SECTIONS.items() for f in fields(kind)}
+    parts = {section: {} for section in SECTIONS}
+    for key, value in flat.items():
+        parts[owner[key]][key] = value
+    return parts
 
 
 def parser() -> simple_parsing.ArgumentParser:
@@ -155,10 +160,8 @@ def load(argv: list[str] | None = None) -> RunConfig:
     first = argparse.ArgumentParser(add_help=False)
     first.add_argument("--config")
     path = first.parse_known_args(argv)[0].config
-    from_yaml = _from_yaml(path) if path else {}
-    owner = {f.name: section for section, kind in SECTIONS.items() for f in fields(kind)}
     p = parser()
-    p.set_defaults(**{s: {k: v for k, v in from_yaml.items() if owner[k] == s} for s in SECTIONS})
+    p.set_defaults(**by_section(_from_yaml(path) if path else {}))
     parsed = p.parse_args(argv)
     return RunConfig(**{section: getattr(parsed, section) for section in SECTIONS})
 

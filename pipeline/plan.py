@@ -21,7 +21,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from pipeline.scaling import IMAGENET_TRAIN_IMAGES, Recipe
+from pipeline.scaling import IMAGENET_TRAIN_IMAGES, RECIPE_EPOCHS, WARMUP_EPOCHS, Recipe
 
 # ResNet-50's trainable parameters; the gradients all-reduced each step are this many fp16 numbers.
 RESNET50_PARAMS = 25_557_032
@@ -86,12 +86,12 @@ def project(
     batch_size: int | None,
     micro: int,
     c: Cluster,
-    epochs: int = 90,
-    warmup_epochs: float = 5.0,
-    sides: list[float] | None = None,
+    epochs: int = RECIPE_EPOCHS,
+    warmup_epochs: float = WARMUP_EPOCHS,
+    rates: list[float] | None = None,
 ) -> Plan:
     """The recipe for `gpus` (B = micro x gpus unless given) and its step and epoch times under the model `c`;
-    `sides`: each epoch's images/s where progressive resizing changes it (default: c.images_per_sec throughout)."""
+    `rates`: each epoch's images/s where progressive resizing changes it (default: c.images_per_sec throughout)."""
     batch = batch_size or micro * gpus
     if batch % (micro * gpus):
         raise ValueError(f"--batch-size {batch}: not a multiple of micro-batch {micro} x {gpus} GPUs")
@@ -105,7 +105,7 @@ def project(
         hidden = min(c.overlap * allreduce, 2 / 3 * micro / images_per_sec)
         return compute + allreduce - hidden, compute, hidden
 
-    rates = sides or [c.images_per_sec] * epochs
+    rates = rates or [c.images_per_sec] * epochs
     epochs_s = tuple(recipe.steps_per_epoch * step_seconds(rate)[0] for rate in rates)
     step, compute, hidden = step_seconds(rates[-1])
     return Plan(gpus, recipe, accumulation, step, compute, allreduce, allreduce - hidden, epochs_s)
@@ -132,7 +132,7 @@ class RecipeFile:
         epochs, ramp = run.schedule.epochs, run.data.ramp
         # The ramp read at each epoch's number (FFCV's), one step per epoch.
         sides = [ramp.size(e, 1) if ramp else run.data.crop_size for e in range(epochs)]
-        warmup = run.schedule.warmup_epochs if run.schedule.warmup_epochs is not None else 5.0
+        warmup = run.schedule.warmup_epochs if run.schedule.warmup_epochs is not None else WARMUP_EPOCHS
         return cls(path, ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], epochs, warmup, sides)
 
 
@@ -189,7 +189,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus", default="8,64,256,1024", help="GPU counts, comma-separated")
     p.add_argument("--batch-size", type=int, help="global batch B (default: micro-batch x GPUs, no accumulation)")
     p.add_argument("--micro-batch", type=int, default=32, help="images per GPU per forward pass (the BN batch)")
-    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--epochs", type=int, default=RECIPE_EPOCHS)
     p.add_argument(
         "--images-per-sec",
         type=float,

@@ -512,9 +512,9 @@ def epoch_loop(
         # Training and validation time of the run so far, every session's (time to accuracy reads it).
         row["train_wall_s"] = round(progress.train_seconds, 2)
         rows.append(row)
-        sinks.epoch(rows[-1], eng.global_steps)
-        if rows[-1]["data_wait_share"] > INPUT_BOUND_SHARE:
-            sinks.note(input_bound_line(data, cuda, rows[-1]))
+        sinks.epoch(row, eng.global_steps)
+        if row["data_wait_share"] > INPUT_BOUND_SHARE:
+            sinks.note(input_bound_line(data, cuda, row))
         if cadence.saves(epoch, last):
             checkpointer.save()
         if stop:

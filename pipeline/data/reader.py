@@ -12,6 +12,7 @@ Epoch rules (a mismatch in step counts between ranks deadlocks the all-reduce):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -116,9 +117,10 @@ class DataOptions(ShardOptions):
                     "0 <= start <= end"
                 )
 
-    @property
+    @functools.cached_property
     def ramp(self) -> augment.ResolutionRamp | None:
-        """The training crop's progressive resizing, or None (every crop is --crop-size)."""
+        """The training crop's progressive resizing, or None (every crop is --crop-size). Built once: DALI's
+        external source asks for each iteration's side through it."""
         if self.ramp_start_size is None:
             return None
         return augment.ResolutionRamp(
