@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 # make prep-imagenet IMAGENET_DIR=/data/imagenet DATA_DIR=/data/imagenet-tfrecord [TRAIN_SHARDS=.. VAL_SHARDS=.. WORKERS=..]
+# IMAGENET_DIR holds train/ and val/, or image-net.org's two tars and devkit (or Kaggle's zip), read in place.
 IMAGENET_DIR ?=
 DATA_DIR ?= data/imagenet-tfrecord
 TRAIN_SHARDS ?= 1024
@@ -110,7 +111,7 @@ bench-time-to-accuracy: install
 	$(PY) bench/time_to_accuracy.py
 
 prep-imagenet: install
-	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/)"; exit 2; }
+	@test -n "$(IMAGENET_DIR)" || { echo "error: set IMAGENET_DIR=/path/to/imagenet (the folder holding train/ and val/, or the downloads: ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar, ILSVRC2012_devkit_t12.tar.gz)"; exit 2; }
 	$(PY) -m data_prep.imagenet --src $(IMAGENET_DIR) --out $(DATA_DIR) --train-shards $(TRAIN_SHARDS) \
 		--val-shards $(VAL_SHARDS) --workers $(WORKERS)
 

@@ -2,6 +2,7 @@
 
     python -m data_prep.synthetic --out DIR [--classes 10] [--train-per-class 100] [--val-per-class 20]
         [--min-side 96] [--max-side 192] [--val-layout {folders,flat}] [--quirks] [--fine] [--seed 0]
+        [--pack {official,kaggle}]
 
 Each class has its own hue and shape (disc, square, triangle, stripes), drawn at a random place and
 scale over a noisy, shaded background, so classes differ visibly and survive random-resized crops.
@@ -9,6 +10,8 @@ Sizes and aspect ratios vary like photos. `--quirks` adds ImageNet's known oddit
 files (CMYK and YCCK JPEGs, PNG named .JPEG, alpha PNG, grayscale, progressive, empty, truncated, non-image).
 `--fine` is a harder mode where resolution matters (bench/time_to_accuracy.py): the hue is random, and classes of
 one shape differ only in a fine texture that a small crop loses.
+`--pack` writes the folder as the downloads instead (data_prep.pack): image-net.org's two tars and devkit, or
+Kaggle's zip.
 """
 
 from __future__ import annotations
@@ -17,11 +20,14 @@ import argparse
 import colorsys
 import io
 import sys
+import tempfile
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from data_prep import pack
 
 # Photo aspect ratios (width / height): landscape and portrait camera formats and squares.
 ASPECTS = (4 / 3, 3 / 4, 3 / 2, 2 / 3, 1.0, 16 / 9)
@@ -229,6 +235,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"(up to {len(SHAPES) * len(TEXTURES)} classes)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--pack",
+        choices=("official", "kaggle"),
+        default=None,
+        help="write the downloads instead of folders: image-net.org's two tars and devkit, or Kaggle's zip",
+    )
     p.add_argument("--noise", type=float, default=12.0, help="pixel noise std, which sets JPEG size (detail)")
     return p.parse_args(argv)
 
@@ -245,7 +257,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.classes < 1 or args.train_per_class < 1 or args.val_per_class < 1:
         print("error: --classes, --train-per-class and --val-per-class must be at least 1", file=sys.stderr)
         return 2
-    root = generate(**vars(args))
+    options = vars(args)
+    pack_as = options.pop("pack")
+    if pack_as is None:
+        root = generate(**options)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            tree = generate(**{**options, "out": tmp, "val_layout": "folders"})
+            root = (
+                pack.official(tree, Path(args.out), args.seed)
+                if pack_as == "official"
+                else pack.kaggle(tree, Path(args.out))
+            )
     count = sum(1 for p in root.rglob("*") if p.is_file())
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
     print(f"wrote {count} files ({size / 1e6:.1f} MB) of {args.classes} classes to {root}")
