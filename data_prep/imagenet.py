@@ -46,6 +46,8 @@ from pipeline.format.layout import LABELS, MANIFEST, SPLITS, index_path, shard_n
 # Files per unit of work in the check pass; fixed so that a resumed run can reuse finished chunks.
 CHECK_CHUNK = 256
 STATE_DIR = ".prep"
+# The check pass's journal under STATE_DIR: one line per chunk of the source's order.
+CHECKS_JOURNAL = "checks.jsonl"
 # The write pass reads each shard's images in the order they lie on disk, up to this many bytes at a time, and
 # writes them in the shuffled order: a forward sweep instead of random reads (spinning disks, network filesystems).
 READ_GROUP_BYTES = 256 << 20
@@ -390,7 +392,7 @@ def prepare(
     orders = {split: shuffled(source.files[split], seed, split) for split in SPLITS}
     results, plans, shards = {}, {}, {}
     with _mapper(workers) as run_map:
-        checks, writes = Journal(state / "checks.jsonl"), Journal(state / "shards.jsonl")
+        checks, writes = Journal(state / CHECKS_JOURNAL), Journal(state / "shards.jsonl")
         for split in SPLITS:
             results[split] = _check_split(split, source.files[split], orders[split], settings, checks, run_map)
             plans[split] = _plan_shards(split, orders[split], results[split], source, counts[split])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.imagenet import STATE_DIR, PrepError, prepare
+from data_prep.imagenet import CHECKS_JOURNAL, STATE_DIR, PrepError, prepare
 from data_prep.journal import Journal
 from data_prep.synthetic import generate
 from tests import procs
@@ -98,7 +98,7 @@ def test_kill_9_in_the_middle_of_a_shard_write_then_resume(tree, reference, tmp_
 def test_kill_9_during_the_check_pass_then_resume(tree, reference, tmp_path):
     out = tmp_path / "out"
     proc = procs.start(cli(tree, out, 1), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    journal = out / STATE_DIR / "checked.jsonl"
+    journal = out / STATE_DIR / CHECKS_JOURNAL
     deadline = time.monotonic() + 120
     while not (journal.exists() and journal.read_text().count("\n") >= 1) and time.monotonic() < deadline:
         time.sleep(0.005)
