@@ -34,6 +34,8 @@ VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12.tar.gz"
 OFFICIAL = (TRAIN_TAR, VAL_TAR, DEVKIT)
 KAGGLE_ZIP = "imagenet-object-localization-challenge.zip"
+# Where Kaggle's zip holds the classification images (train/<wnid>/, val/).
+KAGGLE_DATA = "ILSVRC/Data/CLS-LOC/"
 META = "data/meta.mat"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 BLOCK = tarfile.BLOCKSIZE
@@ -171,9 +173,9 @@ def _scan(path: Path, journal: Journal, start: int, size: int, nested: bool) -> 
                 following = info.offset_data + -(-info.size // BLOCK) * BLOCK
                 if nested and info.isfile() and info.name.endswith(".tar"):
                     members = _inner_members(path, g, info)
-                    journal.append({"tar": info.name, "next": following, "members": members})
+                    journal.append({"tar": _name(info), "next": following, "members": members})
                 elif info.isfile():
-                    batch.append([info.name, info.offset_data, info.size])
+                    batch.append([_name(info), info.offset_data, info.size])
                 if len(batch) == INDEX_BATCH:
                     journal.append({"tar": "", "next": following, "members": batch})
                     batch = []
@@ -204,13 +206,18 @@ def _inner_members(path: Path, g: BinaryIO, outer: tarfile.TarInfo) -> list[list
         for info in tar:
             _within(path, outer.name, info, base, outer.size)
             if info.isfile():
-                members.append([info.name, base + info.offset_data, info.size])
+                members.append([_name(info), base + info.offset_data, info.size])
     except tarfile.TarError as e:
         raise ArchiveError(
             f"{path}: inner tar {outer.name} unreadable at byte {base + tar.offset} ({e}); download {path.name} again"
         ) from e
     _end_of_archive(window, path, outer.name, tar.offset, base)
     return members
+
+
+def _name(info: tarfile.TarInfo) -> str:
+    """A member's name as extraction places it (`./a.JPEG` is `a.JPEG`)."""
+    return info.name.removeprefix("./")
 
 
 def _within(path: Path, inner: str, info: tarfile.TarInfo, base: int, size: int) -> None:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.archives import DEVKIT, GROUND_TRUTH, KAGGLE_ZIP, META, TRAIN_TAR, VAL_TAR
+from data_prep.archives import DEVKIT, GROUND_TRUTH, KAGGLE_DATA, KAGGLE_ZIP, META, TRAIN_TAR, VAL_TAR
+from data_prep.source import KAGGLE_VAL_LABELS
 
 DEVKIT_TOP = "ILSVRC2012_devkit_t12/"
-KAGGLE_DATA = "ILSVRC/Data/CLS-LOC/"
 SYNSET_FIELDS = (
     "ILSVRC2012_ID",
     "WNID",
@@ -122,7 +122,7 @@ def kaggle(tree: Path, out: Path) -> Path:
     members += [(f"{KAGGLE_DATA}val/{name}", data) for name, _, data in val]
     with zipfile.ZipFile(out / KAGGLE_ZIP, "w") as z:
         z.writestr("LOC_synset_mapping.txt", "".join(f"{w} class {w}\n" for w in classes))
-        z.writestr("LOC_val_solution.csv", "ImageId,PredictionString\n" + rows, zipfile.ZIP_DEFLATED)
+        z.writestr(KAGGLE_VAL_LABELS, "ImageId,PredictionString\n" + rows, zipfile.ZIP_DEFLATED)
         for k, (name, data) in enumerate(members):
             z.writestr(name, data, zipfile.ZIP_DEFLATED if k % 2 else zipfile.ZIP_STORED)
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from data_prep import archives
-from data_prep.archives import DEVKIT, KAGGLE_ZIP, OFFICIAL, TRAIN_TAR, VAL_TAR, Member
+from data_prep.archives import DEVKIT, KAGGLE_DATA, KAGGLE_ZIP, OFFICIAL, TRAIN_TAR, VAL_TAR, Member
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 KAGGLE_VAL_LABELS = "LOC_val_solution.csv"
@@ -128,15 +128,16 @@ def _split_folder(root: Path, split: str) -> Path:
     return folder
 
 
-def _class_images(classes: dict[str, list[tuple[str, bool]]], rel: str, split: str, ignored: list) -> dict:
-    """{wnid: sorted image names} from each class folder's entries; an empty class is an error."""
+def _class_images(classes: dict[str, list[tuple[str, bool]]], rel: str, split: str, ignored: list, shown: str) -> dict:
+    """{wnid: sorted image names} from each class's entries (the folder `rel` of SRC, held in `shown`, as errors
+    name it); an empty class is an error."""
     images = {}
     for wnid in sorted(classes):
         images[wnid] = _list_images(classes[wnid], f"{rel}/{wnid}", split, ignored)
         if not images[wnid]:
-            raise SourceError(f"{rel}/{wnid}: class folder has no .JPEG/.jpg/.jpeg/.png images; add them or remove it")
+            raise SourceError(f"{shown}: class {wnid} has no .JPEG/.jpg/.jpeg/.png images; add them or remove it")
     if not images:
-        raise SourceError(f"{rel}: no class folders; expected {rel}/<wnid>/<image>")
+        raise SourceError(f"{shown}: no class folders; expected {rel}/<wnid>/<image>")
     return images
 
 
@@ -148,10 +149,7 @@ def _scan_class_folders(folder: Path, split: str, ignored: list) -> dict[str, li
             classes[entry.name] = _entries(entry.path)
         else:
             ignored.append((split, f"{folder.name}/{entry.name}", "file outside a class folder"))
-    try:
-        return _class_images(classes, folder.name, split, ignored)
-    except SourceError as e:
-        raise SourceError(f"{folder.parent}/{e}") from None
+    return _class_images(classes, folder.name, split, ignored, str(folder))
 
 
 def _read_label_file(path: Path | str, text: str | None = None) -> dict[str, str]:
@@ -303,10 +301,7 @@ def _train_tar(path: Path, index: Path, classes: set[str], ignored: list) -> tup
         )
     members = {g.removesuffix(".tar"): dict(group) for g, group in groups.items()}
     entries = {wnid: _entries_of_names(list(group)) for wnid, group in members.items()}
-    try:
-        images = _class_images(entries, "train", "train", ignored)
-    except SourceError as e:
-        raise SourceError(f"{path}: {e} (an inner tar without images)") from None
+    images = _class_images(entries, "train", "train", ignored, str(path))
     files = [SourceFile(f"train/{w}/{n}", w, members[w][n]) for w in sorted(images) for n in images[w]]
     return files, sorted(images)
 
@@ -331,9 +326,6 @@ def _val_tar(root: Path, val: list[tuple[str, Member]], devkit: archives.Devkit,
     return [SourceFile(f"val/{n}", w, members[n]) for n, w in pairs]
 
 
-KAGGLE_DATA = "ILSVRC/Data/CLS-LOC/"
-
-
 def _scan_kaggle(path: Path) -> Source:
     """The Source of Kaggle's zip: ILSVRC/Data/CLS-LOC/{train/<wnid>,val}/ and LOC_val_solution.csv."""
     members = archives.zip_listing(path)
@@ -356,7 +348,8 @@ def _scan_kaggle(path: Path) -> Source:
             classes.setdefault(wnid, []).append(rest)
         else:
             ignored.append(("train", f"train/{name}", "file outside a class folder"))
-    images = _class_images({w: _entries_of_names(n) for w, n in classes.items()}, "train", "train", ignored)
+    entries = {w: _entries_of_names(n) for w, n in classes.items()}
+    images = _class_images(entries, "train", "train", ignored, f"{path}:{KAGGLE_DATA}train")
     wnids = sorted(images)
     train_files = [SourceFile(f"train/{w}/{n}", w, train[f"{w}/{n}"]) for w in wnids for n in images[w]]
     val = split_members["validation"]

@@ -312,7 +312,7 @@ def test_a_zip_member_that_fails_its_crc_is_skipped_and_listed(quirky_tree, tmp_
     data[start + 100] ^= 0xFF
     path.write_bytes(bytes(data))
     manifest = prepare(str(tmp_path / "kaggle"), str(tmp_path / "out"), **SHARDS)
-    name = info.filename.removeprefix(pack.KAGGLE_DATA)
+    name = info.filename.removeprefix(archives.KAGGLE_DATA)
     assert {
         "split": "train",
         "file": name,
@@ -341,3 +341,19 @@ def test_synthetic_pack_writes_the_three_downloads(tmp_path):
     source = scan(tmp_path / "d", index_dir=tmp_path / "index")
     assert len(source.files["train"]) == 6 and len(source.files["validation"]) == 6
     assert np.unique([f.wnid for f in source.files["validation"]]).size == 3
+
+
+def test_members_named_from_dot_as_tar_c_dot_writes_them_are_the_same_images(downloads, tmp_path):
+    """`tar cf n01.tar .` names members ./n01_1.JPEG; extraction puts them where n01_1.JPEG goes, and so does prep."""
+    folder = official_files(downloads, tmp_path / "src")
+
+    def from_dot(inner):
+        dotted = []
+        for name, data in inner:
+            with tarfile.open(fileobj=io.BytesIO(data)) as t:
+                dotted.append((name, pack.tar_bytes([("./" + m.name, t.extractfile(m).read()) for m in t])))
+        return dotted
+
+    rewrite_train_tar(folder, from_dot)
+    paths = [f.path for f in scan(folder, index_dir=tmp_path / "i1").files["train"]]
+    assert paths == [f.path for f in scan(downloads, index_dir=tmp_path / "i2").files["train"]]

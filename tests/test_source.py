@@ -76,7 +76,7 @@ def test_flat_val_with_a_labels_file(tmp_path):
     [
         ({"val/n01/a.JPEG": JPEG}, None, r"train: missing; expected train/<wnid>/<image>"),
         ({"train/": "", "val/n01/a.JPEG": JPEG}, None, r"train: empty; the train split needs images"),
-        ({**TRAIN, "train/n03/readme.txt": "x", "val/n01/a.JPEG": JPEG}, None, r"train/n03: class folder has no"),
+        ({**TRAIN, "train/n03/readme.txt": "x", "val/n01/a.JPEG": JPEG}, None, r"train: class n03 has no"),
         (TRAIN, None, r"val: missing"),
         ({**TRAIN, "val/": ""}, None, r"val: empty; the validation split needs images"),
         ({**TRAIN, "val/n09/a.JPEG": JPEG}, None, r"val/n09: class n09 is not a class folder in train/"),
