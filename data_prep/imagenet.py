@@ -133,13 +133,15 @@ def check_chunk(task: tuple[str, list[SourceFile], int | None]) -> list[FileChec
 
 
 def _check_split(split, files, order, settings, journal, run_map) -> list[FileCheck]:
-    """Check results for every file of `order`, reusing chunks an earlier run journaled. The chunks follow the
-    source's own order (`files`), so each worker reads a run of neighbouring images, not scattered ones."""
-    chunks = [files[i : i + CHECK_CHUNK] for i in range(0, len(files), CHECK_CHUNK)]
+    """Check results for every file of `order`, reusing chunks an earlier run journaled. The chunks follow where
+    the files lie (an archive's offsets, a folder's paths), so each worker reads a run of neighbours, not scattered
+    images."""
+    in_place = sorted(files, key=lambda f: f.place)
+    chunks = [in_place[i : i + CHECK_CHUNK] for i in range(0, len(in_place), CHECK_CHUNK)]
     done = {e["chunk"]: [FileCheck(*r) for r in e["results"]] for e in journal.entries if e["split"] == split}
     todo = [i for i in range(len(chunks)) if i not in done]
     tasks = [(settings.source, chunks[i], settings.resize_shorter) for i in todo]
-    with _progress(len(files), f"check {split}", sum(len(r) for r in done.values())) as bar:
+    with _progress(len(in_place), f"check {split}", sum(len(r) for r in done.values())) as bar:
         for i, results in zip(todo, run_map(check_chunk, tasks), strict=True):
             journal.append({"split": split, "chunk": i, "results": results})
             done[i] = results

@@ -357,3 +357,23 @@ def test_members_named_from_dot_as_tar_c_dot_writes_them_are_the_same_images(dow
     rewrite_train_tar(folder, from_dot)
     paths = [f.path for f in scan(folder, index_dir=tmp_path / "i1").files["train"]]
     assert paths == [f.path for f in scan(downloads, index_dir=tmp_path / "i2").files["train"]]
+
+
+def test_the_check_pass_reads_each_split_in_the_archives_order(downloads, tmp_path, monkeypatch):
+    """Its chunks follow the offsets through each tar (the inner tars here list their images in reverse name
+    order), not the shuffle nor the names."""
+    import data_prep.imagenet as imagenet
+
+    offsets: dict[str, list[int]] = {}
+    check_chunk = imagenet.check_chunk
+
+    def recording(task):
+        for f in task[1]:
+            offsets.setdefault(f.path.split("/")[0], []).append(f.member.offset)
+        return check_chunk(task)
+
+    monkeypatch.setattr(imagenet, "check_chunk", recording)
+    monkeypatch.setattr(imagenet, "CHECK_CHUNK", 16)
+    prepare(str(downloads), str(tmp_path / "out"), workers=1, **SHARDS)
+    assert set(offsets) == {"train", "val"} and len(offsets["train"]) > 100
+    assert all(sorted(o) == o for o in offsets.values())
