@@ -46,7 +46,7 @@ from pipeline.format.layout import LABELS, MANIFEST, SPLITS, index_path, shard_n
 # Files per unit of work in the check pass; fixed so that a resumed run can reuse finished chunks.
 CHECK_CHUNK = 256
 STATE_DIR = ".prep"
-# The check pass's journal under STATE_DIR: one line per chunk of the source's order.
+# The check pass's journal under STATE_DIR: one line per chunk of the files in the order they lie.
 CHECKS_JOURNAL = "checks.jsonl"
 # The write pass reads each shard's images in the order they lie on disk, up to this many bytes at a time, and
 # writes them in the shuffled order: a forward sweep instead of random reads (spinning disks, network filesystems).
