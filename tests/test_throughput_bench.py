@@ -2,6 +2,7 @@
 its own process: DALI alone, synthetic input through train.py's loop, train.py end to end, plain PyTorch AMP)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,16 +16,17 @@ def rows_for(steps: int, rate=lambda s: float(s)) -> list[dict]:
     return [{"step": s, "images_per_sec": rate(s)} for s in range(1, steps + 1)]
 
 
-def test_windows_are_closed_like_train_py_every_window_steps_and_at_epoch_ends():
+def test_windows_are_closed_like_train_py_every_window_steps_and_at_epoch_ends(monkeypatch):
+    # A clock that moves 1, 2, 4, ... s between the reads: each window's rate says which steps it closed over (a real
+    # clock let two windows of a fast machine share a rate).
+    reads = iter([0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 63.0])
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: next(reads)))
     clock = timing.Windows(window=2, images_per_step=10, steps_per_epoch=5, gpu=False)
     for step in range(1, 11):
         clock.step(step)
-    by_rate: dict[float, list[int]] = {}
-    for row in clock.rows:
-        by_rate.setdefault(row["images_per_sec"], []).append(row["step"])
     # Flush points at multiples of 2 and at the epoch end, step 5: {1,2} {3,4} {5} {6} {7,8} {9,10}.
-    assert sorted(by_rate.values()) == [[1, 2], [3, 4], [5], [6], [7, 8], [9, 10]]
-    assert all(rate > 0 for rate in by_rate)
+    windows = [([1, 2], 20 / 1), ([3, 4], 20 / 2), ([5], 10 / 4), ([6], 10 / 8), ([7, 8], 20 / 16), ([9, 10], 20 / 32)]
+    assert clock.rows == [{"step": s, "images_per_sec": rate} for steps, rate in windows for s in steps]
 
 
 def test_steady_rates_keep_full_windows_that_open_no_epoch_after_warmup():
