@@ -21,8 +21,10 @@ import sys
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from tarfile import TarInfo
 from typing import BinaryIO
 
 from tqdm import tqdm
@@ -166,80 +168,61 @@ def _scan(path: Path, journal: Journal, start: int, size: int, nested: bool) -> 
         tqdm(total=size, initial=start, desc=f"index {path.name}", unit="B", unit_scale=True, file=sys.stderr) as bar,
     ):
         f.seek(start)
-        tar = _open_tar(f, path, start, "")
-        try:
-            for info in tar:
-                _within(path, "", info, 0, size)
-                following = info.offset_data + -(-info.size // BLOCK) * BLOCK
-                if nested and info.isfile() and info.name.endswith(".tar"):
-                    members = _inner_members(path, g, info)
-                    journal.append({"tar": _name(info), "next": following, "members": members})
-                elif info.isfile():
-                    batch.append([_name(info), info.offset_data, info.size])
-                if len(batch) == INDEX_BATCH:
-                    journal.append({"tar": "", "next": following, "members": batch})
-                    batch = []
-                bar.update(following - bar.n)
-        except tarfile.TarError as e:
-            raise ArchiveError(f"{path}: unreadable at byte {tar.offset} ({e}); download it again") from e
-        _end_of_archive(f, path, "", tar.offset, 0)
-        journal.append({"tar": "", "next": tar.offset, "members": batch, "end": True})
+        for info in _checked_members(f, path, "", start, 0, size):
+            following = info.offset_data + -(-info.size // BLOCK) * BLOCK
+            if nested and info.isfile() and info.name.endswith(".tar"):
+                members = _inner_members(path, g, info)
+                journal.append({"tar": _name(info), "next": following, "members": members})
+            elif info.isfile():
+                batch.append([_name(info), info.offset_data, info.size])
+            if len(batch) == INDEX_BATCH:
+                journal.append({"tar": "", "next": following, "members": batch})
+                batch = []
+            bar.update(following - bar.n)
+        journal.append({"tar": "", "next": f.tell(), "members": batch, "end": True})
         bar.update(size - bar.n)
-
-
-def _open_tar(f: BinaryIO, path: Path, start: int, inner: str) -> tarfile.TarFile:
-    """A tar reader from the file's current position (member offsets count from the file's start)."""
-    try:
-        return tarfile.open(fileobj=f, mode="r:")
-    except tarfile.TarError as e:
-        what = f"{path}: inner tar {inner}" if inner else str(path)
-        raise ArchiveError(f"{what}: not a tar at byte {start} ({e}); download {path.name} again") from e
 
 
 def _inner_members(path: Path, g: BinaryIO, outer: tarfile.TarInfo) -> list[list]:
     """[name, offset in the outer file, size] of every file in one inner tar, read through a window on it."""
     base = outer.offset_data
     window = _Window(g, base, outer.size)
-    tar = _open_tar(window, path, base, outer.name)  # type: ignore[arg-type]
-    members = []
+    members = _checked_members(window, path, outer.name, 0, base, outer.size)  # type: ignore[arg-type]
+    return [[_name(info), base + info.offset_data, info.size] for info in members if info.isfile()]
+
+
+def _checked_members(f: BinaryIO, path: Path, inner: str, start: int, base: int, size: int) -> Iterator[TarInfo]:
+    """The members of the tar (the outer one, or `inner` at byte `base` of it) read from byte `start` of `f`, each
+    checked to lie within the tar's `size` bytes, and the tar checked to end in its end-of-archive block.
+    On return, `f` stands at that block."""
+    what = f"inner tar {inner}" if inner else "the archive"
+    where = f"{path}: inner tar {inner}" if inner else str(path)
+    try:
+        tar = tarfile.open(fileobj=f, mode="r:")
+    except tarfile.TarError as e:
+        raise ArchiveError(f"{where}: not a tar at byte {base + start} ({e}); download {path.name} again") from e
     try:
         for info in tar:
-            _within(path, outer.name, info, base, outer.size)
-            if info.isfile():
-                members.append([_name(info), base + info.offset_data, info.size])
+            if info.offset_data + info.size > size:
+                raise ArchiveError(
+                    f"{path}: truncated: {info.name} at byte {base + info.offset_data} needs {info.size} bytes, but "
+                    f"{what} ends at byte {base + size}; download {path.name} again"
+                )
+            yield info
     except tarfile.TarError as e:
+        raise ArchiveError(f"{where}: unreadable at byte {base + tar.offset} ({e}); download {path.name} again") from e
+    f.seek(tar.offset)
+    if f.read(BLOCK) != bytes(BLOCK):
         raise ArchiveError(
-            f"{path}: inner tar {outer.name} unreadable at byte {base + tar.offset} ({e}); download {path.name} again"
-        ) from e
-    _end_of_archive(window, path, outer.name, tar.offset, base)
-    return members
+            f"{path}: truncated or damaged at byte {base + tar.offset}: {what} has neither a member header nor its "
+            f"end there; download {path.name} again"
+        )
+    f.seek(tar.offset)
 
 
 def _name(info: tarfile.TarInfo) -> str:
     """A member's name as extraction places it (`./a.JPEG` is `a.JPEG`)."""
     return info.name.removeprefix("./")
-
-
-def _within(path: Path, inner: str, info: tarfile.TarInfo, base: int, size: int) -> None:
-    """Refuse a member whose data runs past the end of its (inner) tar: the archive was cut short."""
-    end = info.offset_data + info.size
-    if end > size:
-        what = f"inner tar {inner}" if inner else "the archive"
-        raise ArchiveError(
-            f"{path}: truncated: {info.name} at byte {base + info.offset_data} needs {info.size} bytes, but "
-            f"{what} ends at byte {base + size}; download {path.name} again"
-        )
-
-
-def _end_of_archive(f, path: Path, inner: str, offset: int, base: int) -> None:
-    """Refuse a tar whose members stop short of its end-of-archive block: cut at a header, or damaged there."""
-    f.seek(offset)
-    if f.read(BLOCK) != bytes(BLOCK):
-        what = f"inner tar {inner}" if inner else "the archive"
-        raise ArchiveError(
-            f"{path}: truncated or damaged at byte {base + offset}: {what} has neither a member header nor its "
-            f"end there; download {path.name} again"
-        )
 
 
 def _listing(path: Path, entries: list[dict]) -> dict[str, list[tuple[str, Member]]]:
