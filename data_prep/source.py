@@ -49,21 +49,21 @@ class Reader:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.open: dict[str, BinaryIO] = {}
+        self.handles: dict[str, BinaryIO] = {}
 
     def read(self, f: SourceFile) -> bytes:
         """The file's bytes (OSError when they cannot be read)."""
         if f.member is None:
             return (self.root / f.path).read_bytes()
-        if f.member.archive not in self.open:
-            self.open[f.member.archive] = open(f.member.archive, "rb")
-        return archives.read_member(self.open[f.member.archive], f.member)
+        if f.member.archive not in self.handles:
+            self.handles[f.member.archive] = open(f.member.archive, "rb")
+        return archives.read_member(self.handles[f.member.archive], f.member)
 
     def __enter__(self) -> Reader:
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.open.values():
+        for handle in self.handles.values():
             handle.close()
 
 
@@ -308,11 +308,8 @@ def _train_tar(path: Path, index: Path, classes: set[str], ignored: list) -> tup
 
 def _val_tar(root: Path, val: list[tuple[str, Member]], devkit: archives.Devkit, wnids: set, ignored: list) -> list:
     """The validation images of the flat val tar, labelled by the devkit's ground truth in file order."""
-    folders = sorted({n.split("/")[0] for n, _ in val if "/" in n})
-    if folders:
-        raise SourceError(f"{root / VAL_TAR}: holds folders ({folders[0]}/); expected the flat validation tar")
     members = dict(val)
-    names = _list_images([(n, False) for n in members], "val", "validation", ignored)
+    names = _flat_val_images(list(members), str(root / VAL_TAR), ignored)
     if len(names) != len(devkit.ground_truth):
         raise SourceError(
             f"{root / DEVKIT}: {archives.GROUND_TRUTH} has {len(devkit.ground_truth)} lines for {len(names)} images "
@@ -324,6 +321,15 @@ def _val_tar(root: Path, val: list[tuple[str, Member]], devkit: archives.Devkit,
     labels = {_stem(n): devkit.classes[i] for n, i in zip(names, devkit.ground_truth, strict=True)}
     pairs = _labelled(names, labels, str(root / DEVKIT), root / VAL_TAR, wnids)
     return [SourceFile(f"val/{n}", w, members[n]) for n, w in pairs]
+
+
+def _flat_val_images(names: list[str], shown: str, ignored: list) -> list[str]:
+    """Sorted image names of an archive's flat validation folder (named `shown` in errors); a folder in it is
+    refused."""
+    folders = sorted({n.split("/")[0] for n in names if "/" in n})
+    if folders:
+        raise SourceError(f"{shown}: holds folders ({folders[0]}/); expected the flat validation folder")
+    return _list_images([(n, False) for n in names], "val", "validation", ignored)
 
 
 def _scan_kaggle(path: Path) -> Source:
@@ -353,9 +359,7 @@ def _scan_kaggle(path: Path) -> Source:
     wnids = sorted(images)
     train_files = [SourceFile(f"train/{w}/{n}", w, train[f"{w}/{n}"]) for w in wnids for n in images[w]]
     val = split_members["validation"]
-    if any("/" in n for n in val):
-        raise SourceError(f"{path}: {under['validation']} holds folders; expected Kaggle's flat validation folder")
-    names = _list_images([(n, False) for n in val], "val", "validation", ignored)
+    names = _flat_val_images(list(val), f"{path}:{under['validation']}", ignored)
     where = f"{path}:{KAGGLE_VAL_LABELS}"
     labels = _read_label_file(where, archives.zip_text(path, KAGGLE_VAL_LABELS))
     pairs = _labelled(names, labels, where, path, set(wnids))

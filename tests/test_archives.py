@@ -252,6 +252,11 @@ def damage(case: str, folder: Path) -> str:
             files = [(m.name, t.extractfile(m).read()) for m in t]
         (folder / VAL_TAR).write_bytes(pack.tar_bytes([*files, files[3]]))
         return rf"{files[3][0]} appears twice in {VAL_TAR}"
+    if case == "folder-inside-the-val-tar":
+        with tarfile.open(folder / VAL_TAR) as t:
+            files = [(m.name, t.extractfile(m).read()) for m in t]
+        (folder / VAL_TAR).write_bytes(pack.tar_bytes([*files, ("n01/x.JPEG", files[0][1])]))
+        return rf"{VAL_TAR}: holds folders \(n01/\); expected the flat validation folder"
     if case == "one-download-missing":
         (folder / VAL_TAR).unlink()
         return rf"not {VAL_TAR}; download it beside them"
@@ -278,6 +283,7 @@ DAMAGE = [
     "inner-tar-not-in-meta",
     "image-twice-in-an-inner-tar",
     "image-twice-in-the-val-tar",
+    "folder-inside-the-val-tar",
     "one-download-missing",
     "archives-beside-extracted-folders",
 ]
