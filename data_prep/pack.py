@@ -49,10 +49,10 @@ def val_files(tree: Path) -> list[tuple[str, str, bytes]]:
     return sorted(files)
 
 
-def tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
-    """A tar (GNU format, as image-net.org's) of (name, bytes) in the given order."""
+def tar_bytes(files: list[tuple[str, bytes]], compression: str = "") -> bytes:
+    """A tar (GNU format, as image-net.org's) of (name, bytes) in the given order; `compression` "gz" gzips it."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}", format=tarfile.GNU_FORMAT) as tar:
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size, info.mtime = len(data), 1_335_000_000
@@ -86,17 +86,12 @@ def meta_mat(ids: dict[str, int], parents: int = 3) -> bytes:
     return buffer.getvalue()
 
 
-def devkit_bytes(meta: bytes, ground_truth: list[int]) -> bytes:
-    """ILSVRC2012_devkit_t12.tar.gz holding meta.mat and the validation ground truth under its top folder."""
-    truth = "".join(f"{i}\n" for i in ground_truth).encode()
+def devkit_bytes(meta: bytes | None, ground_truth: list[int] | None) -> bytes:
+    """ILSVRC2012_devkit_t12.tar.gz holding meta.mat and the validation ground truth under its top folder (either
+    left out where None, for the tests of a broken devkit)."""
+    truth = None if ground_truth is None else "".join(f"{i}\n" for i in ground_truth).encode()
     files = [(DEVKIT_TOP + "COPYING", b"devkit\n"), (DEVKIT_TOP + META, meta), (DEVKIT_TOP + GROUND_TRUTH, truth)]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    return tar_bytes([(name, data) for name, data in files if data is not None], "gz")
 
 
 def official(tree: Path, out: Path, seed: int = 0) -> Path:

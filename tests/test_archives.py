@@ -178,16 +178,7 @@ def rewrite_train_tar(folder: Path, change) -> None:
 
 def rewrite_devkit(folder: Path, meta: bytes | None, truth: list[int] | None) -> None:
     """A devkit with this meta.mat and ground truth (None leaves it out)."""
-    files = [(pack.DEVKIT_TOP + META, meta), (pack.DEVKIT_TOP + GROUND_TRUTH, truth)]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files:
-            if data is not None:
-                data = data if isinstance(data, bytes) else "".join(f"{i}\n" for i in data).encode()
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    (folder / DEVKIT).write_bytes(buffer.getvalue())
+    (folder / DEVKIT).write_bytes(pack.devkit_bytes(meta, truth))
 
 
 def devkit_parts(folder: Path) -> tuple[bytes, list[int]]:
