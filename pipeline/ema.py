@@ -12,7 +12,6 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from timm.utils import ModelEmaV3
 
 from pipeline import distributed
 from pipeline.engine import InPrecision
@@ -41,6 +40,9 @@ class Ema:
     after every optimizer step it falls on, and its accuracy when the run validates. A checkpoint component."""
 
     def __init__(self, module: torch.nn.Module, decay: float, every: int, precision: str):
+        # Imported here: timm costs every process about a second of imports, and only --ema-decay uses it.
+        from timm.utils import ModelEmaV3
+
         self.every, self.precision = every, precision
         self.average = ModelEmaV3(module, decay=decay**every, dtype=torch.float32)
         self.updates = 0

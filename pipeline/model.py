@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torchvision
-from timm.layers import BlurPool2d
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -44,6 +43,9 @@ class BlurPoolConv2d(nn.Module):
     stride 1, then the convolution with its own stride."""
 
     def __init__(self, conv: nn.Conv2d):
+        # Imported here: timm's layers cost every process about a second of imports, and only --blurpool uses them.
+        from timm.layers import BlurPool2d
+
         super().__init__()
         self.blur = BlurPool2d(conv.in_channels, filt_size=3, stride=1)
         self.conv = conv
