@@ -20,6 +20,6 @@ def allow_fp16_on_the_cpu_accelerator() -> None:
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])
     allow_fp16_on_the_cpu_accelerator()
-    from pipeline import train
+    from pipeline import ending, train
 
-    sys.exit(train.main())
+    ending.end_process(train.main())

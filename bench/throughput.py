@@ -50,7 +50,7 @@ from bench.common import BENCH, bench_tree, machine  # noqa: E402
 from bench.data_bench import bench_shards  # noqa: E402
 from bench.report import HOPPER_MATRIX_FLOP_S, device_name, device_slug, markdown, train_flop, verdicts  # noqa: E402
 from bench.windows import steady_rates, steps_needed  # noqa: E402
-from pipeline import deepspeed_json  # noqa: E402
+from pipeline import deepspeed_json, ending  # noqa: E402
 from pipeline.launch import without_launcher  # noqa: E402
 from pipeline.model import uses_channels_last  # noqa: E402
 
@@ -424,5 +424,5 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
-        sys.exit(child_main(sys.argv[2]))
-    sys.exit(main())
+        ending.end_process(child_main(sys.argv[2]))
+    ending.end_process(main())

@@ -1,9 +1,10 @@
 """How a rank says that its job ended under it, in one line per node (and in metrics.jsonl on rank 0), with the
 checkpoint to resume from: the launcher or the scheduler stopped it (SIGTERM), or ranks went away from a
-collective (the roll call names them)."""
+collective (the roll call names them). And how a process of ours ends once its work is done (exit)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from pipeline import checkpoint, distributed, launch
 from pipeline.tracking import Sinks
@@ -97,3 +99,15 @@ def lost_ranks(
     roll.leave(wait)
     roll.stop()
     return line
+
+
+def end_process(status: int) -> NoReturn:
+    """End the process with `status` without the interpreter's teardown, once what it wrote is out. The entry points
+    call it after their work is closed: files are written whole (each write opens and closes its file), wandb and
+    the process group are finished. The teardown would only free memory, at a cost of 1 to 2 s per process on a
+    small CPU: a final garbage collection over torch's, DeepSpeed's and timm's modules, and CUDA libraries
+    unregistering kernels they never ran (their pages read from disk on a machine without a GPU)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

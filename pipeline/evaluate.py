@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint, deepspeed_json, distributed, engine, launch
+from pipeline import checkpoint, deepspeed_json, distributed, ending, engine, launch
 from pipeline.data import DataConfig, ImageNetData
 from pipeline.data.reader import DECODE_DEVICES
 from pipeline.data.shards import DataError, open_shards
@@ -155,4 +155,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ending.end_process(main())

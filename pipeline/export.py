@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline import checkpoint
+from pipeline import checkpoint, ending
 from pipeline.data import augment
 
 
@@ -107,4 +107,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ending.end_process(main())

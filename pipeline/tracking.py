@@ -138,7 +138,12 @@ class WandbSink(Sink):
         self.run.summary.update(row)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        # Its service process ends with the run, not when it notices that this one is gone (ending.end_process skips
+        # the interpreter's exit hooks, wandb's among them).
+        wandb.teardown()
 
 
 class ProgressSink(Sink):

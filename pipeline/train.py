@@ -748,4 +748,4 @@ def run_keys(run: Run) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ending.end_process(main())

@@ -10,6 +10,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from pipeline import ending
 from pipeline.data import DataConfig, ImageNetData
 from pipeline.data.shards import IGNORE
 
@@ -39,3 +40,4 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     main()
+    ending.end_process(0)

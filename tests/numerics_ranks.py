@@ -11,7 +11,7 @@ import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from bench.fp16_cpu_train import allow_fp16_on_the_cpu_accelerator  # noqa: E402
-from pipeline import engine  # noqa: E402
+from pipeline import ending, engine  # noqa: E402
 from tests import oracle  # noqa: E402
 
 
@@ -52,3 +52,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    ending.end_process(0)

@@ -10,6 +10,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from pipeline import ending  # noqa: E402
 from pipeline.model import sync_batch_norm  # noqa: E402
 
 
@@ -49,3 +50,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    ending.end_process(0)

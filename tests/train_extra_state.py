@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline import train  # noqa: E402
+from pipeline import ending, train  # noqa: E402
 
 
 class Extra:
@@ -34,4 +34,4 @@ def register(run) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(train.main(sys.argv[1:], prepare=register))
+    ending.end_process(train.main(sys.argv[1:], prepare=register))

@@ -10,7 +10,7 @@ import sys
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline import train  # noqa: E402
+from pipeline import ending, train  # noqa: E402
 
 
 def main() -> int:
@@ -34,4 +34,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ending.end_process(main())

@@ -15,7 +15,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import torch.distributed as dist  # noqa: E402
 
-from pipeline import train  # noqa: E402
+from pipeline import ending, train  # noqa: E402
 
 
 def digest(tensors) -> str:
@@ -59,4 +59,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ending.end_process(main())

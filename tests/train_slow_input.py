@@ -9,7 +9,7 @@ import time
 
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from pipeline import train  # noqa: E402
+from pipeline import ending, train  # noqa: E402
 
 
 def main() -> int:
@@ -30,4 +30,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    ending.end_process(main())
