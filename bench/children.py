@@ -108,8 +108,7 @@ class DeepSpeedSteps:
         try:
             self.run = train.assemble(*train.parse(spec["argv"]))
         except train.Stop as stop:
-            stop.say()
-            raise SystemExit(int(stop.status)) from None
+            raise SystemExit(stop.end()) from None
         self.gpu, run = torch.cuda.is_available(), self.run
         self.images, self.labels = synthetic_batch_of(run)
         self.meter = StepMeter(run.world * run.micro, run.schedule.steps_per_epoch, run.engine.device)

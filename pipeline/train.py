@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -59,8 +60,7 @@ def main(argv: list[str] | None = None, prepare: Callable[[Run], None] | None = 
         run = assemble(*parse(argv), prepare=prepare)
         train(run)
     except Stop as stop:
-        stop.say()
-        return int(stop.status)
+        return stop.end()
     return 0
 
 
@@ -97,6 +97,12 @@ class Speaker(Enum):
         }[self]()
 
 
+# How long a rank that leaves a Stop's line to another (rank 0, its node's first rank) waits before it exits. A
+# launcher ends a node's ranks once one of them fails (DeepSpeed's within its 1 s poll, torchrun and mpirun too): had
+# the quiet rank exited first, the speaker would be ended before its line. The speaker's exit ends the wait.
+SPEAKER_WAIT_S = 10
+
+
 class Stop(Exception):
     """A run that ends early: its one line, its exit status, and who says it."""
 
@@ -108,6 +114,15 @@ class Stop(Exception):
         """Print the line (stderr) where `who` says."""
         if self.who.speaks():
             print(f"error: {self.line}", file=sys.stderr, flush=True)
+
+    def end(self) -> int:
+        """Say the line, or, on a rank that leaves it to another, wait for the speaker (SPEAKER_WAIT_S) with nothing
+        more to say: a SIGTERM from the launcher ends it at once. Returns the exit status."""
+        self.say()
+        if not self.who.speaks() and self.who is not Speaker.SAID:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            time.sleep(SPEAKER_WAIT_S)
+        return int(self.status)
 
 
 # ---- parse: everything cheap, before any rank waits for another ----

@@ -230,6 +230,25 @@ def test_bad_input_fails_before_any_heavy_work(prepared, capsys, args, message):
     assert err.count("\n") == 1
 
 
+@pytest.mark.slow
+def test_a_line_that_rank_0_says_comes_out_when_the_other_rank_stops_first(tmp_path):
+    """DeepSpeed's launcher ends a node's ranks as soon as one fails: rank 1, which finds the bad option at once and
+    leaves its line to rank 0, waits for rank 0 (3 s late) to say it."""
+    data, ds = labelled_set(tmp_path / "data", train=45, val=21), ds_file(tmp_path, 16, 4, "fp32")
+    launcher, script = Path(sys.executable).parent / "deepspeed", ROOT / "tests" / "train_rank0_late.py"
+    from pipeline.launch import free_port
+
+    proc = procs.run(
+        [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(script),
+         "--deepspeed_config", ds, "--data-dir", str(data), *SMALL, "--epochs", "2", "--warmup-epochs", "3",
+         "--out-dir", str(tmp_path / "run"), "--wandb-mode", "disabled"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "LATE": "3"},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("error: ")]
+    assert errors == ["error: --warmup-epochs 3.0: must lie in [0, --epochs 2)"], proc.stderr[-3000:]
+
+
 def test_the_epoch_row_counts_images_and_averages_the_loss(process_group, monkeypatch):
     """epoch_row on a real engine: images/s is micro-steps x ranks x micro-batch / seconds, the loss the mean over
     micro-steps (3 micro-steps of 16 images, losses 1, 2 and 3, in 2 seconds)."""
