@@ -1,6 +1,6 @@
 """How a rank says that its job ended under it, in one line per node (and in metrics.jsonl on rank 0), with the
 checkpoint to resume from: the launcher or the scheduler stopped it (SIGTERM), or ranks went away from a
-collective (the roll call names them). And how a process of ours ends once its work is done (exit)."""
+collective (the roll call names them). And how a process of ours ends once its work is done (end_process)."""
 
 from __future__ import annotations
 

@@ -110,16 +110,13 @@ class Stop(Exception):
         super().__init__(line)
         self.line, self.status, self.who = line, status, who
 
-    def say(self) -> None:
-        """Print the line (stderr) where `who` says."""
+    def end(self) -> int:
+        """Print the line (stderr) where `who` says; on a rank that leaves it to another, wait for the speaker
+        (SPEAKER_WAIT_S) with nothing more to say: a SIGTERM from the launcher ends it at once. Returns the exit
+        status."""
         if self.who.speaks():
             print(f"error: {self.line}", file=sys.stderr, flush=True)
-
-    def end(self) -> int:
-        """Say the line, or, on a rank that leaves it to another, wait for the speaker (SPEAKER_WAIT_S) with nothing
-        more to say: a SIGTERM from the launcher ends it at once. Returns the exit status."""
-        self.say()
-        if not self.who.speaks() and self.who is not Speaker.SAID:
+        elif self.who is not Speaker.SAID:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             time.sleep(SPEAKER_WAIT_S)
         return int(self.status)
